@@ -1,0 +1,65 @@
+"""Shared helpers for the tests (tests may share code; the labs may not).
+
+Labs have file names that start with a digit, so they cannot be imported with a plain `import`:
+`load_lab` imports one by path, which runs nothing because every lab guards its work with
+`if __name__ == "__main__"`.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_DIRS = ("week1_pytorch", "week2_cnn", "week3_rnn", "week4_transformer_vae", "projects")
+
+
+def all_labs():
+    """Every lab script: `NN_*.py` in the five lab folders."""
+    return [p for d in LAB_DIRS for p in sorted((REPO / d).glob("[0-9][0-9]_*.py"))]
+
+
+def lab_path(relative: str) -> Path:
+    return REPO / relative
+
+
+def load_lab(relative: str):
+    """Import a lab file as a module, e.g. load_lab("week1_pytorch/02_neural_network.py")."""
+    path = lab_path(relative)
+    name = "lab_" + path.parent.name + "_" + path.stem
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_lab(relative: str, *args, timeout=300, env_extra=None):
+    """Run a lab in a fresh Python process, as a learner would; returns CompletedProcess."""
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, str(lab_path(relative)), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+    )
+
+
+def assert_clean_failure(result, *expected_fragments):
+    """Bad input: non-zero exit, a message on stderr that names the problem, no traceback."""
+    assert result.returncode != 0, f"expected a failure, got exit 0\n{result.stdout[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in expected_fragments:
+        assert fragment.lower() in result.stderr.lower(), (fragment, result.stderr[-2000:])
+
+
+@pytest.fixture
+def lab_data_dir():
+    """Real datasets for `-m full` runs: LAB_DATA_DIR (see README, 'Measuring on real data')."""
+    value = os.environ.get("LAB_DATA_DIR")
+    if not value or not Path(value).is_dir():
+        pytest.skip("set LAB_DATA_DIR to a folder holding the real datasets for -m full runs")
+    return Path(value)

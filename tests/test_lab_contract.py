@@ -1,0 +1,87 @@
+"""Static checks of every lab's source against LAB_CONTRACT.md (fast: nothing is imported or run)."""
+import ast
+import re
+import sys
+
+import pytest
+
+from conftest import REPO, all_labs
+
+REQUIRED_FLAGS = ("--device", "--seed", "--data-dir", "--out-dir", "--smoke")
+THIRD_PARTY_ALLOWED = {  # import name -> why it is allowed (all in requirements.txt)
+    "torch", "torchvision", "torchaudio", "tensorboard", "matplotlib", "seaborn",
+    "transformers", "datasets", "tqdm", "numpy", "PIL",
+}
+REPO_NAMES = {p.stem for p in REPO.rglob("*.py") if ".venv" not in p.parts} | {
+    p.name for p in REPO.iterdir() if p.is_dir()
+}
+
+LABS = all_labs()
+IDS = [f"{p.parent.name}/{p.name}" for p in LABS]
+
+
+def parse(path):
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def imported_modules(nodes):
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom):
+            yield node.lineno, "." if node.level else (node.module or "").split(".")[0]
+
+
+def test_there_are_labs():
+    assert LABS, "no lab found"
+
+
+@pytest.mark.parametrize("lab", LABS, ids=IDS)
+def test_imports_are_standalone(lab):
+    for line, module in imported_modules(ast.walk(parse(lab))):
+        assert module != ".", f"line {line}: relative import"
+        if module in sys.stdlib_module_names:
+            continue
+        assert module not in REPO_NAMES, f"line {line}: imports '{module}', a file of this repository"
+        assert module in THIRD_PARTY_ALLOWED, f"line {line}: '{module}' is not in requirements.txt"
+
+
+@pytest.mark.parametrize("lab", [p for p in LABS if p.parent.name == "projects"],
+                         ids=[i for i in IDS if i.startswith("projects")])
+def test_capstones_import_only_stdlib_and_torch_at_module_level(lab):
+    for line, module in imported_modules(parse(lab).body):
+        assert module in sys.stdlib_module_names or module == "torch", (
+            f"line {line}: '{module}' at module level; import it inside the function that uses it")
+
+
+@pytest.mark.parametrize("lab", LABS, ids=IDS)
+def test_shape_of_a_lesson(lab):
+    text = lab.read_text(encoding="utf-8")
+    tree = parse(lab)
+    docstring = ast.get_docstring(tree) or ""
+    assert len(docstring) >= 200, "the module docstring says what the lab teaches, how to run it, what it reaches"
+    assert len(re.findall(r"^# %%", text, flags=re.M)) >= 3, "split the lab into '# %%' cells"
+    assert "parse_known_args" in text and ".parse_args(" not in text, "use parse_known_args (Colab passes -f)"
+    for flag in REQUIRED_FLAGS:
+        assert f'"{flag}"' in text, f"flag {flag} missing"
+
+
+@pytest.mark.parametrize("lab", LABS, ids=IDS)
+def test_nothing_runs_on_import(lab):
+    tree = parse(lab)
+    last = tree.body[-1]
+    assert isinstance(last, ast.If) and "__name__" in ast.unparse(last.test), "end with the __main__ guard"
+    for node in tree.body[:-1]:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            pytest.fail(f"line {node.lineno}: a call at module level runs on import")
+        assert not isinstance(node, (ast.For, ast.While, ast.With, ast.Try, ast.If)), (
+            f"line {node.lineno}: a {type(node).__name__} block at module level runs on import")
+
+
+@pytest.mark.parametrize("lab", LABS, ids=IDS)
+def test_every_torch_load_is_weights_only(lab):
+    for node in ast.walk(parse(lab)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("torch.load"):
+            flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            assert flags.get("weights_only") == "True", f"line {node.lineno}: torch.load without weights_only=True"
