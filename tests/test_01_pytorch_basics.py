@@ -1,0 +1,112 @@
+"""Lab 01 (tensors, autograd, devices): the hand-built pieces against PyTorch, and its bad inputs."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_clean_failure, load_lab, run_lab
+
+LAB = "week1_pytorch/01_pytorch_basics.py"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return load_lab(LAB)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hand_derived_logistic_gradient_equals_autograd(lab, seed):
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(32, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 2, (32,), generator=generator).double()
+    w = torch.randn(4, generator=generator, dtype=torch.float64)
+    b = torch.randn((), generator=generator, dtype=torch.float64)
+    by_hand = lab.logistic_gradients_by_hand(X, y, w, b)
+    w_leaf, b_leaf = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    F.binary_cross_entropy_with_logits(X @ w_leaf + b_leaf, y).backward()
+    torch.testing.assert_close(by_hand[0], w_leaf.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(by_hand[1], b_leaf.grad, rtol=0, atol=1e-12)
+    assert lab.check_hand_gradient(seed) < 1e-12
+
+
+def test_custom_silu_function_passes_gradcheck_and_matches_pytorch(lab):
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lab.SiLUFunction.apply, (x,))
+    torch.testing.assert_close(lab.silu(x), F.silu(x))
+    (ours,) = torch.autograd.grad(lab.silu(x).sum(), x)
+    (theirs,) = torch.autograd.grad(F.silu(x).sum(), x)
+    torch.testing.assert_close(ours, theirs)
+    passed, difference = lab.check_custom_function(seed=0)
+    assert passed and difference < 1e-12
+
+
+def test_views_share_storage_and_contiguous_copies_do_not(lab):
+    base = torch.arange(12.0).reshape(3, 4)
+    transposed = base.t()
+    for view in (base.view(4, 3), transposed, base[1:, ::2], base.reshape(12)):
+        assert lab.shares_storage(base, view)
+    assert not transposed.is_contiguous()
+    packed = transposed.contiguous()
+    assert packed.is_contiguous() and not lab.shares_storage(base, packed)
+    assert not lab.shares_storage(base, base.clone())
+    assert base.contiguous() is base                     # already contiguous: no copy at all
+    transposed[0, 1] = -1.0                              # a write through a view reaches the base...
+    assert base[1, 0] == -1.0
+    packed[0, 2] = -2.0                                  # ...a write into a copy does not
+    assert base[2, 0] == 8.0
+
+
+def test_benchmark_rows_are_consistent(lab):
+    rows = lab.benchmark_matmul([16, 32], torch.device("cpu"), seconds_per_size=0.01, seed=0)
+    assert [r["size"] for r in rows] == [16, 32]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["timed_calls"] >= 1
+        assert math.isclose(r["gflops"], 2 * r["size"] ** 3 / (r["median_ms"] / 1e3) / 1e9, rel_tol=1e-9)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_fails_cleanly_and_keeps_earlier_outputs(tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    earlier = out_dir / "metrics.json"
+    earlier.write_text('{"from": "an earlier run"}')
+    result = run_lab(LAB, "--device", "cuda", "--out-dir", out_dir)
+    assert_clean_failure(result, "--device cuda", "no CUDA", "--device cpu")
+    assert earlier.read_text() == '{"from": "an earlier run"}'
+    assert sorted(p.name for p in out_dir.iterdir()) == ["metrics.json"]
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--bench-seconds", "0"], "--bench-seconds must be a positive"),
+    (["--bench-seconds", "-1"], "--bench-seconds must be a positive"),
+    (["--bench-seconds", "nan"], "--bench-seconds must be a positive"),
+    (["--sizes", "128,0"], "positive whole number"),
+    (["--sizes", "big"], "comma-separated whole numbers"),
+])
+def test_out_of_range_flags_are_refused_before_anything_runs(lab, tmp_path, capsys, flags, fragment):
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main([*flags, "--out-dir", str(out_dir)])
+    assert exit_info.value.code != 0
+    assert fragment in capsys.readouterr().err
+    assert not out_dir.exists()
+
+
+def test_out_of_range_flag_shows_no_traceback(tmp_path):
+    assert_clean_failure(run_lab(LAB, "--bench-seconds", "0", "--out-dir", tmp_path / "out"),
+                         "--bench-seconds must be a positive")
+
+
+@pytest.mark.full
+def test_default_run(lab_data_dir, tmp_path):
+    result = run_lab(LAB, "--data-dir", lab_data_dir, "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["hand_vs_autograd_max_abs_diff"] < 1e-12
+    assert metrics["custom_function_gradcheck_passed"] is True
+    cpu_rows = metrics["benchmark"]["cpu"]
+    assert [r["size"] for r in cpu_rows] == [64, 128, 256, 512, 1024, 2048, 4096]
+    assert all(r["gflops"] > 0 for r in cpu_rows)
+    assert (tmp_path / "matmul_benchmark.png").exists() and (tmp_path / "silu_gradient.png").exists()
