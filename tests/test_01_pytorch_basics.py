@@ -66,6 +66,17 @@ def test_benchmark_rows_are_consistent(lab):
         assert math.isclose(r["gflops"], 2 * r["size"] ** 3 / (r["median_ms"] / 1e3) / 1e9, rel_tol=1e-9)
 
 
+def test_two_device_table_and_plot(lab, tmp_path, capsys):
+    """The CPU-vs-accelerator path, exercised with made-up rows so it is covered without a GPU."""
+    cpu = [{"size": 64, "median_ms": 2.0, "gflops": 0.26}, {"size": 128, "median_ms": 8.0, "gflops": 0.52}]
+    gpu = [{"size": 64, "median_ms": 0.5, "gflops": 1.05}, {"size": 128, "median_ms": 1.0, "gflops": 4.19}]
+    lab.print_benchmark_table({"cpu": cpu, "cuda": gpu})
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "4.0x" in printed and "8.0x" in printed
+    lab.plot_benchmark({"cpu": cpu, "cuda": gpu}, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_fails_cleanly_and_keeps_earlier_outputs(tmp_path):
     out_dir = tmp_path / "out"

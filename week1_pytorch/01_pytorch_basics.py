@@ -401,8 +401,8 @@ def parse_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(
-            f"every matrix size must be a positive whole number, got {text!r}") from None
-    return sizes
+            f"every matrix size must be a positive whole number, got {text!r}")
+    return sorted(set(sizes))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,8 +448,8 @@ def run(args) -> None:
 
     print("\n== Autograd: gradients by hand vs autograd ==")
     hand_difference = check_hand_gradient(args.seed)
-    print(f"  logistic regression, float64: largest |hand - autograd| = {hand_difference:.1e}"
-          " (rounding only: the derivation is right)")
+    verdict = "rounding only: the derivation is right" if hand_difference < 1e-10 else "they DISAGREE"
+    print(f"  logistic regression, float64: largest |hand - autograd| = {hand_difference:.1e} ({verdict})")
     gradcheck_passed, silu_difference = check_custom_function(args.seed)
     print(f"  custom SiLUFunction: gradcheck passed = {gradcheck_passed}; "
           f"largest |ours - F.silu's gradient| = {silu_difference:.1e}")
@@ -466,7 +466,6 @@ def run(args) -> None:
     print()
     print_benchmark_table(results)
     plot_benchmark(results, out_dir / "matmul_benchmark.png")
-    largest = max(sizes)
     cpu_best = max(row["gflops"] for row in results["cpu"])
 
     metrics = {
@@ -488,12 +487,15 @@ def run(args) -> None:
     metrics["wall_time_s"] = time.perf_counter() - started
     write_json_atomically(metrics, out_dir / "metrics.json")
 
-    print(f"\nSummary: tensors, autograd and devices toured; hand gradient matches autograd to "
-          f"{hand_difference:.1e}; custom SiLU passes gradcheck; CPU peaks at {cpu_best:.1f} GFLOP/s"
-          + (f", {device.type} at {metrics['accelerator_peak_gflops']:.1f} GFLOP/s "
-             f"({metrics['speedup_at_largest_size']:.1f}x at n={largest})" if len(devices) == 2 else "")
-          + f".\n  Outputs in {out_dir}/ (metrics.json, matmul_benchmark.png, silu_gradient.png); "
-          f"{metrics['wall_time_s']:.1f} s in all.\n  Try: --sizes 512,2048,8192 --bench-seconds 1")
+    print("\nSummary")
+    print(f"  hand-derived gradient vs autograd: {hand_difference:.1e}; custom SiLU passes gradcheck")
+    print(f"  matmul peak: CPU {cpu_best:.1f} GFLOP/s", end="")
+    if len(devices) == 2:
+        print(f", {device.type} {metrics['accelerator_peak_gflops']:.1f} GFLOP/s "
+              f"({metrics['speedup_at_largest_size']:.1f}x faster at n={sizes[-1]})", end="")
+    print(f"\n  outputs in {out_dir}/: metrics.json, matmul_benchmark.png, silu_gradient.png "
+          f"({metrics['wall_time_s']:.1f} s in all)")
+    print("  next: rerun with --sizes 512,2048,8192 --bench-seconds 1 to push the hardware further")
 
 
 def main(argv=None) -> None:
