@@ -1,0 +1,214 @@
+"""Lab 05 (transfer learning): freezing, the unfreezing schedule, the new head, and bad input."""
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, assert_clean_failure, load_lab, run_lab
+
+LAB = "week2_cnn/05_transfer_learning.py"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return load_lab(LAB)
+
+
+def small_resnet(lab, num_classes=3):
+    torch.manual_seed(0)
+    return lab.build_model({"arch": "resnet18", "num_classes": num_classes})
+
+
+def one_step(lab, model, strategy, open_now):
+    """One optimizer step as the lab takes it, with `open_now` stages open."""
+    lab.open_stages(model, open_now)
+    lab.set_train_mode(model, open_now)
+    optimizer = lab.make_optimizer(model, strategy, lr=0.1, lr_decay=0.3, weight_decay=1e-4)
+    loss = F.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 0]))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("strategy, open_now", [("feature_extraction", ["head"]),
+                                                ("gradual_unfreezing", ["layer4", "head"])])
+def test_frozen_stages_do_not_change_after_an_optimizer_step(lab, strategy, open_now):
+    model = small_resnet(lab)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one_step(lab, model, strategy, open_now)
+    after = model.state_dict()
+    for stage in lab.STAGES:
+        prefixes = {"stem": ("conv1.", "bn1."), "head": ("fc.",)}.get(stage, (stage + ".",))
+        keys = [k for k in before if k.startswith(prefixes)]
+        changed = [k for k in keys if not torch.equal(before[k], after[k])]
+        if stage in open_now:
+            assert changed, f"{stage} is open but nothing in it changed"
+        else:   # parameters AND batch-norm running statistics stay as they were
+            assert not changed, f"{stage} is frozen but {changed[:3]} changed"
+
+
+def test_frozen_parameters_get_no_gradient(lab):
+    model = small_resnet(lab)
+    lab.open_stages(model, ["head"])
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is None for p in lab.stage_parameters(model, "layer4"))
+    assert all(p.grad is not None for p in lab.stage_parameters(model, "head"))
+
+
+def test_unfreezing_schedule_opens_exactly_the_named_stages_at_the_named_epochs(lab):
+    schedule = lab.parse_schedule("2:layer4, 4:layer3+layer2")
+    assert schedule == {2: ["layer4"], 4: ["layer3", "layer2"]}
+    expected = {1: {"head"}, 2: {"head", "layer4"}, 3: {"head", "layer4"},
+                4: {"head", "layer4", "layer3", "layer2"}, 5: {"head", "layer4", "layer3", "layer2"}}
+    model = small_resnet(lab)
+    for epoch, stages in expected.items():
+        opened = lab.stages_open_at("gradual_unfreezing", epoch, schedule)
+        assert set(opened) == stages, epoch
+        lab.open_stages(model, opened)
+        for stage in lab.STAGES:
+            flags = {p.requires_grad for p in lab.stage_parameters(model, stage)}
+            assert flags == {stage in stages}, (epoch, stage)
+    assert lab.stages_open_at("feature_extraction", 5, schedule) == ["head"]
+    assert lab.stages_open_at("fine_tuning", 1, schedule) == list(lab.STAGES)
+
+
+@pytest.mark.parametrize("text", ["0:layer4", "2:layer9", "two:layer4", "3:"])
+def test_bad_schedules_are_refused(lab, text):
+    with pytest.raises(ValueError):
+        lab.parse_schedule(text)
+
+
+def test_discriminative_learning_rates_fall_stage_by_stage(lab):
+    optimizer = lab.make_optimizer(small_resnet(lab), "fine_tuning", lr=0.01, lr_decay=0.5, weight_decay=0)
+    rates = {group["stage"]: group["lr"] for group in optimizer.param_groups}
+    assert rates["head"] == pytest.approx(0.01)
+    assert rates["layer4"] == pytest.approx(0.005)
+    assert rates["stem"] == pytest.approx(0.01 * 0.5 ** 5)
+    only_head = lab.make_optimizer(small_resnet(lab), "feature_extraction", 0.01, 0.5, 0)
+    assert [g["stage"] for g in only_head.param_groups] == ["head"]
+
+
+def test_head_has_the_datasets_class_count(lab, tmp_path):
+    root = lab.make_synthetic_imagefolder(tmp_path / "data", torch.Generator().manual_seed(0), per_class=(2, 1))
+    (root / "train" / "greens").mkdir()
+    (root / "val" / "greens").mkdir()
+    for split in ("train", "val"):
+        source = next((root / split / "reds").iterdir())
+        (root / split / "greens" / "000.png").write_bytes(source.read_bytes())
+    train, val, skipped = lab.load_imagefolder(root, None, None)
+    assert train.classes == ["blues", "greens", "reds"] and not skipped
+    model = lab.pretrained_model("resnet18", None, len(train.classes))
+    assert model.fc.out_features == 3
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_a_folder_that_is_not_an_imagefolder_names_the_layout(lab, tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "loose.png").write_bytes(b"")        # images must sit in class folders
+    with pytest.raises(lab.LabError, match=r"train/<class>/<images>"):
+        lab.load_imagefolder(tmp_path, None, None)
+    (tmp_path / "train" / "cats").mkdir()
+    lab.make_synthetic_imagefolder(tmp_path / "elsewhere", torch.Generator(), per_class=(1, 1))
+    (tmp_path / "train" / "cats" / "a.png").write_bytes(
+        next((tmp_path / "elsewhere" / "train" / "reds").iterdir()).read_bytes())
+    with pytest.raises(lab.LabError, match=r"val.* is missing"):
+        lab.load_imagefolder(tmp_path, None, None)
+
+
+def test_a_class_folder_with_no_images_is_named(lab, tmp_path):
+    root = lab.make_synthetic_imagefolder(tmp_path, torch.Generator().manual_seed(0), per_class=(2, 1))
+    (root / "train" / "empty_class").mkdir()
+    (root / "train" / "empty_class" / "notes.txt").write_text("not an image")
+    with pytest.raises(lab.LabError, match="empty_class"):
+        lab.load_imagefolder(root, None, None)
+
+
+def test_an_image_that_does_not_decode_is_skipped_with_a_warning(lab, tmp_path, capsys):
+    root = lab.make_synthetic_imagefolder(tmp_path, torch.Generator().manual_seed(0), per_class=(3, 2))
+    broken = root / "train" / "reds" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    truncated = root / "val" / "blues" / "truncated.png"
+    truncated.write_bytes((root / "val" / "blues" / "000.png").read_bytes()[:60])
+    train, val, skipped = lab.load_imagefolder(root, None, None)
+    assert set(skipped) == {str(broken), str(truncated)}
+    assert str(broken) not in [path for path, _ in train.samples]
+    assert len(train) == 6 and len(val) == 4          # 2 x 3 and 2 x 2 good ones remain
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "truncated.png" in err
+
+
+def test_bad_imagefolder_fails_cleanly_from_the_command_line(tmp_path):
+    (tmp_path / "train" / "ants").mkdir(parents=True)
+    (tmp_path / "val" / "ants").mkdir(parents=True)
+    result = run_lab(LAB, "--data-dir", tmp_path, "--out-dir", tmp_path / "out", "--weights", "none",
+                     "--arch", "resnet18")
+    assert_clean_failure(result, "holds no images", "ants")
+
+
+# No network: sockets refuse to connect, and an empty TORCH_HOME holds no cached weights.
+NO_NETWORK = ("import socket, runpy, sys\n"
+              "def refuse(*args, **kwargs):\n"
+              "    raise OSError('network disabled by the test')\n"
+              "socket.socket.connect = refuse\n"
+              "socket.getaddrinfo = refuse\n"
+              "sys.argv = sys.argv[1:]\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def run_offline(tmp_path, *args):
+    import os
+    import subprocess
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch_home"), PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, "-c", NO_NETWORK, str(REPO / LAB), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+
+
+def test_default_dataset_absent_with_no_network_names_url_and_layout(tmp_path):
+    result = run_offline(tmp_path, "--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out",
+                         "--weights", "none", "--arch", "resnet18")
+    assert_clean_failure(result, "https://download.pytorch.org/tutorial/hymenoptera_data.zip",
+                         "train/<class>/<images>", "--smoke")
+
+
+def test_imagenet_weights_with_no_network_suggest_weights_none(lab, tmp_path):
+    root = lab.make_synthetic_imagefolder(tmp_path / "data", torch.Generator().manual_seed(0), per_class=(2, 1))
+    result = run_offline(tmp_path, "--data-dir", root, "--out-dir", tmp_path / "out", "--arch", "resnet18",
+                         "--image-size", "32")
+    assert_clean_failure(result, "https://download.pytorch.org/models/resnet18", "--weights none")
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--unfreeze-schedule", "0:layer4"], "epochs start at 1"),
+                                             (["--lr", "-1"], "--lr"),
+                                             (["--strategies", "magic"], "--strategies")])
+def test_out_of_range_flags_are_refused(lab, flags, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(flags)
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_missing_or_corrupt_checkpoint_is_a_clean_error(lab, tmp_path):
+    with pytest.raises(lab.LabError, match="does not exist"):
+        lab.load_checkpoint(tmp_path / "nothing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(lab.LabError, match="corrupt"):
+        lab.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_smoke_run_saves_the_best_model_of_each_strategy(tmp_path):
+    result = run_lab(LAB, "--smoke", "--out-dir", tmp_path, "--data-dir", tmp_path / "data")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["strategies"]) == {"feature_extraction", "fine_tuning", "gradual_unfreezing"}
+    for strategy, outcome in metrics["strategies"].items():
+        assert (tmp_path / f"best_{strategy}.pt").is_file()
+        assert [h["open_stages"] for h in outcome["history"]][0] == (
+            ["head"] if strategy != "fine_tuning" else ["stem", "layer1", "layer2", "layer3", "layer4", "head"])
+    gradual = metrics["strategies"]["gradual_unfreezing"]["history"]
+    assert gradual[1]["open_stages"] == ["layer4", "head"]
+    assert gradual[2]["open_stages"] == ["layer2", "layer3", "layer4", "head"]
+    assert (tmp_path / "strategy_comparison.png").is_file() and (tmp_path / "comparison.md").is_file()

@@ -1,0 +1,547 @@
+"""Lab 05 - Transfer learning: reuse an ImageNet network for your own images (curriculum days 11-14).
+
+What this lab teaches
+  1. Loading `torchvision.models.resnet50` with its ImageNet weights (`--arch`, `--weights DEFAULT|none`)
+     and the preprocessing those weights were trained with (`weights.transforms()`), then replacing
+     the 1000-class head with a new one for your classes.
+  2. A dataset of your own in `ImageFolder` layout, `train/<class>/*` and `val/<class>/*`; by default
+     the ants-vs-bees set of PyTorch's transfer-learning tutorial, downloaded on first use. Broken
+     images are found before training and skipped with a warning that names them.
+  3. Three strategies from the same starting weights, compared in one table and one plot:
+       feature extraction   the backbone is frozen, only the new head learns;
+       full fine-tuning     everything learns, earlier stages with smaller learning rates
+                            (discriminative learning rates: early layers hold generic edges and
+                            textures worth keeping, late layers the ImageNet-specific parts);
+       gradual unfreezing   the head first, then layer4, layer3, ... on a schedule you set
+                            (`--unfreeze-schedule "2:layer4,3:layer3,4:layer2"`).
+     A frozen stage also keeps its batch-norm statistics (its BN layers stay in eval mode).
+     The best model of each strategy is saved.
+
+Run it
+  terminal:  python week2_cnn/05_transfer_learning.py                         # ants vs bees, resnet50
+             python week2_cnn/05_transfer_learning.py --data-dir my_photos    # my_photos/train/<class>/...
+             python week2_cnn/05_transfer_learning.py --smoke                 # 10-second check, generated images
+  Colab:     paste the file into a cell (or cell by cell at the `# %%` marks); a GPU runtime helps a lot.
+
+What the default run reaches
+  not measured yet
+"""
+# %% Imports, errors a learner can act on, and the device
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+ARCHES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")   # input to output
+STRATEGIES = ("feature_extraction", "fine_tuning", "gradual_unfreezing")
+
+
+class LabError(Exception):
+    """A problem the learner can fix (data layout, missing download, bad flag): message, no traceback."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; "
+                       "use --device auto or --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LabError("--device mps was asked for, but Apple's MPS backend is not available here; "
+                       "use --device auto or --device cpu")
+    return torch.device(name)
+
+
+# %% 1. Your images in ImageFolder layout
+# ImageFolder turns folder names into class labels: root/train/ants/1.jpg is an ant. Before
+# training, every image is decoded once: a file that does not decode would otherwise crash the run
+# in the middle of an epoch. Broken files are skipped with a warning that names them.
+
+def image_extensions():
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    return IMG_EXTENSIONS
+
+
+def find_imagefolder_root(data_dir: Path) -> Path:
+    """The folder holding train/ and val/: data_dir itself, or the ants-vs-bees set inside it."""
+    if (data_dir / "train").is_dir() or (data_dir / "val").is_dir():
+        return data_dir
+    default = data_dir / "hymenoptera_data"
+    if (default / "train").is_dir():
+        return default
+    from torchvision.datasets.utils import download_and_extract_archive
+    try:
+        download_and_extract_archive(HYMENOPTERA_URL, download_root=str(data_dir))
+    except (OSError, RuntimeError, ValueError) as err:     # URLError is an OSError
+        raise LabError(
+            f"--data-dir {data_dir} holds no ImageFolder dataset and the default ants-vs-bees set could not be "
+            f"downloaded from {HYMENOPTERA_URL} ({err}). Expected layout: {data_dir}/train/<class>/<images> and "
+            f"{data_dir}/val/<class>/<images> (one folder per class, e.g. train/ants/0013035.jpg), or the "
+            f"downloaded {default}/train/... . Name such a folder with --data-dir, check the network, "
+            "or try the lab with --smoke.") from None
+    return default
+
+
+def scan_split(split_dir: Path):
+    """Check one split and list its decodable images: (class_names, [(path, class_index)], skipped)."""
+    from PIL import Image, UnidentifiedImageError
+    layout = f"{split_dir.parent}/train/<class>/<images> and {split_dir.parent}/val/<class>/<images>"
+    if not split_dir.is_dir():
+        raise LabError(f"{split_dir} is missing: an ImageFolder dataset needs {layout}")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())   # every folder is a class, as in ImageFolder
+    if not classes:
+        raise LabError(f"{split_dir} has no class folders: an ImageFolder dataset needs {layout}")
+    extensions = image_extensions()
+    samples, skipped = [], []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (split_dir / name).rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        if not files:
+            raise LabError(f"class folder {split_dir / name} holds no images (looked for {', '.join(extensions)}); "
+                           "add images or remove the folder")
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    image.load()                       # decode fully: truncated files fail here, not mid-epoch
+                samples.append((str(path), index))
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                skipped.append(str(path))
+                print(f"warning: skipping {path}: it does not decode as an image ({err})", file=sys.stderr)
+    return classes, samples, skipped
+
+
+def load_imagefolder(root: Path, train_transform, eval_transform):
+    from torchvision.datasets import ImageFolder
+    train_classes, train_samples, skipped_train = scan_split(root / "train")
+    val_classes, val_samples, skipped_val = scan_split(root / "val")
+    if train_classes != val_classes:
+        raise LabError(f"train/ and val/ under {root} have different class folders: {train_classes} vs {val_classes}")
+    for classes, samples, split in ((train_classes, train_samples, "train"), (val_classes, val_samples, "val")):
+        empty = [classes[i] for i in range(len(classes)) if not any(idx == i for _, idx in samples)]
+        if empty:
+            raise LabError(f"class folder(s) {empty} in {root / split} have no image that decodes")
+    good = {path for path, _ in train_samples + val_samples}
+    train = ImageFolder(root / "train", transform=train_transform, is_valid_file=lambda p: p in good)
+    val = ImageFolder(root / "val", transform=eval_transform, is_valid_file=lambda p: p in good)
+    return train, val, skipped_train + skipped_val
+
+
+def make_synthetic_imagefolder(root: Path, generator: torch.Generator, per_class=(12, 6), size=72):
+    """Smoke mode: a tiny generated dataset, 'reds' with horizontal stripes vs 'blues' with vertical ones."""
+    from PIL import Image
+    for split, count in zip(("train", "val"), per_class):
+        for label, name in enumerate(("blues", "reds")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                grid = torch.arange(size).float()
+                stripes = torch.sin(grid / 3).view(-1, 1) if label else torch.sin(grid / 3).view(1, -1)
+                image = torch.zeros(size, size, 3)
+                image[..., 2 - 2 * label] = 150 + 60 * stripes.expand(size, size)   # red or blue channel
+                image += 25 * torch.randn(size, size, 3, generator=generator)
+                Image.fromarray(image.clamp(0, 255).to(torch.uint8).numpy()).save(folder / f"{i:03d}.png")
+    return root
+
+
+# %% 2. A pretrained backbone with a new head
+# torchvision names a ResNet's parts conv1/bn1 (the stem), layer1..layer4 (four stages, each
+# halving the resolution), and fc (the classifier). The 1000-class fc is replaced by a fresh
+# Linear with as many outputs as your dataset has classes.
+
+def load_weights(arch: str, weights_name: str):
+    from torchvision.models import get_model_weights
+    all_weights = get_model_weights(arch)
+    return all_weights.DEFAULT if weights_name == "DEFAULT" else None
+
+
+def build_model(config: dict) -> nn.Module:
+    """A ResNet of config['arch'] with a head of config['num_classes'] outputs (random weights)."""
+    from torchvision.models import get_model
+    model = get_model(config["arch"], weights=None)
+    model.fc = nn.Linear(model.fc.in_features, config["num_classes"])
+    return model
+
+
+def pretrained_model(arch: str, weights, num_classes: int) -> nn.Module:
+    from torchvision.models import get_model
+    if weights is None:
+        model = get_model(arch, weights=None)
+    else:
+        try:
+            model = get_model(arch, weights=weights)   # downloads once into torch.hub.get_dir()/checkpoints
+        except (OSError, RuntimeError) as err:
+            raise LabError(f"could not get the ImageNet weights {weights} from {weights.url} ({err}). "
+                           f"They are cached in {torch.hub.get_dir()}/checkpoints after the first download; "
+                           "check the network, or train from scratch with --weights none, "
+                           "or try the lab with --smoke.") from None
+    model.fc = nn.Linear(model.fc.in_features, num_classes)   # the new head: the only random part
+    return model
+
+
+def stage_modules(model: nn.Module) -> dict:
+    return {"stem": [model.conv1, model.bn1], "layer1": [model.layer1], "layer2": [model.layer2],
+            "layer3": [model.layer3], "layer4": [model.layer4], "head": [model.fc]}
+
+
+def stage_parameters(model: nn.Module, stage: str):
+    return [p for module in stage_modules(model)[stage] for p in module.parameters()]
+
+
+def open_stages(model: nn.Module, stages) -> None:
+    """Make exactly `stages` trainable; every other stage is frozen (no gradients, no updates)."""
+    for stage in STAGES:
+        for p in stage_parameters(model, stage):
+            p.requires_grad_(stage in stages)
+
+
+def set_train_mode(model: nn.Module, stages) -> None:
+    """Train mode for open stages; frozen stages stay in eval so their batch-norm statistics stay put."""
+    model.train()
+    for stage in STAGES:
+        if stage not in stages:
+            for module in stage_modules(model)[stage]:
+                module.eval()
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# %% 3. Three strategies and the unfreezing schedule
+# A strategy answers one question per epoch: which stages are open? Feature extraction opens only
+# the head; fine-tuning opens everything; gradual unfreezing starts with the head and opens more
+# stages at the epochs the schedule names. Learning rates fall by `--lr-decay` per stage going
+# down from the head, so the generic early filters move least.
+
+def parse_schedule(text: str) -> dict:
+    """'2:layer4,3:layer3+layer2' -> {2: ['layer4'], 3: ['layer3', 'layer2']} (epochs count from 1)."""
+    schedule = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        epoch_text, _, stages_text = item.partition(":")
+        try:
+            epoch = int(epoch_text)
+        except ValueError:
+            raise ValueError(f"'{item}' should look like EPOCH:STAGE, e.g. 2:layer4") from None
+        stages = [s.strip() for s in stages_text.split("+") if s.strip()]
+        unknown = [s for s in stages if s not in STAGES[:-1]]
+        if epoch < 1 or not stages or unknown:
+            raise ValueError(f"'{item}': epochs start at 1 and stages are {', '.join(STAGES[:-1])}")
+        schedule.setdefault(epoch, []).extend(stages)
+    return schedule
+
+
+def stages_open_at(strategy: str, epoch: int, schedule: dict) -> list:
+    """Which stages train in this epoch (1-based) under the strategy."""
+    if strategy == "feature_extraction":
+        return ["head"]
+    if strategy == "fine_tuning":
+        return list(STAGES)
+    opened = {"head"}
+    for when, stages in schedule.items():
+        if when <= epoch:
+            opened.update(stages)
+    return [s for s in STAGES if s in opened]
+
+
+def make_optimizer(model: nn.Module, strategy: str, lr: float, lr_decay: float, weight_decay: float):
+    """SGD with one parameter group per stage; lr * lr_decay**k for the stage k steps below the head."""
+    stages = ["head"] if strategy == "feature_extraction" else list(STAGES)
+    groups = [{"params": stage_parameters(model, stage), "lr": lr * lr_decay ** (len(STAGES) - 1 - STAGES.index(stage)),
+               "stage": stage} for stage in stages]
+    # Frozen parameters get no gradient, and SGD skips a parameter whose .grad is None.
+    return torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
+
+
+# %% 4. Training and evaluation
+
+def evaluate(model, loader, device, use_amp):
+    model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    with torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(images)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            count += len(labels)
+    return correct / count, loss_sum / count
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, use_amp, epoch, strategy):
+    correct, loss_sum, count = 0, 0.0, 0
+    for step, (images, labels) in enumerate(loader, start=1):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise LabError(f"{strategy}: the loss became {loss.item()} at step {step} of epoch {epoch}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+    return correct / count, loss_sum / count
+
+
+def save_checkpoint(path: Path, model: nn.Module, config: dict, sample_inputs: torch.Tensor, extra: dict):
+    """Atomic save in the lab convention: model, config, sample inputs and the outputs they gave."""
+    rebuilt = build_model(config)
+    rebuilt.load_state_dict({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                             for k, v in model.state_dict().items()})
+    rebuilt.eval()
+    with torch.no_grad():
+        sample_outputs = rebuilt(sample_inputs)
+    temporary = path.with_suffix(".tmp")
+    torch.save({"model": rebuilt.state_dict(), "config": config, "sample_inputs": sample_inputs,
+                "sample_outputs": sample_outputs, **extra}, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path) -> nn.Module:
+    import pickle
+    if not path.is_file():
+        raise LabError(f"checkpoint {path} does not exist")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(saved["config"])
+        model.load_state_dict(saved["model"])
+    except (RuntimeError, KeyError, pickle.UnpicklingError, EOFError) as err:
+        raise LabError(f"checkpoint {path} is truncated, corrupt or from another architecture ({err})") from None
+    model.eval()
+    with torch.no_grad():
+        if not torch.allclose(model(saved["sample_inputs"]), saved["sample_outputs"], rtol=1e-4, atol=1e-5):
+            raise LabError(f"checkpoint {path} does not reproduce its stored predictions")
+    return model
+
+
+def run_strategy(strategy, start_state, args, data, device, use_amp, out_dir: Path):
+    train_loader, val_loader, class_names, sample_inputs = data
+    model = build_model({"arch": args.arch, "num_classes": len(class_names)})
+    model.load_state_dict(start_state)                     # every strategy starts from the same weights
+    model.to(device)
+    optimizer = make_optimizer(model, strategy, args.lr, args.lr_decay, args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
+    config = {"arch": args.arch, "num_classes": len(class_names)}
+    history, best, start = [], -1.0, time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        stages = stages_open_at(strategy, epoch, args.schedule)
+        open_stages(model, stages)
+        set_train_mode(model, stages)
+        epoch_start = time.perf_counter()
+        train_accuracy, train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, device,
+                                                     use_amp, epoch, strategy)
+        val_accuracy, val_loss = evaluate(model, val_loader, device, use_amp)
+        seconds = time.perf_counter() - epoch_start
+        history.append({"epoch": epoch, "open_stages": stages, "trainable_parameters": count_trainable(model),
+                        "train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss,
+                        "val_accuracy": val_accuracy, "seconds": seconds})
+        improved = val_accuracy > best
+        if improved:
+            best = val_accuracy
+            save_checkpoint(out_dir / f"best_{strategy}.pt", model, config, sample_inputs,
+                            {"class_names": class_names, "strategy": strategy, "epoch": epoch,
+                             "val_accuracy": val_accuracy})
+        images_per_s = len(train_loader.dataset) / seconds
+        print(f"  {strategy:18s} epoch {epoch}/{args.epochs}  open: {'+'.join(stages):38s} "
+              f"trainable {count_trainable(model):>10,}  train loss {train_loss:.3f} acc {train_accuracy:.3f}  "
+              f"val acc {val_accuracy:.3f}{' *' if improved else '  '}  {images_per_s:5.1f} img/s  {seconds:5.1f}s",
+              flush=True)
+    load_checkpoint(out_dir / f"best_{strategy}.pt")     # the saved best reloads and predicts as it did
+    return {"history": history, "best_val_accuracy": best,
+            "best_epoch": max(history, key=lambda h: h["val_accuracy"])["epoch"],
+            "time_s": time.perf_counter() - start,
+            "max_trainable_parameters": max(h["trainable_parameters"] for h in history)}
+
+
+# %% 5. One table and one plot
+
+def comparison_table(results: dict) -> str:
+    lines = ["| strategy | best val accuracy | at epoch | trainable parameters (max) | time (s) |",
+             "| --- | --- | --- | --- | --- |"]
+    for strategy, result in results.items():
+        lines.append(f"| {strategy} | {result['best_val_accuracy']:.3f} | {result['best_epoch']} | "
+                     f"{result['max_trainable_parameters']:,} | {result['time_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def save_comparison_plot(results: dict, path: Path, title: str):
+    import matplotlib.pyplot as plt
+    fig, (acc_ax, params_ax, time_ax) = plt.subplots(1, 3, figsize=(15, 4.2),
+                                                     gridspec_kw={"width_ratios": [2, 1, 1]})
+    for strategy, result in results.items():
+        epochs = [h["epoch"] for h in result["history"]]
+        acc_ax.plot(epochs, [h["val_accuracy"] for h in result["history"]], marker="o", label=strategy)
+    acc_ax.set_xlabel("epoch")
+    acc_ax.set_ylabel("validation accuracy")
+    acc_ax.legend()
+    acc_ax.set_title(title)
+    names = list(results)
+    params_ax.bar(names, [results[n]["max_trainable_parameters"] / 1e6 for n in names], color="tab:orange")
+    params_ax.set_ylabel("trainable parameters (millions, max)")
+    time_ax.bar(names, [results[n]["time_s"] for n in names], color="tab:green")
+    time_ax.set_ylabel("training + validation time (s)")
+    for ax in (params_ax, time_ax):
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# %% 6. Putting it together
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to train; auto picks the accelerator if there is one")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the head, data order and augmentation")
+    parser.add_argument("--data-dir", type=Path, default=Path("./data"),
+                        help="an ImageFolder dataset (DATA_DIR/train/<class>/*, DATA_DIR/val/<class>/*), or a folder "
+                             "to hold the downloaded ants-vs-bees set (DATA_DIR/hymenoptera_data)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/05_transfer_learning"),
+                        help="where metrics.json, the comparison table and plot, and checkpoints go")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a 10-second run of every code path: generated images, resnet18 without weights")
+    parser.add_argument("--arch", default="resnet50", choices=ARCHES, help="which torchvision ResNet to start from")
+    parser.add_argument("--weights", default="DEFAULT", choices=["DEFAULT", "none"],
+                        help="DEFAULT: the best ImageNet weights torchvision has for --arch; none: random init")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"which strategies to run, comma-separated, from {', '.join(STRATEGIES)}")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs for each strategy")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per SGD step")
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the new head")
+    parser.add_argument("--lr-decay", type=float, default=0.3,
+                        help="each stage below the head learns at this fraction of the stage above's rate")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    parser.add_argument("--unfreeze-schedule", default="2:layer4,3:layer3,4:layer2",
+                        help="gradual unfreezing: EPOCH:STAGE[+STAGE],... opens those stages from that epoch on")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="crop size fed to the network (default: the size the weights were trained at, 224)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader worker processes (default: 0 on CPU, 4 with an accelerator)")
+    args, _ = parser.parse_known_args(argv)        # Colab adds -f kernel.json: ignore what we do not know
+    try:
+        args.schedule = parse_schedule(args.unfreeze_schedule)
+    except ValueError as err:
+        parser.error(f"--unfreeze-schedule: {err}")
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not args.strategies or any(s not in STRATEGIES for s in args.strategies):
+        parser.error(f"--strategies takes names from {', '.join(STRATEGIES)}")
+    if args.epochs < 1 or args.batch_size < 2:
+        parser.error("--epochs must be at least 1 and --batch-size at least 2 (batch norm needs two images)")
+    if not 0 < args.lr <= 10 or not 0 < args.lr_decay <= 1 or args.weight_decay < 0:
+        parser.error("--lr must be in (0, 10], --lr-decay in (0, 1], --weight-decay at least 0")
+    if args.image_size is not None and args.image_size < 32:
+        parser.error("--image-size must be at least 32 pixels (a ResNet shrinks its input 32-fold)")
+    return args
+
+
+def run(args):
+    from torchvision import transforms
+    wall_start = time.perf_counter()
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.arch, args.weights, args.epochs = "resnet18", "none", 3
+        args.image_size = args.image_size or 64
+        args.schedule = {2: ["layer4"], 3: ["layer3", "layer2"]}
+    use_amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    print(f"Lab 05 on {device} (torch {torch.__version__}): {args.arch}, weights {args.weights}"
+          + ("  [SMOKE: generated images, numbers are not results]" if args.smoke else ""))
+
+    # The weights' own preprocessing: resize, centre-crop, scale to [0, 1], normalise with ImageNet's mean/std.
+    weights = load_weights(args.arch, args.weights)
+    reference = load_weights(args.arch, "DEFAULT")     # its transforms need no download, even for --weights none
+    preset = reference.transforms()
+    crop = args.image_size or preset.crop_size[0]
+    eval_transform = reference.transforms(crop_size=crop, resize_size=round(crop * preset.resize_size[0] / preset.crop_size[0]))
+    train_transform = transforms.Compose([
+        transforms.RandomResizedCrop(crop, scale=(0.25, 1.0)),   # new framing every epoch
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(preset.mean, preset.std)])
+    print(f"  preprocessing from {reference}: {eval_transform}".replace("\n", " "))
+
+    root = make_synthetic_imagefolder(args.out_dir / "smoke_imagefolder", generator) if args.smoke \
+        else find_imagefolder_root(args.data_dir)
+    train_set, val_set, skipped = load_imagefolder(root, train_transform, eval_transform)
+    class_names = train_set.classes
+    print(f"  dataset {root}: {len(train_set)} training and {len(val_set)} validation images, "
+          f"classes {class_names}" + (f"; skipped {len(skipped)} that do not decode" if skipped else ""))
+    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 4)
+    loader_options = {"batch_size": args.batch_size, "num_workers": workers, "pin_memory": device.type == "cuda"}
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
+                                               generator=generator, **loader_options)
+    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_options)
+    sample_inputs = torch.stack([val_set[i][0] for i in range(min(2, len(val_set)))])
+
+    start_model = pretrained_model(args.arch, weights, len(class_names))
+    start_state = copy.deepcopy(start_model.state_dict())
+    print(f"  {args.arch}: {sum(p.numel() for p in start_model.parameters()):,} parameters; new head "
+          f"{start_model.fc} for {len(class_names)} classes")
+    del start_model
+
+    results = {}
+    train_start = time.perf_counter()
+    for strategy in args.strategies:
+        print(f"\n== {strategy} ==")
+        torch.manual_seed(args.seed)                 # same data order and augmentation for every strategy
+        generator.manual_seed(args.seed)
+        results[strategy] = run_strategy(strategy, start_state, args,
+                                         (train_loader, val_loader, class_names, sample_inputs),
+                                         device, use_amp, args.out_dir)
+    train_time = time.perf_counter() - train_start
+
+    table = comparison_table(results)
+    print("\n" + table)
+    (args.out_dir / "comparison.md").write_text(table + "\n")
+    title = f"{args.arch}, weights {args.weights}, {root.name}"
+    save_comparison_plot(results, args.out_dir / "strategy_comparison.png", title)
+    best_strategy = max(results, key=lambda s: results[s]["best_val_accuracy"])
+    wall_time = time.perf_counter() - wall_start
+    metrics = {
+        "lab": "05_transfer_learning", "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
+        "wall_time_s": wall_time, "train_time_s": train_time, "epochs": args.epochs,
+        "arch": args.arch, "weights": args.weights, "image_size": crop, "dataset": str(root),
+        "classes": class_names, "train_images": len(train_set), "val_images": len(val_set),
+        "skipped_images": skipped, "best_strategy": best_strategy,
+        "val_accuracy": results[best_strategy]["best_val_accuracy"],
+        "unfreeze_schedule": {str(k): v for k, v in args.schedule.items()},
+        "strategies": results,
+    }
+    (args.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"\nSummary: {args.arch} (weights {args.weights}) on {len(class_names)} classes; best validation accuracy "
+          f"{results[best_strategy]['best_val_accuracy']:.3f} by {best_strategy}. Wall time {wall_time:.0f}s.\n"
+          f"  Outputs in {args.out_dir}/: comparison.md, strategy_comparison.png, best_<strategy>.pt, metrics.json.\n"
+          "  Try --unfreeze-schedule \"2:layer4+layer3,4:layer2\" or --lr-decay 1 (no discriminative rates).")
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except LabError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
