@@ -159,6 +159,13 @@ def test_whitening_layer_decorrelates_patches(lab):
     assert not net.whiten.weight.requires_grad
 
 
+def test_count_macs_counts_every_dot_product(lab):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4),
+                          nn.Flatten(), nn.Linear(8 * 5 * 5, 10))
+    expected = 10 * 10 * 8 * (3 * 9) + 5 * 5 * 8 * (2 * 9) + 10 * 200
+    assert lab.count_macs(model, torch.zeros(2, 3, 10, 10)) == expected
+
+
 def test_cifar_net_shapes(lab):
     net = lab.CifarNet()
     assert net(torch.rand(3, 3, 32, 32)).shape == (3, 10)

@@ -20,15 +20,38 @@ What this lab teaches
 Run it
   terminal:  python week2_cnn/04_cnn_basics.py                 # downloads CIFAR-10 to ./data
              python week2_cnn/04_cnn_basics.py --smoke         # 10-second check, synthetic data
-             python week2_cnn/04_cnn_basics.py --epochs 4      # shorter run, lower accuracy
+             python week2_cnn/04_cnn_basics.py --epochs 4      # half the training time, lower accuracy
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it;
              pick a GPU runtime for speed.
 
-What the default run reaches (measured, see the closing note of `main`)
-  not measured yet
+What the default run reaches (measured on a shared 2-core AMD EPYC CPU, torch 2.14.1, with
+`python ../shared/tools/offline_run.py week2_cnn/04_cnn_basics.py --data-dir /tmp/labdata`)
+  CIFAR-10 test accuracy 85.99% after 8 epochs (85.39% without the test-time flip); training
+  426 s at about 920 images/s, the whole run 450 s (454 s for the process). Timbre CNN: 100.0% on
+  500 held-out generated notes, 10.7 s including synthesis. Target 85% in 10 minutes: reached.
+  With --epochs 10: 86.69% (85.84% without the flip), training 560 s, whole run 595 s: too close
+  to the 10-minute budget on a busy machine, so the default is 8. The 90% stretch was not reached
+  (the network would need to be wider, and then it gets fewer epochs in the same time). On a GPU:
+  not measured. --smoke: about 11 s.
 
-How the time was won on a 2-core CPU
-  not measured yet
+How the time was won on a 2-core CPU (each figure measured here)
+  - The data as one uint8 tensor, cropped and flipped a whole batch at a time by tensor
+    indexing: 32,800 images/s, against 2,100 (no workers) or 3,000 (2 workers) images/s for
+    torchvision's per-image PIL transforms in a DataLoader, which would take a large share of the
+    two cores the network itself needs.
+  - channels_last memory layout: 909 instead of 544 images/s per training step (oneDNN's CPU
+    convolutions are fastest with channels last).
+  - A network sized for the budget: 19.9 M multiply-adds per image, the bulk of the time being
+    convolutions; pooling before batch norm so BN and ReLU touch a quarter of the pixels.
+  - Fewer epochs needed, after Keller Jordan's airbench recipe: a first layer set to whiten 2x2
+    patches instead of learned, identity ("Dirac") initialisation, batch-norm shifts learning
+    64x faster, a lookahead average of the weights, label smoothing, alternating flips, and
+    averaging each test image with its mirror image. In 4-epoch prototype runs this recipe reached
+    83.6%, a plain network of similar size (a learned 3x3 first layer, default initialisation, one
+    learning rate, no lookahead, random flips) 80.5%. A 1.5x wider network (48,96,192) got 81.7%
+    in 2 epochs of the same time: on this budget, more epochs of a small network win.
+  - The whitening layer's bias is frozen after 3 epochs, so the backward pass stops before the
+    largest (31x31) convolution's input gradient.
 """
 # %% Imports, errors a learner can act on, and the device
 import argparse
@@ -500,7 +523,7 @@ def cifar_net_layers():
 
 @dataclass
 class CifarConfig:
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 256
     lr: float = 0.375               # peak learning rate of the conv and linear weights (mean loss, batch 256)
     bn_bias_lr_scale: float = 64.0  # batch-norm shifts learn this many times faster
@@ -541,7 +564,7 @@ def make_cifar_optimizer(model, config: CifarConfig):
     return optimizer, [bias_lr, config.lr]
 
 
-def predict(model, images, batch_size=500, flip=False):
+def predict(model, images, batch_size=250, flip=False):
     """Logits for uint8 images, in eval mode, batch by batch; flip=True adds the mirrored view's."""
     model.eval()
     outputs = []
@@ -723,7 +746,7 @@ def save_training_curves(history, out_dir: Path):
 # turned into log-mel spectrograms, and a small CNN reads them like pictures.
 
 SAMPLE_RATE = 16_000
-NOTE_SECONDS = 0.5
+NOTE_SECONDS = 0.25
 
 
 def synthesize_notes(n: int, generator: torch.Generator, max_harmonics: int = 30):
@@ -773,9 +796,9 @@ class TimbreNet(nn.Module):
     def __init__(self, num_classes=len(TIMBRES), width=16):
         super().__init__()
         self.features = nn.Sequential(
-            *conv_bn_relu(1, width), nn.MaxPool2d(2),                 # (N, w, 32, 31)
-            *conv_bn_relu(width, 2 * width), nn.MaxPool2d(2),         # (N, 2w, 16, 15)
-            *conv_bn_relu(2 * width, 4 * width))                      # (N, 4w, 16, 15)
+            *conv_bn_relu(1, width), nn.MaxPool2d(2),                 # (N, w, 32, 16)
+            *conv_bn_relu(width, 2 * width), nn.MaxPool2d(2),         # (N, 2w, 16, 8)
+            *conv_bn_relu(2 * width, 4 * width))                      # (N, 4w, 16, 8)
         self.head = nn.Linear(4 * width, num_classes)
 
     def forward(self, x):

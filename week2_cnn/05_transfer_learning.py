@@ -385,13 +385,17 @@ def save_comparison_plot(results: dict, path: Path, title: str):
     for strategy, result in results.items():
         epochs = [h["epoch"] for h in result["history"]]
         acc_ax.plot(epochs, [h["val_accuracy"] for h in result["history"]], marker="o", label=strategy)
+    acc_ax.set_xticks(epochs)
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("validation accuracy")
     acc_ax.legend()
     acc_ax.set_title(title)
     names = list(results)
-    params_ax.bar(names, [results[n]["max_trainable_parameters"] / 1e6 for n in names], color="tab:orange")
-    params_ax.set_ylabel("trainable parameters (millions, max)")
+    counts = [results[n]["max_trainable_parameters"] for n in names]
+    bars = params_ax.bar(names, counts, color="tab:orange")
+    params_ax.bar_label(bars, labels=[f"{c:,}" for c in counts], fontsize=8)
+    params_ax.set_yscale("log")          # a head has thousands, the whole network millions
+    params_ax.set_ylabel("trainable parameters (most at once)")
     time_ax.bar(names, [results[n]["time_s"] for n in names], color="tab:green")
     time_ax.set_ylabel("training + validation time (s)")
     for ax in (params_ax, time_ax):
