@@ -20,10 +20,14 @@ Run it
   Outputs in --out-dir (default runs/01_pytorch_basics): metrics.json, matmul_benchmark.png,
   silu_gradient.png.
 
-Measured (default run, `python week1_pytorch/01_pytorch_basics.py`, torch 2.14.1)
-  2-core CPU, no accelerator: MEASURED_PLACEHOLDER
+Measured (default run, `python week1_pytorch/01_pytorch_basics.py`, torch 2.14.1, float32)
+  2-core CPU, no accelerator (median of 3 runs): 12.2 s wall for the whole process, 9.9 s of it
+  inside the lab (starting Python and importing torch is the rest); nothing is trained.
+  The hand gradient equals autograd's to 0.0e+00 in float64, the custom SiLU passes gradcheck.
+  Matmul: 37-60 GFLOP/s at n=64 (call overhead dominates), 140-150 GFLOP/s from n=256 to 4096
+  (n=4096 takes 0.96-0.98 s a product): two cores are saturated from n=256 on.
   GPU: not measured yet.
-  Smoke run (`--smoke`): SMOKE_PLACEHOLDER
+  Smoke run (`--smoke`, median of 3): 5.9 s wall on the 2-core CPU, 3.1 s of it inside the lab.
 """
 import argparse
 import json
