@@ -97,16 +97,22 @@ def test_checkpoints_hold_everything_needed_to_resume(finished_run):
     assert (finished_run / "tensorboard").is_dir() and list((finished_run / "tensorboard").glob("events.*"))
 
 
-def test_stopped_and_resumed_run_ends_with_bitwise_the_same_weights(finished_run, tmp_path):
-    """On CPU the resumed run must match the uninterrupted one exactly (torch.equal, not a tolerance)."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stopped_and_resumed_run_ends_with_bitwise_the_same_weights(workers, finished_run, tmp_path):
+    """On CPU the resumed run must match the uninterrupted one exactly (torch.equal, not a tolerance).
+    With 2 workers the random shifts happen in worker processes, seeded from the saved loader generator."""
+    loader = ["--num-workers", str(workers)]
+    if workers:
+        finished_run = tmp_path / "uninterrupted"
+        lab.main([*SMOKE_RUN, *loader, "--out-dir", str(finished_run)])
     interrupted = tmp_path / "interrupted"
-    lab.main([*SMOKE_RUN, "--stop-after", "1", "--out-dir", str(interrupted)])
+    lab.main([*SMOKE_RUN, *loader, "--stop-after", "1", "--out-dir", str(interrupted)])
     stopped = json.loads((interrupted / "metrics.json").read_text())
     assert stopped["epochs"] == 1 and stopped["stopped_by"] == "--stop-after"
 
     random.seed(12345)                      # scramble every RNG: the checkpoint must restore them
     torch.manual_seed(12345)
-    lab.main(["--resume", str(interrupted / "last.pt"), "--device", "cpu"])  # writes into the same folder
+    lab.main(["--resume", str(interrupted / "last.pt"), "--device", "cpu", *loader])  # into the same folder
 
     expected = torch.load(finished_run / "last.pt", map_location="cpu", weights_only=True)
     resumed = torch.load(interrupted / "last.pt", map_location="cpu", weights_only=True)
@@ -121,6 +127,17 @@ def test_stopped_and_resumed_run_ends_with_bitwise_the_same_weights(finished_run
     reference = json.loads((finished_run / "metrics.json").read_text())
     assert final["test_accuracy"] == reference["test_accuracy"]
     assert [r["val_loss"] for r in final["history"]] == [r["val_loss"] for r in reference["history"]]
+
+
+def test_resuming_a_finished_run_trains_nothing_and_reports_again(finished_run, tmp_path):
+    out_dir = tmp_path / "again"
+    shutil.copytree(finished_run, out_dir)
+    weights_before = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    lab.main(["--resume", str(out_dir / "last.pt"), "--device", "cpu"])
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["stopped_by"] == "finished all epochs"
+    weights_after = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(weights_after[name], tensor) for name, tensor in weights_before.items())
 
 
 # Bad input: a message, a non-zero exit, no traceback, nothing already saved lost.

@@ -80,6 +80,15 @@ def test_bad_schedules_are_refused(lab, text):
         lab.parse_schedule(text)
 
 
+def test_batch_norm_calibration_sets_running_statistics_from_the_data(lab):
+    model = small_resnet(lab)
+    images = 3 + 2 * torch.randn(8, 3, 64, 64)
+    lab.calibrate_batch_norm(model, [(images, torch.zeros(8))], torch.device("cpu"))
+    conv_out = model.conv1(images)
+    torch.testing.assert_close(model.bn1.running_mean, conv_out.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert model.bn1.momentum == 0.1
+
+
 def test_discriminative_learning_rates_fall_stage_by_stage(lab):
     optimizer = lab.make_optimizer(small_resnet(lab), "fine_tuning", lr=0.01, lr_decay=0.5, weight_decay=0)
     rates = {group["stage"]: group["lr"] for group in optimizer.param_groups}

@@ -425,13 +425,14 @@ def plot_training_curves(history: list, path: Path) -> None:
     plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (loss_ax, accuracy_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (label-smoothed, augmented)")
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (augmented, dropout on)")
     loss_ax.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
-    accuracy_ax.plot(epochs, [100 * r["train_accuracy"] for r in history], "o-", label="train (augmented)")
+    loss_ax.set(xlabel="epoch", ylabel="label-smoothed cross-entropy", title="Loss")
+    accuracy_ax.plot(epochs, [100 * r["train_accuracy"] for r in history], "o-", label="train (augmented, dropout on)")
     accuracy_ax.plot(epochs, [100 * r["val_accuracy"] for r in history], "o-", label="validation")
     accuracy_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (loss_ax, accuracy_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
         ax.grid(alpha=0.3)
     save_figure(fig, path)
@@ -561,6 +562,8 @@ def run(args) -> None:
     train_model = torch.compile(model) if args.compile else model
     if resumed:
         restore_rng_state(resumed["rng"], shuffle_generator)           # last, so nothing above disturbs it
+        if start_epoch >= config.epochs or early_stopping.should_stop:
+            print("  that run had already finished: nothing left to train, so it is only evaluated again")
 
     print(f"\n== Training an MLP {config.hidden_sizes}: AdamW, one-cycle LR (peak {config.lr:g}), "
           f"up to {config.epochs} epochs, early stopping after {config.patience} without progress ==")

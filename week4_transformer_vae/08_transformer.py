@@ -218,14 +218,18 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def positions(self, T: int):
+    def embed(self, idx):
+        """idx (B, T) -> token embedding + position, (B, T, C)."""
+        tokens = self.token_embedding(idx)
         if self.config.pos_encoding == "learned":
-            return self.position_embedding.weight[:T]
-        return self.position_table[:T]  # (T, C)
+            return tokens + self.position_embedding.weight[: idx.size(1)]
+        # As in the 2017 paper, token embeddings are scaled by sqrt(C) so the fixed table (entries in
+        # [-1, 1]) does not drown them.
+        return tokens * math.sqrt(self.config.n_embd) + self.position_table[: idx.size(1)]
 
     def forward(self, idx, by_hand=False):
         """idx (B, T) character ids -> logits (B, T, vocab_size) for the next character."""
-        x = self.token_embedding(idx) + self.positions(idx.size(1))  # (B, T, C)
+        x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
             x, _ = block(x, by_hand=by_hand)
         return self.lm_head(self.ln_f(x))
@@ -233,7 +237,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def attention_maps(self, idx):
         """Run the hand-built path and return each layer's attention weights, (n_layer, B, nh, T, T)."""
-        x = self.token_embedding(idx) + self.positions(idx.size(1))
+        x = self.embed(idx)
         maps = []
         for block in self.blocks:
             x, weights = block(x, by_hand=True)
@@ -633,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=0,
                         help="stop after this many steps if that comes before the time budget (0 = no cap)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per step (default 32; smoke 8)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
+    parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate of AdamW")
     parser.add_argument("--block-size", type=int, default=None, help="context length in characters (default 64)")
     parser.add_argument("--n-layer", type=int, default=None, help="Transformer blocks (default 4)")
     parser.add_argument("--n-head", type=int, default=None, help="attention heads per block (default 4)")
@@ -696,9 +700,10 @@ def run(args) -> None:
     print("  pre-norm :", " ".join(f"{g:.3f}" for g in pre))
     print("  post-norm:", " ".join(f"{g:.3f}" for g in post))
     pre_mean, post_mean = sum(pre) / len(pre), sum(post) / len(post)
-    print(f"  pre-norm blocks get {pre_mean / post_mean:.0f}x larger gradients, nearly the same at every "
-          "depth: the residual sum carries the\n  gradient straight down. Post-norm sends it through a "
-          "LayerNorm per block, which rescales it (here shrinks it).")
+    print(f"  pre-norm: the residual sum carries the gradient straight down, so every block gets about the same "
+          f"(first/last {pre[0] / pre[-1]:.2f}).\n  post-norm: the gradient passes through a LayerNorm per block "
+          f"on the residual path, which rescales it: here {pre_mean / post_mean:.0f}x smaller\n  than pre-norm's. "
+          "Deep post-norm stacks are known to need a learning-rate warm-up to train at all (Xiong et al., 2020).")
 
     text = generated_text(args.seed) if args.smoke else load_shakespeare(args.data_dir)
     vocab = "".join(sorted(set(text)))

@@ -19,6 +19,11 @@ Choices, stated plainly
   -log p(x) only in that Bernoulli sense. Test figures use one z sample per test image.
   The 2-D latent map and grid come from a second, small VAE with a 2-D latent space trained for a
   few epochs just for these pictures (a 20-D latent cannot be drawn without a projection).
+  The conditional VAE's z is 2-D on purpose. With a roomy z the encoder stores the digit's identity
+  in z as well as in the label, and draws from the prior N(0, I) then land between digits. Measured
+  at the default settings (8 epochs, the same judge): a 20-D z gave 81.7% conditional accuracy,
+  8-D 89.9%, 4-D 95.9%, 2-D 99.6%. The price is a worse conditional ELBO (about 130 nats for 2-D
+  against 101.6 for 8-D): a small z reconstructs less detail, so the label does the work.
   MNIST (60,000 images of 28x28) is held as one tensor and batches are sliced from it: on a 2-core
   CPU that is many times faster than a DataLoader converting PIL images one by one.
 
@@ -31,7 +36,7 @@ Run it
   Data:      MNIST through torchvision, downloaded on first use into <data-dir>/MNIST/raw/.
   Outputs in --out-dir (default runs/09_vae): metrics.json, vae.pt, cvae.pt, loss_curve.png,
   reconstructions.png, prior_samples.png, interpolation.png, latent_map_2d.png, latent_grid_2d.png,
-  cvae_all_digits.png, digit_<N>.png.
+  cvae_all_digits.png, cvae_style.png, digit_<N>.png.
 
 Measured (default run, `python week4_transformer_vae/09_vae.py --data-dir /tmp/labdata`, torch 2.14.1)
   2-core CPU: MEASURED_PLACEHOLDER
@@ -225,7 +230,8 @@ def evaluate_neg_elbo(model, images, labels, seed, device, batch_size=1000) -> f
 
 # %%
 # 6. The judge: a small MNIST classifier, trained here on the real training images, decides which
-# digit each generated image shows. It never sees generated images during training.
+# digit each generated image shows. It never sees generated images during training. Generation
+# draws z from the prior N(0, I) and decodes it with the label asked for.
 class DigitClassifier(nn.Module):
     def __init__(self, hidden: int = 256):
         super().__init__()
@@ -265,6 +271,16 @@ def generate_digits(cvae, digit: int, count: int, seed: int, device):
     labels = torch.full((count,), digit, dtype=torch.long, device=device)
     cvae.eval()
     return torch.sigmoid(cvae.decode(z, labels)).cpu()
+
+
+@torch.no_grad()
+def style_sweep(cvae, steps: int, device, span: float = 2.0):
+    """Every digit decoded at the same latent points along z[0] (other dims 0): (10 * steps, 784)."""
+    cvae.eval()
+    z = torch.zeros(steps, cvae.latent_dim, device=device)
+    z[:, 0] = torch.linspace(-span, span, steps)
+    return torch.cat([torch.sigmoid(cvae.decode(z, torch.full((steps,), digit, device=device)))
+                      for digit in range(NUM_CLASSES)]).cpu()
 
 
 def conditional_accuracy(cvae, classifier, per_digit: int, seed: int, device) -> tuple:
@@ -411,13 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=f"runs/{LAB_NAME}", help="where metrics, figures and checkpoints go")
     parser.add_argument("--smoke", action="store_true",
                         help="quick pass over every code path on generated images, one short epoch each")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of the 20-D VAE (default 20; smoke 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the VAE (default 20; smoke 1)")
     parser.add_argument("--cvae-epochs", type=int, default=None, help="epochs of the conditional VAE (default 8; smoke 1)")
     parser.add_argument("--map-epochs", type=int, default=None,
                         help="epochs of the 2-D VAE drawn in the latent map (default 4; smoke 1)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of Adam (one-cycle schedule)")
-    parser.add_argument("--latent-dim", type=int, default=20, help="size of z for the VAE and the conditional VAE")
+    parser.add_argument("--latent-dim", type=int, default=20, help="size of z for the VAE")
+    parser.add_argument("--cvae-latent-dim", type=int, default=2,
+                        help="size of z for the conditional VAE: small, so the label must carry the digit")
     parser.add_argument("--hidden", type=int, default=512, help="width of the first hidden layer (the second is half)")
     parser.add_argument("--digit", type=int, default=7, help="the digit the conditional VAE draws, 0-9")
     parser.add_argument("--checkpoint", default=None,
@@ -430,6 +448,7 @@ def check_arguments(parser, args) -> None:
         parser.error(f"--digit must be a single digit from 0 to 9, got {args.digit}")
     for flag, value in {"--epochs": args.epochs, "--cvae-epochs": args.cvae_epochs, "--map-epochs": args.map_epochs,
                         "--batch-size": args.batch_size, "--latent-dim": args.latent_dim,
+                        "--cvae-latent-dim": args.cvae_latent_dim,
                         "--hidden": args.hidden, "--lr": args.lr}.items():
         if value is not None and not (value > 0 and math.isfinite(value)):
             parser.error(f"{flag} must be a positive number, got {value}")
@@ -492,9 +511,10 @@ def run(args) -> None:
     map_history = train_vae(vae_2d, images, labels, test_images, test_labels, map_epochs, args.batch_size, args.lr,
                             args.seed, "2-D VAE", device, log_every_epoch=False)
 
-    print(f"\n== Conditional VAE: the label joins encoder and decoder, epochs {cvae_epochs} ==")
+    print(f"\n== Conditional VAE: the label joins encoder and decoder, latent {args.cvae_latent_dim}-D, "
+          f"epochs {cvae_epochs} ==")
     torch.manual_seed(args.seed)
-    cvae = VAE(args.latent_dim, args.hidden, NUM_CLASSES).to(device)
+    cvae = VAE(args.cvae_latent_dim, args.hidden, NUM_CLASSES).to(device)
     cvae_history = train_vae(cvae, images, labels, test_images, test_labels, cvae_epochs, args.batch_size, args.lr,
                              args.seed, "CVAE", device)
 
@@ -531,7 +551,7 @@ def run(args) -> None:
         "cvae_test_neg_elbo": cvae_history["test"][-1], "vae_2d_test_neg_elbo": map_history["test"][-1],
         "cvae_epochs": cvae_epochs, "map_epochs": map_epochs, "classifier_epochs": classifier_epochs,
         "vae_history": {k: vae_history[k] for k in ("train", "test")},
-        "latent_dim": args.latent_dim, "hidden": args.hidden, "batch_size": args.batch_size, "lr": args.lr,
+        "latent_dim": args.latent_dim, "cvae_latent_dim": args.cvae_latent_dim, "hidden": args.hidden, "batch_size": args.batch_size, "lr": args.lr,
         "target_neg_elbo": TARGET_NEG_ELBO, "target_conditional_accuracy": TARGET_CONDITIONAL_ACCURACY,
     }
     temporary = out_dir / "metrics.json.tmp"
@@ -588,10 +608,13 @@ def make_figures(vae, vae_2d, cvae, vae_history, cvae_history, test_images, test
     rows = torch.cat([generate_digits(cvae, digit, 10, args.seed + digit, device) for digit in range(NUM_CLASSES)])
     plot_tiles(rows, NUM_CLASSES, 10, "Conditional VAE: each row asks for one digit", out_dir / "cvae_all_digits.png",
                [str(d) for d in range(NUM_CLASSES)])
+    plot_tiles(style_sweep(cvae, 9, device), NUM_CLASSES, 9,
+               "Conditional VAE: every row uses the same z values along z[0]; the label picks the digit, z the style",
+               out_dir / "cvae_style.png", [str(d) for d in range(NUM_CLASSES)])
     plot_tiles(generate_digits(cvae, args.digit, 64, args.seed, device), 8, 8,
                f"Conditional VAE: 64 draws of the digit {args.digit}", out_dir / f"digit_{args.digit}.png")
     print(f"  wrote loss_curve, reconstructions, prior_samples, interpolation, latent_map_2d, latent_grid_2d, "
-          f"cvae_all_digits and digit_{args.digit} (.png) to {out_dir}/")
+          f"cvae_all_digits, cvae_style and digit_{args.digit} (.png) to {out_dir}/")
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,136 @@
+"""Capstone 3 (projects/03_vae_generator.py): the hand-written VAE objective against PyTorch's own,
+the reparameterisation trick, the conditional VAE's shapes and generation helpers, and bad input."""
+import gzip
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_clean_failure, load_lab, run_lab
+
+LAB = "projects/03_vae_generator.py"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return load_lab(LAB)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(lab):
+    torch.manual_seed(0)
+    return lab.build_model({"kind": "vae", "latent_dim": 6, "channels": [4, 8], "hidden": 16}).eval()
+
+
+# --- the objective, by hand vs PyTorch ------------------------------------------------------------
+
+def test_closed_form_kl_matches_torch_distributions(lab):
+    mu, logvar = torch.randn(5, 7), torch.randn(5, 7)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros(5, 7), torch.ones(5, 7))
+    expected = torch.distributions.kl_divergence(q, p).sum(dim=1)
+    torch.testing.assert_close(lab.kl_to_standard_normal(mu, logvar), expected)
+    torch.testing.assert_close(lab.kl_to_standard_normal(mu, logvar, dim=0),
+                               torch.distributions.kl_divergence(q, p).sum(dim=0))
+
+
+def test_reconstruction_nll_is_summed_binary_cross_entropy(lab):
+    logits, pixels = 5 * torch.randn(4, 1, 28, 28), torch.rand(4, 1, 28, 28)
+    expected = F.binary_cross_entropy_with_logits(logits, pixels, reduction="none").flatten(1).sum(1)
+    torch.testing.assert_close(lab.reconstruction_nll(logits, pixels), expected)
+
+
+def test_reparameterize_has_the_right_moments_and_passes_gradients(lab):
+    mu = torch.tensor([1.0, -2.0], requires_grad=True)
+    logvar = torch.tensor([0.0, 2 * torch.log(torch.tensor(3.0)).item()], requires_grad=True)  # sigma 1 and 3
+    z = lab.reparameterize(mu.expand(200_000, 2), logvar.expand(200_000, 2), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z.mean(0), mu.detach(), atol=0.03, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.tensor([1.0, 3.0]), atol=0.03, rtol=0)
+    z.mean(0).sum().backward()
+    torch.testing.assert_close(mu.grad, torch.ones(2))  # dz/dmu = 1: the gradient reaches the encoder
+    assert logvar.grad.abs().sum() > 0
+
+
+# --- the model and the generation helpers ---------------------------------------------------------
+
+def test_conditional_vae_shapes_and_deterministic_eval(lab, tiny_vae):
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 5, 9])
+    logits, mu, logvar = tiny_vae(x, y)
+    assert logits.shape == (3, 1, 28, 28) and mu.shape == logvar.shape == (3, 6)
+    torch.testing.assert_close(tiny_vae(x, y)[0], logits)  # eval mode decodes the mean
+
+
+def test_interpolation_ends_decode_the_two_posterior_means(lab, tiny_vae):
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([4, 9])
+    line = lab.interpolate(tiny_vae, x[0], y[0], x[1], y[1], steps=5)
+    assert line.shape == (5, 1, 28, 28)
+    with torch.no_grad():
+        ends = torch.sigmoid(tiny_vae(x, y)[0])
+    torch.testing.assert_close(line[[0, -1]], ends, atol=1e-5, rtol=1e-4)
+
+
+def test_generation_and_latent_walk_shapes(lab, tiny_vae):
+    images = lab.generate(tiny_vae, torch.arange(10), 1.0, torch.Generator().manual_seed(0))
+    assert images.shape == (10, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    walk = lab.latent_walk(tiny_vae, 3, [0, 2], [-1.0, 0.0, 1.0], torch.device("cpu"))
+    assert walk.shape == (6, 1, 28, 28)
+    torch.testing.assert_close(walk[1], walk[4])  # value 0 on any dimension is the prior mean
+
+
+def test_build_model_makes_both_networks(lab):
+    judge = lab.build_model({"kind": "classifier", "widths": [4, 4, 4]}).eval()
+    assert judge(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError):
+        lab.build_model({"kind": "gan"})
+
+
+def test_judge_augmentation_without_range_is_the_identity_and_keeps_shapes(lab):
+    images = torch.rand(4, 1, 28, 28)
+    still = lab.random_affine(images, torch.Generator().manual_seed(0), max_degrees=0.0,
+                              scale_range=(1.0, 1.0), max_shift_px=0.0)
+    torch.testing.assert_close(still, images, atol=1e-5, rtol=0)
+    moved = lab.random_affine(images, torch.Generator().manual_seed(0))
+    assert moved.shape == images.shape and not torch.allclose(moved, images)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("digit", ["10", "-1"])
+def test_digit_outside_0_to_9_fails_cleanly(tmp_path, digit):
+    result = run_lab(LAB, "--digit", digit, "--smoke", "--out-dir", tmp_path / "out", timeout=60)
+    assert_clean_failure(result, "--digit must be a single digit 0-9")
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_checksum_deletes_the_download_and_exits_with_a_message(lab, monkeypatch, tmp_path):
+    data_dir, out_dir = tmp_path / "data", tmp_path / "out"
+    raw = data_dir / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "README").write_text("kept")
+    out_dir.mkdir()
+    (out_dir / "vae.pt").write_bytes(b"an earlier checkpoint")
+    monkeypatch.setattr(lab, "fetch_url", lambda url: gzip.compress(b"\x00\x00\x08\x03 wrong bytes"))
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--data-dir", str(data_dir), "--out-dir", str(out_dir)])
+    message = str(exit_info.value.code)
+    assert "checksum mismatch" in message and "deleted the download" in message and "--smoke" in message
+    assert sorted(p.name for p in raw.iterdir()) == ["README"], "the bad download is gone, the rest kept"
+    assert (out_dir / "vae.pt").read_bytes() == b"an earlier checkpoint"
+
+
+def test_non_positive_temperature_is_refused(lab):
+    with pytest.raises(SystemExit):
+        lab.parse_args(["--temperature", "0"])
+
+
+# --- the real run -------------------------------------------------------------------------------
+
+@pytest.mark.full
+def test_default_run_reaches_its_targets(lab_data_dir, tmp_path):
+    result = run_lab(LAB, "--data-dir", lab_data_dir, "--out-dir", tmp_path, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["conditional_accuracy"] >= 0.97
+    assert metrics["test_neg_elbo"] <= 95.0
+
