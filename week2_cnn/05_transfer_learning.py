@@ -14,7 +14,8 @@ What this lab teaches
                             textures worth keeping, late layers the ImageNet-specific parts);
        gradual unfreezing   the head first, then layer4, layer3, ... on a schedule you set
                             (`--unfreeze-schedule "2:layer4,3:layer3,4:layer2"`).
-     A frozen stage also keeps its batch-norm statistics (its BN layers stay in eval mode).
+     A frozen stage also keeps its batch-norm statistics (its BN layers stay in eval mode); with
+     --weights none those statistics are first measured on the data, as pretraining would have.
      The best model of each strategy is saved.
 
 Run it
@@ -24,7 +25,24 @@ Run it
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks); a GPU runtime helps a lot.
 
 What the default run reaches
-  not measured yet
+  With ImageNet weights on ants vs bees: not measured here. This machine has no network, so
+  neither the weights nor the dataset could be fetched; the download paths are kept for learners.
+  What was measured (shared 2-core AMD EPYC CPU, torch 2.14.1) is the mechanics of the default run
+  on an ImageFolder of the same size cut from the real CIFAR-10 (cat vs dog, 244 training and
+  152 validation 32x32 images, upscaled to 224 by the preprocessing), with --weights none:
+      python week2_cnn/05_transfer_learning.py --data-dir /tmp/cifar_cats_dogs --weights none
+    | strategy           | best val accuracy | trainable parameters (max) | time (s) |
+    | feature_extraction | 0.533             |      4,098                 | 164      |
+    | fine_tuning        | 0.546             | 23,512,130                 | 328      |
+    | gradual_unfreezing | 0.520             | 23,286,786                 | 216      |
+  Whole run 731 s; an epoch takes 30-35 s with the backbone frozen and 62-71 s with all of
+  it training. From random weights, 244 images teach resnet50 nothing (50% is chance): starting
+  from ImageNet weights is what transfer learning adds. That the loops do learn shows on a larger
+  cut (10 classes, 2,000 training and 1,000 validation images, resnet18 at 64x64, --batch-size 32,
+  --weights none, 286 s): best validation accuracy 0.279 for feature extraction on random
+  features, 0.351 for fine-tuning, 0.321 for gradual unfreezing (chance is 0.100).
+  On a GPU: not measured.
+  --smoke (generated images, resnet18, 64x64): about 10 s.
 """
 # %% Imports, errors a learner can act on, and the device
 import argparse
@@ -364,22 +382,23 @@ def run_strategy(strategy, start_state, args, data, device, use_amp, out_dir: Pa
         epoch_start = time.perf_counter()
         train_accuracy, train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, device,
                                                      use_amp, epoch, strategy)
+        train_seconds = time.perf_counter() - epoch_start
         val_accuracy, val_loss = evaluate(model, val_loader, device, use_amp)
         seconds = time.perf_counter() - epoch_start
         history.append({"epoch": epoch, "open_stages": stages, "trainable_parameters": count_trainable(model),
                         "train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss,
-                        "val_accuracy": val_accuracy, "seconds": seconds})
+                        "val_accuracy": val_accuracy, "seconds": seconds, "train_seconds": train_seconds})
         improved = val_accuracy > best
         if improved:
             best = val_accuracy
             save_checkpoint(out_dir / f"best_{strategy}.pt", model, config, sample_inputs,
                             {"class_names": class_names, "strategy": strategy, "epoch": epoch,
                              "val_accuracy": val_accuracy})
-        images_per_s = len(train_loader.dataset) / seconds
+        images_per_s = len(train_loader) * train_loader.batch_size / train_seconds
         print(f"  {strategy:18s} epoch {epoch}/{args.epochs}  open: {'+'.join(stages):38s} "
               f"trainable {count_trainable(model):>10,}  train loss {train_loss:.3f} acc {train_accuracy:.3f}  "
-              f"val acc {val_accuracy:.3f}{' *' if improved else '  '}  {images_per_s:5.1f} img/s  {seconds:5.1f}s",
-              flush=True)
+              f"val acc {val_accuracy:.3f}{' *' if improved else '  '}  {images_per_s:5.1f} train img/s  "
+              f"{seconds:5.1f}s with validation", flush=True)
     load_checkpoint(out_dir / f"best_{strategy}.pt")     # the saved best reloads and predicts as it did
     return {"history": history, "best_val_accuracy": best,
             "best_epoch": max(history, key=lambda h: h["val_accuracy"])["epoch"],
