@@ -44,10 +44,9 @@ import math
 import os
 import sys
 import time
-import urllib.error
 import urllib.request
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

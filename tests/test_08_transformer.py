@@ -159,4 +159,4 @@ def test_default_run_reaches_the_validation_target(lab_data_dir, tmp_path):
     result = run_lab(LAB, "--data-dir", lab_data_dir, "--out-dir", tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["val_loss"] <= lab.TARGET_VAL_LOSS, metrics["val_loss"]
+    assert metrics["val_loss"] <= 1.80, metrics["val_loss"]  # the target, not the lab's constant

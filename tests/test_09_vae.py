@@ -133,5 +133,5 @@ def test_default_run_reaches_both_targets(lab_data_dir, tmp_path):
     result = run_lab(LAB, "--data-dir", lab_data_dir, "--out-dir", tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["test_neg_elbo"] <= lab.TARGET_NEG_ELBO, metrics["test_neg_elbo"]
-    assert metrics["conditional_accuracy"] >= lab.TARGET_CONDITIONAL_ACCURACY, metrics["conditional_accuracy"]
+    assert metrics["test_neg_elbo"] <= 100.0, metrics["test_neg_elbo"]  # the targets, written out
+    assert metrics["conditional_accuracy"] >= 0.95, metrics["conditional_accuracy"]

