@@ -34,10 +34,10 @@ How the run is budgeted
 
 Measured (default run, `python week4_transformer_vae/08_transformer.py --data-dir /tmp/labdata`,
 torch 2.14.1)
-  2-core CPU: validation loss 1.765 nats/char (target 1.80) after 135 s of training (1,042 steps,
-    818,176 parameters); whole run 148 s in the lab, 151 s for the process. The time budget makes
-    the step count depend on the machine's load: 8 tuning runs of the same budget, several on a
-    busy machine, ended between 1.72 and 1.84, so a loaded machine can miss the target.
+  2-core CPU: validation loss 1.765 nats/char, the median of 3 runs on an idle machine (1.760,
+    1.765, 1.783; target 1.80), after 135 s of training (1,042-1,057 steps, 818,176 parameters);
+    whole run 148-149 s in the lab, 150-152 s for the process. The time budget makes the step
+    count depend on the machine's load: tuning runs on a busy machine ended as high as 1.84.
   GPU: not measured yet.
   Smoke run (`--smoke`): 8.8-9.1 s wall.
 """
