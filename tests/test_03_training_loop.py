@@ -144,8 +144,9 @@ def test_resuming_a_finished_run_trains_nothing_and_reports_again(finished_run, 
 def test_cuda_without_cuda_is_a_clean_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = run_lab(LAB, "--device", "cuda", "--smoke", "--out-dir", tmp_path / "out")
-    assert_clean_failure(result, "--device cuda", "no CUDA GPU")
+    with pytest.raises(SystemExit) as exit_info:  # in-process: SystemExit with a message, nothing else
+        lab.main(["--device", "cuda", "--smoke", "--out-dir", str(tmp_path / "out")])
+    assert "--device cuda" in str(exit_info.value.code) and "no CUDA GPU" in str(exit_info.value.code)
     assert not (tmp_path / "out").exists()
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO, assert_clean_failure, load_lab, run_lab
+from conftest import REPO, assert_clean_failure, load_lab
 
 LAB = "week2_cnn/04_cnn_basics.py"
 
@@ -205,11 +205,12 @@ def test_cifar10_absent_with_no_network_names_url_layout_and_smoke(tmp_path):
                          "cifar-10-batches-py/data_batch_1", "--smoke")
 
 
-def test_cuda_where_there_is_none_fails_cleanly(tmp_path):
+def test_cuda_where_there_is_none_stops_with_a_message(lab, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = run_lab(LAB, "--device", "cuda", "--smoke", "--out-dir", tmp_path)
-    assert_clean_failure(result, "--device cuda")
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--device", "cuda", "--smoke", "--out-dir", str(tmp_path)])
+    assert str(exit_info.value.code).startswith("error: --device cuda")
 
 
 @pytest.mark.parametrize("flags, fragment", [(["--epochs", "0"], "--epochs"), (["--lr", "0"], "--lr"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, assert_clean_failure, load_lab, run_lab
+from conftest import REPO, assert_clean_failure, load_lab
 
 LAB = "week2_cnn/05_transfer_learning.py"
 
@@ -150,12 +150,14 @@ def test_an_image_that_does_not_decode_is_skipped_with_a_warning(lab, tmp_path, 
     assert "broken.jpg" in err and "truncated.png" in err
 
 
-def test_bad_imagefolder_fails_cleanly_from_the_command_line(tmp_path):
+def test_bad_imagefolder_stops_main_with_a_message(lab, tmp_path):
     (tmp_path / "train" / "ants").mkdir(parents=True)
     (tmp_path / "val" / "ants").mkdir(parents=True)
-    result = run_lab(LAB, "--data-dir", tmp_path, "--out-dir", tmp_path / "out", "--weights", "none",
-                     "--arch", "resnet18")
-    assert_clean_failure(result, "holds no images", "ants")
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--weights", "none",
+                  "--arch", "resnet18"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and "holds no images" in message and "ants" in message
 
 
 # No network: sockets refuse to connect, and an empty TORCH_HOME holds no cached weights.
@@ -208,10 +210,8 @@ def test_missing_or_corrupt_checkpoint_is_a_clean_error(lab, tmp_path):
         lab.load_checkpoint(tmp_path / "bad.pt")
 
 
-def test_smoke_run_saves_the_best_model_of_each_strategy(tmp_path):
-    result = run_lab(LAB, "--smoke", "--out-dir", tmp_path, "--data-dir", tmp_path / "data")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+def test_smoke_run_saves_the_best_model_of_each_strategy(lab, tmp_path):
+    metrics = lab.main(["--smoke", "--out-dir", str(tmp_path), "--data-dir", str(tmp_path / "data")])
     assert set(metrics["strategies"]) == {"feature_extraction", "fine_tuning", "gradual_unfreezing"}
     for strategy, outcome in metrics["strategies"].items():
         assert (tmp_path / f"best_{strategy}.pt").is_file()
@@ -221,3 +221,4 @@ def test_smoke_run_saves_the_best_model_of_each_strategy(tmp_path):
     assert gradual[1]["open_stages"] == ["layer4", "head"]
     assert gradual[2]["open_stages"] == ["layer2", "layer3", "layer4", "head"]
     assert (tmp_path / "strategy_comparison.png").is_file() and (tmp_path / "comparison.md").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_strategy"] in metrics["strategies"]
