@@ -332,6 +332,16 @@ def plot_tiles(images, rows, cols, title, path, row_labels=None) -> None:
 
 
 @torch.no_grad()
+def clearest_example(model, images, labels, digit: int, device, candidates: int = 100) -> int:
+    """Index of the image of `digit`, among its first `candidates`, that the VAE reconstructs best."""
+    model.eval()
+    index = torch.nonzero(labels == digit)[:candidates, 0]
+    x = images[index].to(device)
+    errors = F.binary_cross_entropy_with_logits(model(x)[0], x, reduction="none").sum(1)
+    return index[errors.argmin()].item()
+
+
+@torch.no_grad()
 def interpolate(model, start_image, end_image, steps: int):
     """Decode evenly spaced points on the line between two images' latent means: (steps, 784)."""
     model.eval()
@@ -594,7 +604,7 @@ def make_figures(vae, vae_2d, cvae, vae_history, cvae_history, test_images, test
                out_dir / "reconstructions.png", ["input", "recon"])
     plot_tiles(prior, 8, 8, "VAE: decoded samples z ~ N(0, I)", out_dir / "prior_samples.png")
 
-    ends = [torch.nonzero(test_labels == d)[0, 0].item() for d in (3, 8)]
+    ends = [clearest_example(vae, test_images, test_labels, digit, device) for digit in (3, 8)]
     strip = interpolate(vae, test_images[ends[0]].to(device), test_images[ends[1]].to(device), 10)
     plot_tiles(torch.cat([test_images[ends[0]].cpu()[None], strip, test_images[ends[1]].cpu()[None]]), 1, 12,
                "Interpolating between the latent means of a 3 and an 8 (originals at the ends)",
