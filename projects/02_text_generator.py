@@ -1,0 +1,602 @@
+"""Capstone 2: a character-level LSTM that writes Shakespeare-style text.
+
+What this capstone teaches (week 3's recurrent networks brought together in one file):
+  * character-level language modelling: the corpus becomes one tensor of character ids, the
+    model predicts the next character, the loss is in nats per character (and bits: / ln 2);
+  * a multi-layer LSTM with dropout between and after the layers, and optional weight tying
+    (the output layer reuses the embedding matrix);
+  * stateful training with truncated back-propagation through time (TBPTT): the text is cut
+    into B parallel streams, consecutive windows are read one after the other and the LSTM state
+    (h, c) is carried from batch to batch, detached, so the model sees long context while the
+    gradient flows back only one window; the state is reset at the start of every epoch;
+  * gradient-norm clipping and a one-cycle learning-rate schedule laid out over the steps the
+    run will take; a wall-clock budget as a safety stop; the best checkpoint kept on validation;
+  * sampling written by hand: temperature, top-k and top-p (nucleus) filtering, from a prompt;
+    a table of samples at several temperatures saved with every run.
+
+Run it
+  terminal:  python projects/02_text_generator.py                    (downloads tiny Shakespeare, 1.1 MB)
+             python projects/02_text_generator.py --data-dir /path/holding/tinyshakespeare
+             python projects/02_text_generator.py --generate-only --checkpoint runs/02_text_generator/best.pt \\
+                 --prompt "JULIET:" --temperature 0.8 --top-p 0.9
+             python projects/02_text_generator.py --smoke           (generated text, seconds, no network)
+  Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it; the
+             `-f kernel.json` Colab adds is ignored. `main(["--epochs", "20"])` trains longer.
+
+Data: tiny Shakespeare (1,115,394 characters, 65 distinct) from
+https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt, kept at
+`--data-dir/tinyshakespeare/input.txt` (downloaded there on first use); the first 90% trains, the
+last 10% validates.
+
+What the default run reaches (measured, `python projects/02_text_generator.py --data-dir /tmp/labdata`):
+  2-core CPU (AMD EPYC, torch 2.14.1): not measured yet.
+  GPU: not measured.
+  Target: validation loss <= 1.60 nats/char within 10 minutes of wall time on a 2-core CPU.
+"""
+# %%
+# Imports. A capstone imports only the standard library and torch at module level: matplotlib
+# is imported where the figure is drawn, and skipped with a note if it is missing.
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAB_NAME = "02_text_generator"
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TARGET_VAL_LOSS = 1.60  # nats per character: the capstone's promise within 10 minutes on 2 CPU cores
+
+
+class LabError(Exception):
+    """A problem the learner can fix (bad flag, missing data, broken checkpoint): message, no traceback."""
+
+
+# %%
+# Data: tiny Shakespeare as one long string. It is downloaded once into
+# `--data-dir/tinyshakespeare/input.txt` (a temporary name first, renamed when complete, so an
+# interrupted download never looks like the corpus). Characters become integer ids; the
+# vocabulary is simply the sorted set of characters in the corpus.
+def fetch_url(url: str) -> bytes:
+    """Download one URL into memory (the corpus is 1.1 MB)."""
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def load_shakespeare(data_dir: Path) -> str:
+    path = data_dir / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        print(f"downloading tiny Shakespeare from {SHAKESPEARE_URL}")
+        partial = path.with_name(path.name + ".part")
+        try:
+            raw = fetch_url(SHAKESPEARE_URL)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(raw)
+        except OSError as err:  # URLError, timeouts and a read-only data folder are all OSErrors
+            partial.unlink(missing_ok=True)
+            raise LabError(
+                f"tiny Shakespeare is not at {path} and could not be downloaded ({err}).\n"
+                f"  Download it by hand from {SHAKESPEARE_URL}\n"
+                f"  and put it at <data-dir>/tinyshakespeare/input.txt (here: {path}),\n"
+                "  or run with --smoke to try the capstone on generated text without the corpus.") from None
+        os.replace(partial, path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise LabError(f"cannot read {path} as UTF-8 text ({err}); delete it to download it again") from None
+    if len(text) < 1_000_000:
+        raise LabError(f"{path} holds only {len(text):,} characters (the corpus has 1,115,394): "
+                       "it looks truncated; delete it to download it again")
+    return text
+
+
+def generated_play(characters: int, seed: int) -> str:
+    """Smoke-mode stand-in for the corpus: random speeches of a made-up play, no network needed."""
+    generator = torch.Generator().manual_seed(seed)
+    names = ["ROMEO", "JULIET", "FIRST CITIZEN", "MENENIUS", "KING RICHARD III", "NURSE"]
+    words = ("the of and to my thou thee love night lord sweet heaven what shall not be "
+             "I am a is that with so but O me his her death fair speak come").split()
+
+    def pick(options):
+        return options[torch.randint(len(options), (1,), generator=generator).item()]
+
+    speeches = []
+    while sum(map(len, speeches)) < characters:
+        speech = " ".join(pick(words) for _ in range(6 + torch.randint(10, (1,), generator=generator).item()))
+        speeches.append(f"{pick(names)}:\n{speech.capitalize()}{pick(list('.,!?;'))}\n\n")
+    return "".join(speeches)
+
+
+def build_vocabulary(text: str) -> list:
+    """The sorted list of distinct characters; a character's id is its position in the list."""
+    return sorted(set(text))
+
+
+def encode_text(text: str, chars: list) -> torch.Tensor:
+    """The whole text as one (N,) tensor of character ids."""
+    stoi = {c: i for i, c in enumerate(chars)}
+    return torch.tensor([stoi[c] for c in text], dtype=torch.long)
+
+
+def encode_prompt(prompt: str, chars: list) -> list:
+    """Prompt -> character ids; characters the model has never seen are an error that names them."""
+    if not prompt:
+        raise LabError("--prompt is empty: give the model some text to continue, e.g. --prompt 'ROMEO:'")
+    stoi = {c: i for i, c in enumerate(chars)}
+    unknown = sorted({c for c in prompt if c not in stoi})
+    if unknown:
+        raise LabError(f"--prompt {prompt!r} contains characters the model's vocabulary has never seen: "
+                       f"{', '.join(repr(c) for c in unknown)}. It knows these {len(chars)}: {''.join(chars)!r}")
+    return [stoi[c] for c in prompt]
+
+
+def as_streams(data: torch.Tensor, streams: int) -> torch.Tensor:
+    """(N,) -> (streams, N // streams): row s is one contiguous stretch of the text.
+
+    Reading columns [t, t + T) of every row gives B windows, each continuing exactly where that
+    row's previous window stopped: that is what lets the LSTM state be carried between batches.
+    """
+    length = data.numel() // streams
+    return data[: streams * length].view(streams, length)
+
+
+# %%
+# The model: embedding -> stacked nn.LSTM -> dropout -> linear read-out, one logit per character.
+# nn.LSTM runs each layer as one fused kernel (far faster than a Python loop over an LSTM cell,
+# which week 3 wrote by hand). Dropout sits between the LSTM layers and before the read-out.
+# Weight tying: the read-out matrix (V, H) is the embedding matrix (V, E) itself, which needs
+# E == H; it halves those parameters and often helps word models (with 65 characters it matters
+# little, so it is off by default: try `--tie-weights`).
+@dataclass
+class CharConfig:
+    vocab_size: int = 65
+    embed_dim: int = 64  # ignored (taken as hidden_size) when tie_weights is set
+    hidden_size: int = 512
+    num_layers: int = 2
+    dropout: float = 0.1
+    tie_weights: bool = False
+
+
+class CharLSTM(nn.Module):
+    def __init__(self, config: CharConfig):
+        super().__init__()
+        embed_dim = config.hidden_size if config.tie_weights else config.embed_dim
+        self.embed = nn.Embedding(config.vocab_size, embed_dim)
+        self.lstm = nn.LSTM(embed_dim, config.hidden_size, config.num_layers, batch_first=True,
+                            dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.tie_weights:
+            self.head.weight = self.embed.weight  # one (V, H) matrix, two uses
+        for name, param in self.lstm.named_parameters():
+            if name.startswith("bias_ih"):  # gate order i, f, g, o: open the forget gate (f ~ 0.73)
+                param.data[config.hidden_size:2 * config.hidden_size] = 1.0
+
+    def forward(self, tokens, state=None):  # tokens: (B, T) ids; state: (h, c), each (layers, B, H)
+        outputs, state = self.lstm(self.embed(tokens), state)  # (B, T, H)
+        return self.head(self.drop(outputs)), state  # logits (B, T, V), the state after the last step
+
+
+def build_model(config: dict) -> nn.Module:
+    """Rebuild the architecture from a checkpoint's plain-dict config."""
+    return CharLSTM(CharConfig(**{k: config[k] for k in CharConfig.__dataclass_fields__}))
+
+
+def detach_state(state):
+    """Keep the values of (h, c) but cut the graph: the truncation in truncated BPTT."""
+    return None if state is None else tuple(s.detach() for s in state)
+
+
+# %%
+# Sampling, written by hand. The model gives logits; what we draw from decides how the text reads.
+#   temperature: divide the logits by T before the softmax. T < 1 sharpens (safer, repetitive),
+#                T > 1 flattens (inventive, misspelt); T -> 0 is greedy argmax (here T = 0 means it).
+#   top-k:       keep only the k most likely characters, renormalise.
+#   top-p:       keep the smallest set of most likely characters whose probability adds up to at
+#                least p ("nucleus"): few choices where the model is sure, many where it is not.
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits (..., V) with all but exactly the k largest set to -inf (ties broken by topk)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    keep = logits.topk(k, dim=-1).indices
+    return torch.full_like(logits, float("-inf")).scatter(-1, keep, logits.gather(-1, keep))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Logits (..., V) keeping the smallest most-likely prefix with probability mass >= p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely characters
+    drop_sorted = mass_before >= p  # already p without this one: not needed (the first is always kept)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_char_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """The distribution (..., V) we sample from, after temperature, top-k and top-p."""
+    if temperature == 0:  # greedy: all the mass on the most likely character
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+    filtered = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return filtered.softmax(dim=-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list, length: int, device, generator, temperature=1.0, top_k=0, top_p=1.0):
+    """Feed the prompt once, then draw `length` characters one at a time, carrying (h, c)."""
+    model.eval()
+    logits, state = model(torch.tensor([prompt_ids], device=device))  # (1, P, V)
+    drawn = []
+    for _ in range(length):
+        probs = next_char_probs(logits[0, -1].float().cpu(), temperature, top_k, top_p)  # (V,)
+        next_id = torch.multinomial(probs, 1, generator=generator).item()
+        drawn.append(next_id)
+        logits, state = model(torch.tensor([[next_id]], device=device), state)  # (1, 1, V)
+    return drawn
+
+
+SAMPLE_SETTINGS = (  # (row name, temperature, top-k, top-p): the table saved with every run
+    ("T=0.5", 0.5, 0, 1.0), ("T=0.8", 0.8, 0, 1.0), ("T=1.0", 1.0, 0, 1.0), ("T=1.2", 1.2, 0, 1.0),
+    ("top-k 5, T=1.0", 1.0, 5, 1.0), ("top-p 0.9, T=1.0", 1.0, 0, 0.9),
+)
+
+
+def samples_table(model, chars, prompt_ids, length, device, seed):
+    """One sample per setting of SAMPLE_SETTINGS, as (rows of the table, markdown text)."""
+    rows, sections = [], []
+    for name, temperature, top_k, top_p in SAMPLE_SETTINGS:
+        generator = torch.Generator().manual_seed(seed)  # the same random draws for every row
+        text = "".join(chars[i] for i in prompt_ids + generate(model, prompt_ids, length, device, generator,
+                                                                temperature, top_k, top_p))
+        rows.append({"setting": name, "temperature": temperature, "top_k": top_k, "top_p": top_p, "text": text})
+        sections.append(f"## {name}\n\n```text\n{text}\n```\n")
+    header = ("| setting | temperature | top-k | top-p | opening (newlines as /) |\n"
+              "|---|---|---|---|---|\n")
+    lines = [f"| {r['setting']} | {r['temperature']} | {r['top_k'] or 'off'} | {r['top_p'] if r['top_p'] < 1 else 'off'}"
+             f" | `{r['text'][:70].replace(chr(10), ' / ').replace('|', '/')}` |" for r in rows]
+    markdown = "# Samples\n\n" + header + "\n".join(lines) + "\n\n" + "\n".join(sections)
+    return rows, markdown
+
+
+# %%
+# Evaluation and checkpoints. Validation is stateful too: the held-out text is cut into streams
+# and read window after window with (h, c) carried along, the way the model is used when it
+# writes, so most characters are predicted with a long context. Checkpoints hold the vocabulary,
+# so `--generate-only` needs nothing but the file; they are written to a temporary name and
+# renamed (never half a file) and loaded with weights_only=True (a file cannot run code).
+@torch.no_grad()
+def evaluate(model, data, device, autocast, streams=32, window=256) -> float:
+    """Mean cross-entropy in nats per character over all of `data`, the LSTM state carried along."""
+    model.eval()
+    rows = as_streams(data, streams).to(device)  # (S, L)
+    state, total, count = None, 0.0, 0
+    for start in range(0, rows.shape[1] - 1, window):
+        targets = rows[:, start + 1:start + window + 1]  # (S, T), one character ahead
+        inputs = rows[:, start:start + targets.shape[1]]
+        with autocast():
+            logits, state = model(inputs, state)
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+    model.train()
+    return total / count
+
+
+def save_checkpoint(path: Path, model, config: CharConfig, chars: list, sample_inputs, extra: dict):
+    model.eval()
+    with torch.no_grad():
+        logits, (h, c) = model(sample_inputs)
+    state = {"model": {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+             "config": asdict(config), "chars": list(chars), "sample_inputs": sample_inputs.cpu(),
+             "sample_outputs": (logits.float().cpu(), (h.float().cpu(), c.float().cpu())), **extra}
+    model.train()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device):
+    """(model, vocabulary, saved dict) from a checkpoint, or a LabError that says what is wrong."""
+    if not path.is_file():
+        raise LabError(f"checkpoint {path} does not exist (a training run saves it as <out-dir>/best.pt)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(saved["config"])
+        model.load_state_dict(saved["model"])
+        chars = list(saved["chars"])
+    except Exception as err:  # a truncated file, another lab's checkpoint, a different architecture
+        raise LabError(f"checkpoint {path} cannot be loaded as this capstone's character LSTM "
+                       f"({type(err).__name__}: {str(err)[:200]})") from None
+    return model.to(device).eval(), chars, saved
+
+
+# %%
+# Training: stateful truncated BPTT. Each epoch walks the B streams window by window (T characters
+# each); the state leaving one window enters the next, detached, and is reset at the epoch start.
+# The one-cycle schedule (warm up to the peak learning rate, then cosine down to almost zero) is
+# laid out over epochs x steps-per-epoch, the steps the run will take; the time budget only stops
+# a run that is slower than planned. Gradient-norm clipping catches the rare exploding step.
+def train(args, model, config, chars, train_data, val_data, device, autocast, out_dir: Path):
+    streams = as_streams(train_data, args.batch_size).to(device)  # (B, L)
+    steps_per_epoch = (streams.shape[1] - 1) // args.bptt
+    if steps_per_epoch < 1:
+        raise LabError(f"the training text is too short for --batch-size {args.batch_size} x --bptt {args.bptt}")
+    total_steps = args.epochs * steps_per_epoch
+    eval_windows = {round(steps_per_epoch * (i + 1) / args.evals_per_epoch) - 1 for i in range(args.evals_per_epoch)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
+                                                    pct_start=args.warmup)
+    sample_inputs = val_data[:64].view(2, 32).to(device)
+    print(f"training: {args.batch_size} streams x {streams.shape[1]:,} characters, {args.bptt}-character "
+          f"windows, {steps_per_epoch} steps per epoch, {args.epochs} epochs ({total_steps} steps), "
+          f"time budget {args.time_budget:.0f} s")
+    history = {"step_seconds": [], "train_loss": [], "evals": []}
+    train_seconds, seconds_to_target, best_val, step, smoothed = 0.0, None, math.inf, 0, None
+    phase_start = time.perf_counter()
+    stopped_by_budget = False
+    for epoch in range(args.epochs):
+        state = None  # a new pass over the text starts with an empty memory
+        model.train()
+        for window in range(steps_per_epoch):
+            tic = time.perf_counter()
+            column = window * args.bptt
+            inputs = streams[:, column:column + args.bptt]  # (B, T)
+            targets = streams[:, column + 1:column + args.bptt + 1]  # (B, T), shifted by one character
+            with autocast():
+                logits, state = model(inputs, detach_state(state))  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise LabError(f"the training loss became {loss_value} at step {step}; try a lower --lr")
+            train_seconds += time.perf_counter() - tic
+            smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
+            history["step_seconds"].append(train_seconds)
+            history["train_loss"].append(loss_value)
+            out_of_time = time.perf_counter() - phase_start >= args.time_budget
+            if window not in eval_windows and not out_of_time:
+                continue
+            # an evaluation: validation loss, the best checkpoint, one line of progress
+            val_loss = evaluate(model, val_data, device, autocast)
+            history["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_seconds": train_seconds,
+                                     "train_loss": smoothed, "val_loss": val_loss})
+            if seconds_to_target is None and val_loss <= TARGET_VAL_LOSS:
+                seconds_to_target = train_seconds
+            note = ""
+            if val_loss < best_val:
+                best_val = val_loss
+                save_checkpoint(out_dir / "best.pt", model, config, chars, sample_inputs,
+                                {"step": step, "epoch": step / steps_per_epoch, "val_loss": val_loss})
+                note = "  -> best.pt"
+            elapsed = time.perf_counter() - phase_start
+            left = min(args.time_budget - elapsed, (total_steps - step) * elapsed / step)
+            print(f"epoch {step / steps_per_epoch:5.2f}/{args.epochs}  step {step:5d}  train {smoothed:.3f}  "
+                  f"val {val_loss:.3f} nats/char ({val_loss / math.log(2):.3f} bits)  "
+                  f"{step * inputs.numel() / train_seconds:,.0f} chars/s  lr {scheduler.get_last_lr()[0]:.1e}  "
+                  f"~{max(left, 0):.0f} s left{note}", flush=True)
+            if out_of_time:
+                stopped_by_budget = step < total_steps
+                break
+        if stopped_by_budget:
+            print(f"time budget of {args.time_budget:.0f} s reached after {step} of {total_steps} steps: "
+                  "stopping early (the schedule had not finished)")
+            break
+    return history, train_seconds, seconds_to_target, step, step / steps_per_epoch, stopped_by_budget
+
+
+# %%
+# Figures: the loss curve (training loss per step, validation loss at every evaluation, the
+# 1.60 target as a line). Matplotlib is imported here so the capstone runs without it.
+def save_loss_curve(path: Path, history):
+    try:
+        import matplotlib
+        if "ipykernel" not in sys.modules:
+            matplotlib.use("Agg")  # no display needed; a notebook keeps its inline backend
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, skipping {path.name}")
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(history["step_seconds"], history["train_loss"], color="0.65", lw=0.7, label="train (one window, dropout on)")
+    evals = history["evals"]
+    ax.plot([e["train_seconds"] for e in evals], [e["val_loss"] for e in evals], "o-", color="C3",
+            label="validation (all held-out text, stateful)")
+    ax.axhline(TARGET_VAL_LOSS, color="k", ls="--", lw=0.8, label=f"target {TARGET_VAL_LOSS} nats/char")
+    ax.set(xlabel="training time (s)", ylabel="cross-entropy (nats/char)",
+           title="Character-level LSTM on tiny Shakespeare", ylim=(min(1.2, ax.get_ylim()[0]), 3.5))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    if "ipykernel" in sys.modules:
+        plt.show()
+    plt.close(fig)
+
+
+# %%
+# The command line and the run: data and prompt checked first (before minutes of training),
+# training, the best checkpoint reloaded from disk as a user of it would, the samples table.
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda: PyTorch sees no CUDA GPU here; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LabError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def make_autocast(device: torch.device):
+    """bf16 mixed precision on CUDA where supported (cuDNN runs LSTMs in it); plain fp32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Capstone 2: Shakespeare-style text from a character-level LSTM.")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to train; auto = the available accelerator, else CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed for the weights, dropout and sampling")
+    p.add_argument("--data-dir", type=Path, default=Path("./data"),
+                   help="tiny Shakespeare is read from / downloaded to DATA_DIR/tinyshakespeare/input.txt")
+    p.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME,
+                   help="where metrics.json, best.pt, loss_curve.png and samples.md go")
+    p.add_argument("--smoke", action="store_true", help="tiny run of every code path on generated text (seconds)")
+    p.add_argument("--epochs", type=int, default=6, help="passes over the training text (the schedule spans them)")
+    p.add_argument("--batch-size", type=int, default=64, help="parallel text streams per step")
+    p.add_argument("--bptt", type=int, default=128, help="characters per window: how far the gradient flows back")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (AdamW)")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping threshold")
+    p.add_argument("--hidden-size", type=int, default=384, help="LSTM units per layer")
+    p.add_argument("--layers", type=int, default=2, help="stacked LSTM layers")
+    p.add_argument("--embed-dim", type=int, default=64, help="character embedding size (hidden size with --tie-weights)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout between the LSTM layers and before the read-out")
+    p.add_argument("--tie-weights", action="store_true", help="the read-out layer reuses the embedding matrix")
+    p.add_argument("--time-budget", type=float, default=480.0,
+                   help="seconds of training (with its evaluations) after which the run stops early anyway")
+    p.add_argument("--evals-per-epoch", type=int, default=2, help="validation passes (and progress lines) per epoch")
+    p.add_argument("--prompt", default="ROMEO:", help="text the samples continue")
+    p.add_argument("--sample-chars", type=int, default=400, help="characters drawn per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="--generate-only: sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="--generate-only: keep the k most likely characters (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="--generate-only: nucleus mass to keep (1 = off)")
+    p.add_argument("--generate-only", action="store_true", help="only write text with --checkpoint, no training")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint for --generate-only (e.g. runs/02_text_generator/best.pt)")
+    args, _ = p.parse_known_args(argv)
+    if args.generate_only and args.checkpoint is None:
+        p.error("--generate-only needs --checkpoint PATH (a best.pt written by a training run)")
+    if min(args.epochs, args.batch_size, args.hidden_size, args.layers, args.embed_dim,
+           args.evals_per_epoch, args.sample_chars) < 1:
+        p.error("--epochs, --batch-size, --hidden-size, --layers, --embed-dim, --evals-per-epoch and "
+                "--sample-chars must be at least 1")
+    if args.bptt < 2:
+        p.error(f"--bptt must be at least 2 characters (got {args.bptt})")
+    if not (args.lr > 0 and args.clip > 0 and args.time_budget > 0):
+        p.error("--lr, --clip and --time-budget must be positive")
+    if not (0 <= args.dropout < 1 and 0 <= args.warmup < 1 and args.weight_decay >= 0):
+        p.error("--dropout and --warmup must be in [0, 1) and --weight-decay >= 0")
+    if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
+        p.error("--temperature must be >= 0 (0 = greedy), --top-k >= 0 (0 = off), --top-p in (0, 1] (1 = off)")
+    return args
+
+
+def generate_only(args, device, wall_start):
+    """--generate-only: write one sample from a checkpoint; training outputs (metrics.json) are kept."""
+    model, chars, saved = load_checkpoint(args.checkpoint, device)
+    prompt_ids = encode_prompt(args.prompt, chars)
+    generator = torch.Generator().manual_seed(args.seed)
+    drawn = generate(model, prompt_ids, args.sample_chars, device, generator,
+                     args.temperature, args.top_k, args.top_p)
+    text = "".join(chars[i] for i in prompt_ids + drawn)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "generated.txt").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"\n({args.checkpoint}, validation loss {saved.get('val_loss', float('nan')):.3f} nats/char; "
+          f"temperature {args.temperature}, top-k {args.top_k or 'off'}, top-p {args.top_p}; "
+          f"saved in {args.out_dir / 'generated.txt'}; {time.perf_counter() - wall_start:.1f} s)")
+    return {"text": text, "checkpoint": str(args.checkpoint)}
+
+
+def run(args):
+    wall_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    if args.generate_only:
+        return generate_only(args, device, wall_start)
+
+    if args.smoke:
+        text = generated_play(30_000, args.seed)
+        args.epochs, args.batch_size, args.bptt, args.evals_per_epoch = 2, 16, 32, 2
+        args.hidden_size, args.embed_dim, args.sample_chars, args.time_budget = 32, 16, 60, 60.0
+        args.tie_weights = True  # the smoke run covers the tied path; tiny models do not care
+    else:
+        text = load_shakespeare(args.data_dir)
+    chars = build_vocabulary(text)
+    prompt_ids = encode_prompt(args.prompt, chars)  # a bad prompt fails now, not after training
+    data = encode_text(text, chars)  # (N,) character ids
+    split = int(0.9 * len(data))
+    train_data, val_data = data[:split], data[split:]
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    autocast = make_autocast(device)
+
+    config = CharConfig(vocab_size=len(chars), embed_dim=args.embed_dim, hidden_size=args.hidden_size,
+                        num_layers=args.layers, dropout=args.dropout, tie_weights=args.tie_weights)
+    model = CharLSTM(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"data: {len(text):,} characters, vocabulary of {len(chars)}; {len(train_data):,} train / "
+          f"{len(val_data):,} validation" + ("  [SMOKE: generated text, numbers are not results]" if args.smoke else ""))
+    print(f"model: {args.layers}-layer LSTM, {args.hidden_size} units, dropout {args.dropout}, "
+          f"tied weights {args.tie_weights}: {n_params:,} parameters on {device}; "
+          f"uniform guessing would score ln({len(chars)}) = {math.log(len(chars)):.2f} nats/char")
+
+    history, train_seconds, seconds_to_target, steps, epochs_done, stopped_early = train(
+        args, model, config, chars, train_data, val_data, device, autocast, out_dir)
+
+    # the best evaluation, reloaded from disk as a user of the checkpoint would
+    best, _, saved = load_checkpoint(out_dir / "best.pt", device)
+    val_loss = saved["val_loss"]
+    save_loss_curve(out_dir / "loss_curve.png", history)
+    rows, markdown = samples_table(best, chars, prompt_ids, args.sample_chars, device, args.seed)
+    (out_dir / "samples.md").write_text(markdown, encoding="utf-8")
+    shown = ("T=0.5", "T=0.8", "T=1.2")  # the whole table is in samples.md
+    print("\n" + "\n".join(f"--- {r['setting']} ---\n{r['text']}\n" for r in rows if r["setting"] in shown))
+    if args.smoke:  # the --generate-only path too, from the file just written
+        generate_only(argparse.Namespace(**{**vars(args), "checkpoint": out_dir / "best.pt"}), device, wall_start)
+
+    metrics = {
+        "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
+        "wall_time_s": round(time.perf_counter() - wall_start, 2), "train_time_s": round(train_seconds, 2),
+        "epochs": round(epochs_done, 3), "steps": steps, "stopped_by_time_budget": stopped_early,
+        "val_loss": val_loss, "val_bits_per_char": val_loss / math.log(2),
+        "best_step": saved["step"], "target_val_loss": TARGET_VAL_LOSS,
+        "seconds_to_target": None if seconds_to_target is None else round(seconds_to_target, 2),
+        "train_chars_per_s": round(steps * args.batch_size * args.bptt / train_seconds),
+        "parameters": n_params, "vocabulary_size": len(chars),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "evals": history["evals"], "samples": rows,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    reached = ("NOT reached" if seconds_to_target is None
+               else f"first reached after {seconds_to_target:.0f} s of training")
+    print(f"\nSummary: a {args.layers}-layer {args.hidden_size}-unit LSTM trained {train_seconds:.0f} s "
+          f"({epochs_done:.2f} epochs, {steps} steps); best validation loss {val_loss:.3f} nats/char = "
+          f"{val_loss / math.log(2):.3f} bits/char (step {saved['step']}).")
+    print(f"  target <= {TARGET_VAL_LOSS} nats/char {reached}; whole run {metrics['wall_time_s']:.0f} s.")
+    print(f"  outputs in {out_dir}/: metrics.json, best.pt, loss_curve.png, samples.md")
+    print(f"  write more: python projects/{LAB_NAME}.py --generate-only --checkpoint {out_dir / 'best.pt'} "
+          "--prompt 'JULIET:' --temperature 0.7 --top-p 0.9")
+    if args.smoke:
+        print("(smoke run on generated text: the numbers above are not results)")
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except LabError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Capstone 2 (projects/02_text_generator.py): the hand-written sampling filters against exact
+properties, the stateful pieces (streams, carried LSTM state, stateful validation), weight tying,
+the checkpoint round trip with --generate-only, and every bad input of the issue."""
+import json
+import math
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_clean_failure, load_lab, run_lab
+
+LAB = "projects/02_text_generator.py"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return load_lab(LAB)
+
+
+def tiny_model(lab, vocab_size=12, **overrides):
+    config = {"vocab_size": vocab_size, "embed_dim": 8, "hidden_size": 16, "num_layers": 2,
+              "dropout": 0.1, "tie_weights": False, **overrides}
+    torch.manual_seed(0)
+    return lab.build_model(config).eval(), config
+
+
+# --- sampling: temperature, top-k, top-p ---------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_top_k_keeps_exactly_the_k_most_likely(lab, k):
+    logits = torch.randn(5, 20)
+    probs = lab.next_char_probs(logits, top_k=k)
+    assert ((probs > 0).sum(dim=-1) == k).all()
+    kept = probs > 0
+    expected = torch.zeros_like(kept).scatter(-1, logits.topk(k, dim=-1).indices, True)
+    assert torch.equal(kept, expected)
+    torch.testing.assert_close(probs.sum(dim=-1), torch.ones(5))
+    # among the survivors the odds are unchanged: renormalised softmax
+    torch.testing.assert_close(probs[kept], (logits.softmax(-1) * kept / (logits.softmax(-1) * kept).sum(-1, keepdim=True))[kept])
+
+
+def test_top_k_keeps_exactly_k_even_with_ties(lab):
+    logits = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.0])
+    assert (lab.next_char_probs(logits, top_k=2) > 0).sum().item() == 2
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.99])
+def test_top_p_keeps_the_smallest_prefix_with_enough_mass(lab, p):
+    torch.manual_seed(1)
+    logits = torch.randn(8, 30) * 2
+    probs = logits.softmax(-1)
+    filtered = lab.next_char_probs(logits, top_p=p)
+    for row in range(8):
+        sorted_probs, order = probs[row].sort(descending=True)
+        n_kept = int((filtered[row] > 0).sum())
+        assert set(order[:n_kept].tolist()) == set((filtered[row] > 0).nonzero().flatten().tolist()), \
+            "the kept characters are the most likely ones"
+        assert sorted_probs[:n_kept].sum() >= p - 1e-6, "the kept mass reaches p"
+        assert n_kept == 1 or sorted_probs[:n_kept - 1].sum() < p, "one fewer would not reach p: smallest prefix"
+
+
+def test_top_p_of_one_and_top_k_of_zero_change_nothing(lab):
+    logits = torch.randn(3, 10)
+    torch.testing.assert_close(lab.next_char_probs(logits, temperature=1.0, top_k=0, top_p=1.0), logits.softmax(-1))
+
+
+def test_temperature_scales_the_logits(lab):
+    logits = torch.randn(4, 10)
+    torch.testing.assert_close(lab.next_char_probs(logits, temperature=0.5), (logits * 2).softmax(-1))
+
+
+def test_temperature_towards_zero_is_argmax(lab):
+    logits = torch.randn(6, 15)
+    greedy = lab.next_char_probs(logits, temperature=0)
+    assert torch.equal(greedy, F.one_hot(logits.argmax(-1), 15).float())
+    nearly = lab.next_char_probs(logits, temperature=1e-3)
+    assert torch.equal(nearly.argmax(-1), logits.argmax(-1)) and (nearly.max(-1).values > 0.999).all()
+
+
+def test_draws_come_only_from_allowed_characters(lab):
+    torch.manual_seed(2)
+    logits = torch.randn(40)
+    probs = lab.next_char_probs(logits, temperature=1.3, top_k=6, top_p=0.8)
+    allowed = set(logits.topk(6).indices.tolist())
+    draws = torch.multinomial(probs, 2000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) <= allowed and set(draws.tolist()) == set((probs > 0).nonzero().flatten().tolist())
+
+
+def test_generate_with_top_k_1_is_greedy_decoding(lab):
+    model, _ = tiny_model(lab)
+    prompt = [1, 2, 3]
+    greedy = lab.generate(model, prompt, 20, "cpu", torch.Generator().manual_seed(0), temperature=0)
+    top1 = lab.generate(model, prompt, 20, "cpu", torch.Generator().manual_seed(5), temperature=1.0, top_k=1)
+    assert greedy == top1 and len(greedy) == 20
+    # and each greedy choice is the argmax given everything before it
+    logits, _ = model(torch.tensor([prompt + greedy[:-1]]))
+    assert logits[0, len(prompt) - 1:].argmax(-1).tolist() == greedy
+
+
+# --- the stateful pieces ---------------------------------------------------------------------------
+
+def test_streams_are_contiguous_stretches_of_the_text(lab):
+    data = torch.arange(103)
+    streams = lab.as_streams(data, 4)  # (4, 25): the ragged 3 characters are dropped
+    assert streams.shape == (4, 25)
+    assert torch.equal(streams.flatten(), data[:100])
+    first, second = streams[:, 0:5], streams[:, 5:10]
+    assert torch.equal(second[:, 0], first[:, -1] + 1), "each window continues where the last one stopped"
+
+
+def test_carrying_the_state_equals_reading_the_whole_text_at_once(lab):
+    model, _ = tiny_model(lab)
+    tokens = torch.randint(0, 12, (3, 40))
+    with torch.no_grad():
+        whole, _ = model(tokens)
+        first, state = model(tokens[:, :17])
+        second, _ = model(tokens[:, 17:], lab.detach_state(state))
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_detached_state_stops_the_gradient_at_the_window(lab):
+    model, _ = tiny_model(lab)
+    model.train()
+    _, state = model(torch.randint(0, 12, (2, 5)))
+    detached = lab.detach_state(state)
+    assert all(s.grad_fn is None and not s.requires_grad for s in detached)
+    assert torch.equal(detached[0], state[0]) and lab.detach_state(None) is None
+
+
+def test_stateful_evaluation_equals_one_pass_over_the_text(lab):
+    model, _ = tiny_model(lab)
+    data = torch.randint(0, 12, (200,))
+    with torch.no_grad():
+        logits, _ = model(data[:-1].unsqueeze(0))
+        expected = F.cross_entropy(logits[0], data[1:]).item()
+    import contextlib
+    got = lab.evaluate(model, data, "cpu", contextlib.nullcontext, streams=1, window=23)
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_weight_tying_shares_one_matrix(lab):
+    tied, _ = tiny_model(lab, tie_weights=True)
+    untied, _ = tiny_model(lab, tie_weights=False, embed_dim=16)
+    assert tied.head.weight is tied.embed.weight
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(untied) - n(tied) == 12 * 16, "parameters() counts the shared matrix once"
+    tied.train()
+    loss = tied(torch.randint(0, 12, (2, 6)))[0].sum()
+    loss.backward()
+    assert tied.embed.weight.grad is not None
+
+
+def test_forget_gate_starts_open(lab):
+    model, _ = tiny_model(lab)
+    bias = model.lstm.bias_ih_l0.detach()
+    assert torch.equal(bias[16:32], torch.ones(16))
+
+
+# --- checkpoints and --generate-only ---------------------------------------------------------------
+
+def write_checkpoint(lab, path, chars="\n !:EMORabc"):
+    model, config = tiny_model(lab, vocab_size=len(chars))
+    lab.save_checkpoint(path, model, lab.CharConfig(**config), list(chars),
+                        torch.randint(0, len(chars), (2, 8)), {"step": 3, "epoch": 0.5, "val_loss": 2.0})
+    return model
+
+
+def test_checkpoint_reloads_and_generate_only_writes_from_the_prompt(lab, tmp_path):
+    path = tmp_path / "best.pt"
+    model = write_checkpoint(lab, path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert {"model", "config", "sample_inputs", "sample_outputs", "chars"} <= saved.keys()
+    rebuilt = lab.build_model(saved["config"]).eval()
+    rebuilt.load_state_dict(saved["model"])
+    torch.testing.assert_close(rebuilt(saved["sample_inputs"]), saved["sample_outputs"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"from": "training"}')
+    result = lab.main(["--generate-only", "--checkpoint", str(path), "--out-dir", str(out),
+                       "--prompt", "ROMEO:", "--sample-chars", "30", "--temperature", "0"])
+    assert result["text"].startswith("ROMEO:") and len(result["text"]) == 36
+    greedy = lab.generate(model, [saved["chars"].index(c) for c in "ROMEO:"], 30, "cpu", torch.Generator(), temperature=0)
+    assert result["text"][6:] == "".join(saved["chars"][i] for i in greedy)
+    assert (out / "generated.txt").read_text().startswith("ROMEO:")
+    assert json.loads((out / "metrics.json").read_text()) == {"from": "training"}, "generate-only keeps metrics.json"
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def test_prompt_with_unseen_characters_names_them(lab, tmp_path):
+    path = tmp_path / "best.pt"
+    write_checkpoint(lab, path)
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--generate-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "out"),
+                  "--prompt", "ROMEO: Zoë?"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and "'Z'" in message and "'ë'" in message and "'?'" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_run_checks_the_prompt_before_training_and_keeps_old_outputs(lab, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"from": "an earlier run"}')
+    (out / "best.pt").write_bytes(b"an earlier checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--smoke", "--out-dir", str(out), "--prompt", "ROMEO: 7"])
+    assert "'7'" in str(exit_info.value.code)
+    assert json.loads((out / "metrics.json").read_text()) == {"from": "an earlier run"}
+    assert (out / "best.pt").read_bytes() == b"an earlier checkpoint"
+
+
+def test_generate_only_without_checkpoint_fails_cleanly(tmp_path):
+    result = run_lab(LAB, "--generate-only", "--out-dir", tmp_path / "out", timeout=60)
+    assert_clean_failure(result, "--generate-only needs --checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "not a checkpoint"])
+def test_missing_or_broken_checkpoint_is_a_message_and_the_file_is_kept(lab, tmp_path, kind):
+    path = tmp_path / "best.pt"
+    if kind == "truncated":
+        write_checkpoint(lab, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "not a checkpoint":
+        path.write_bytes(b"not a checkpoint")
+    before = path.read_bytes() if path.exists() else None
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--generate-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and str(path) in message
+    assert ("does not exist" in message) == (kind == "missing")
+    assert (path.read_bytes() if path.exists() else None) == before
+
+
+def test_data_missing_without_network_names_url_layout_and_smoke(lab, monkeypatch, tmp_path):
+    data_dir, out = tmp_path / "data", tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"from": "an earlier run"}')
+
+    def no_network(url):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(lab, "fetch_url", no_network)
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--data-dir", str(data_dir), "--out-dir", str(out)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and lab.SHAKESPEARE_URL in message
+    assert "tinyshakespeare/input.txt" in message and "--smoke" in message
+    assert not list(data_dir.rglob("*.part")), "no half-downloaded file is left"
+    assert json.loads((out / "metrics.json").read_text()) == {"from": "an earlier run"}
+
+
+def test_truncated_corpus_is_a_message(lab, tmp_path):
+    corpus = tmp_path / "tinyshakespeare" / "input.txt"
+    corpus.parent.mkdir()
+    corpus.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    assert "truncated" in str(exit_info.value.code) and corpus.exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--epochs", "0"], ["--batch-size", "0"], ["--bptt", "1"], ["--lr", "0"], ["--hidden-size", "0"],
+    ["--layers", "0"], ["--dropout", "1"], ["--clip", "-1"], ["--time-budget", "0"], ["--temperature", "-0.5"],
+    ["--top-k", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--sample-chars", "0"], ["--warmup", "1"],
+])
+def test_out_of_range_flags_are_refused_by_the_parser(lab, tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--smoke", "--out-dir", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unavailable_device_is_a_message(lab, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--smoke", "--device", "cuda", "--out-dir", str(tmp_path)])
+    assert "no CUDA GPU" in str(exit_info.value.code)
+
+
+# --- the real run ----------------------------------------------------------------------------------
+
+@pytest.mark.full
+def test_default_run_reaches_1_60_nats_per_character(lab_data_dir, tmp_path):
+    result = run_lab(LAB, "--data-dir", lab_data_dir, "--out-dir", tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["val_loss"] <= 1.60
+    assert metrics["val_bits_per_char"] == pytest.approx(metrics["val_loss"] / math.log(2))
+    assert metrics["seconds_to_target"] is not None
+    assert (tmp_path / "samples.md").is_file() and (tmp_path / "loss_curve.png").is_file()
