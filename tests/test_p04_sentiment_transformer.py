@@ -1,0 +1,283 @@
+"""Capstone 4 (projects/04_sentiment_transformer.py): the tokenizer and vocabulary, the IMDB
+layout and download path, hand-written attention against PyTorch's, the padding-mask
+properties, checkpoints, the Hugging Face model check that must fail before any training, and
+bad input."""
+import io
+import json
+import math
+import os
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_clean_failure, load_lab, run_lab
+
+LAB = "projects/04_sentiment_transformer.py"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return load_lab(LAB)
+
+
+def tiny_model(lab, vocab_size=50, max_len=32, dropout=0.0):
+    torch.manual_seed(0)
+    cfg = lab.ModelConfig(vocab_size=vocab_size, max_len=max_len, d_model=16, n_heads=4, n_layers=2,
+                          d_ff=32, dropout=dropout)
+    return lab.SentimentTransformer(cfg).eval()
+
+
+def write_reviews(root: Path, splits=("train", "test"), per_folder=2):
+    """A miniature aclImdb folder: <root>/aclImdb/<split>/<pos|neg>/<id>_<rating>.txt."""
+    for split in splits:
+        for folder, word in (("pos", "great"), ("neg", "awful")):
+            path = root / "aclImdb" / split / folder
+            path.mkdir(parents=True, exist_ok=True)
+            for i in range(per_folder):
+                (path / f"{i}_{8 if folder == 'pos' else 2}.txt").write_text(f"A {word} film.<br /><br />Truly {word}!")
+
+
+# --- text to ids -----------------------------------------------------------------------------------
+
+def test_tokenizer_lowercases_strips_line_breaks_and_keeps_sentiment_marks(lab):
+    text = "I LOVED it!<br /><br />Wasn't it great? Yes...<br/>10/10, a must-see."
+    assert lab.tokenize(text) == ["i", "loved", "it", "!", "wasn't", "it", "great", "?", "yes",
+                                  "10", "10", "a", "must", "see"]
+    assert "<br" not in lab.clean_review(text) and "br" not in lab.tokenize(text)
+
+
+def test_vocabulary_has_the_specials_first_then_words_by_frequency(lab):
+    tokens = [["good", "good", "bad", "film"], ["good", "film", "rare"], ["bad", "film"]]
+    vocab = lab.build_vocab(tokens, max_size=6, min_count=2)
+    assert vocab[:3] == ["[PAD]", "[UNK]", "[CLS]"]
+    assert (lab.PAD_ID, lab.UNK_ID, lab.CLS_ID) == (0, 1, 2)
+    assert vocab[3:] == ["film", "good", "bad"]  # count 3, 3 (ties alphabetical), 2; "rare" is too rare
+    assert lab.build_vocab(tokens, max_size=4)[3:] == ["film"]
+
+
+def test_encode_puts_cls_first_maps_unknown_words_and_keeps_head_and_tail(lab):
+    word_to_id = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "a", "b"])}
+    assert lab.encode(["a", "zzz", "b"], word_to_id, max_len=10) == [2, 3, 1, 4]
+    long_review = [f"w{i}" for i in range(100)]
+    word_to_id = {w: i + 3 for i, w in enumerate(long_review)}
+    ids = lab.encode(long_review, word_to_id, max_len=21)  # room for 20 words: 5 from the head, 15 from the end
+    assert len(ids) == 21 and ids[0] == lab.CLS_ID
+    assert ids[1:6] == [3, 4, 5, 6, 7] and ids[6:] == list(range(85 + 3, 100 + 3))
+
+
+def test_encode_all_pads_with_pad_id_and_reports_lengths(lab):
+    word_to_id = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "a": 3}
+    ids, lengths = lab.encode_all([["a"], ["a", "a", "a"]], word_to_id, max_len=6)
+    assert ids.tolist() == [[2, 3, 0, 0, 0, 0], [2, 3, 3, 3, 0, 0]] and lengths.tolist() == [2, 4]
+    assert lab.trim(ids, lengths, torch.tensor([0])).tolist() == [[2, 3]]
+
+
+def test_length_buckets_cover_every_review_once_and_group_similar_lengths(lab):
+    lengths = torch.randint(5, 400, (1000,), generator=torch.Generator().manual_seed(0))
+    batches = lab.length_bucketed_batches(lengths, batch_size=10, generator=torch.Generator().manual_seed(1))
+    assert sorted(torch.cat(batches).tolist()) == list(range(1000))
+    spread = sum((lengths[b].max() - lengths[b].min()).item() for b in batches) / len(batches)
+    assert spread < 30, "a batch should hold reviews of about the same length"  # random batches: ~300
+
+
+def test_generated_reviews_are_balanced_deterministic_and_look_like_imdb(lab):
+    texts, labels = lab.generated_reviews(200, seed=3)
+    assert (texts, labels) == lab.generated_reviews(200, seed=3)
+    assert 60 < sum(labels) < 140 and all("<br />" in t for t in texts)
+
+
+# --- data folder and download -------------------------------------------------------------------
+
+def test_reads_the_aclimdb_layout_with_labels(lab, tmp_path):
+    write_reviews(tmp_path)
+    root = lab.imdb_root(tmp_path)
+    texts, labels = lab.read_split(root, "test")
+    assert labels == [0, 0, 1, 1] and "awful" in texts[0] and "great" in texts[-1]
+
+
+def test_folder_without_its_test_split_is_a_message(lab, tmp_path):
+    write_reviews(tmp_path, splits=("train",))
+    with pytest.raises(lab.LabError, match="test/pos, test/neg"):
+        lab.imdb_root(tmp_path)
+
+
+def test_download_is_unpacked_keeping_only_the_labelled_reviews(lab, tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    write_reviews(source)
+    (source / "aclImdb" / "train" / "unsup").mkdir()
+    (source / "aclImdb" / "train" / "unsup" / "0_0.txt").write_text("unlabelled")
+
+    def fake_fetch(url, target):
+        assert url == lab.IMDB_URL
+        with tarfile.open(target, "w:gz") as archive:
+            archive.add(source / "aclImdb", arcname="aclImdb")
+
+    monkeypatch.setattr(lab, "fetch_to_file", fake_fetch)
+    root = lab.imdb_root(tmp_path / "data")
+    assert lab.read_split(root, "train")[1] == [0, 0, 1, 1]
+    assert not (root / "train" / "unsup").exists()
+
+
+def test_missing_data_without_network_names_url_layout_and_smoke(lab, tmp_path, monkeypatch):
+    def no_network(url, target):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(lab, "fetch_to_file", no_network)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--stage", "scratch", "--data-dir", str(tmp_path / "data"), "--out-dir", str(out)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error:")
+    for fragment in (lab.IMDB_URL, "aclImdb/train/pos", "test/neg", "--smoke"):
+        assert fragment in message
+    assert not list(out.glob("*.pt")) and not (out / "metrics.json").exists()
+
+
+# --- attention: by hand against PyTorch, and the padding mask ---------------------------------------
+
+def test_hand_attention_equals_nn_multiheadattention_on_a_padded_batch(lab):
+    assert lab.check_attention_against_pytorch(seed=1) < 1e-5
+
+
+def test_hand_attention_equals_scaled_dot_product_attention(lab):
+    q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)  # (B, H, T, hd)
+    pad_mask = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
+    mine, weights = lab.attention_by_hand(q, k, v, pad_mask)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad_mask[:, None, None, :])
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 7))
+
+
+def test_padded_words_get_exactly_zero_attention(lab):
+    model = tiny_model(lab)
+    ids = torch.tensor([[2, 5, 6, 7, 0, 0], [2, 8, 9, 10, 11, 12]])
+    maps = model.attention_maps(ids)  # (L, B, H, T, T)
+    assert maps.shape == (2, 2, 4, 6, 6)
+    assert torch.all(maps[:, 0, :, :, 4:] == 0), "a [PAD] key must receive exactly zero weight"
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 4, 6))
+
+
+def test_padding_changes_nothing_however_much_and_whatever_it_holds(lab):
+    model = tiny_model(lab)
+    review = torch.tensor([[2, 5, 6, 7, 8]])
+    padded = torch.cat([review, torch.zeros(1, 20, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        reference = model(review)
+        torch.testing.assert_close(model(padded), reference, atol=1e-6, rtol=1e-6)
+        model.tokens.weight[lab.PAD_ID] = torch.randn(16) * 100  # whatever the padding vector holds
+        torch.testing.assert_close(model(padded), reference, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_and_hand_paths_of_the_whole_model_agree(lab):
+    model = tiny_model(lab)
+    ids = torch.tensor([[2, 5, 6, 7, 0, 0], [2, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        fast, _ = model.encode(ids)
+        slow, _ = model.encode(ids, by_hand=True)
+    real = ids != lab.PAD_ID
+    torch.testing.assert_close(fast[real], slow[real], atol=1e-5, rtol=1e-5)
+
+
+def test_shaded_text_marks_the_most_attended_word(lab, monkeypatch):
+    weights = torch.tensor([0.1, 0.7, 0.2])
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert lab.shaded_text(["a", "great", "film"], weights) == "a [great] film"
+    monkeypatch.delenv("NO_COLOR")
+    assert "\x1b[48;5;202m" in lab.shaded_text(["a", "great", "film"], weights)
+
+
+def test_learning_rate_warms_up_peaks_and_anneals_to_zero(lab):
+    assert lab.learning_rate(0.0, 1e-3) == 0.0
+    assert lab.learning_rate(0.05, 1e-3) == pytest.approx(1e-3)
+    assert lab.learning_rate(1.0, 1e-3) == pytest.approx(0.0, abs=1e-12)
+    assert lab.learning_rate(2.0, 1e-3) == pytest.approx(0.0, abs=1e-12)  # past the budget: stays at zero
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_reproduces_the_logits(lab, tmp_path):
+    model = tiny_model(lab)
+    vocab = ["[PAD]", "[UNK]", "[CLS]"] + [f"w{i}" for i in range(47)]
+    sample = torch.tensor([[2, 5, 6, 0], [2, 7, 8, 9]])
+    lab.save_checkpoint(tmp_path / "best.pt", model, vocab, sample, {"epoch": 1, "val_accuracy": 0.5})
+    loaded, saved = lab.load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
+    assert saved["vocab"] == vocab and not list(tmp_path.glob("*.tmp"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(saved["sample_inputs"]), saved["sample_outputs"])
+
+
+def test_eval_only_reproduces_the_trained_test_accuracy(lab, tmp_path):
+    out = tmp_path / "out"
+    trained = lab.main(["--smoke", "--stage", "scratch", "--out-dir", str(out)])
+    evaluated = lab.main(["--smoke", "--eval-only", "--checkpoint", str(out / "best.pt"), "--out-dir", str(out)])
+    assert evaluated["test_accuracy"] == pytest.approx(trained["test_accuracy"])
+    assert (out / "eval_only_metrics.json").is_file() and (out / "eval_only_attention.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["train_time_s"] > 0, "eval-only keeps metrics.json"
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint"], ids=["missing", "corrupt"])
+def test_missing_or_corrupt_checkpoint_is_a_message(lab, tmp_path, content):
+    path = tmp_path / "best.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--smoke", "--eval-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and str(path) in message
+    assert content is None or path.read_bytes() == content, "the file is left as it was"
+
+
+# --- the Hugging Face model is checked before anything is trained --------------------------------
+
+def test_missing_local_hf_model_fails_before_training(lab, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--smoke", "--hf-model", str(tmp_path / "no-such-model"), "--out-dir", str(out)])
+    message = str(exit_info.value.code)
+    assert "--hf-model" in message and "no such folder" in message
+    assert not (out / "best.pt").exists() and not (out / "metrics.json").exists()
+
+
+def test_unreachable_hub_name_fails_in_seconds_before_the_data_is_loaded(lab, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(lab, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(lab, "imdb_root", lambda data_dir: pytest.fail("the model is checked before the data"))
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(["--hf-model", "no-such-org/no-such-model-4f2a", "--data-dir", str(tmp_path),
+                  "--out-dir", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert "huggingface.co cannot be reached" in message and "--stage scratch" in message
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "0"], ["--dropout", "1"], ["--word-dropout", "-0.1"],
+                                   ["--heads", "3"], ["--max-len", "4"], ["--vocab-size", "5"],
+                                   ["--target", "1.5"], ["--hf-train-size", "-1"], ["--hf-max-length", "1024"],
+                                   ["--time-budget", "0"], ["--eval-only"]])
+def test_out_of_range_flags_are_refused_before_anything_runs(lab, tmp_path, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lab.main(flags + ["--smoke", "--out-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_incomplete_data_folder_fails_cleanly_in_a_real_process(tmp_path):
+    write_reviews(tmp_path, splits=("train",))
+    result = run_lab(LAB, "--stage", "scratch", "--data-dir", tmp_path, "--out-dir", tmp_path / "out", timeout=120)
+    assert_clean_failure(result, "is incomplete", "test/pos", "--smoke")
+
+
+# --- the real runs ------------------------------------------------------------------------------
+
+@pytest.mark.full
+def test_default_from_scratch_run_reaches_87_percent_on_the_25k_test_reviews(lab_data_dir, tmp_path):
+    result = run_lab(LAB, "--stage", "scratch", "--data-dir", lab_data_dir, "--out-dir", tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test_reviews"] == 25_000
+    assert metrics["test_accuracy"] >= 0.87
