@@ -19,6 +19,15 @@ def lab():
     return load_lab(LAB)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: on a busy 2-core machine one thread is many times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(lab, vocab_size=12, **overrides):
     config = {"vocab_size": vocab_size, "embed_dim": 8, "hidden_size": 16, "num_layers": 2,
               "dropout": 0.1, "tie_weights": False, **overrides}
