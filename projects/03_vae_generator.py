@@ -10,7 +10,10 @@ What this capstone teaches (week 4's VAE days brought together in one file):
   * judging a generator honestly: an independent classifier, trained here on real digits,
     reads every generated digit and we count how often it agrees with the digit requested;
   * what a latent space looks like: a 10 x N sample sheet, interpolation between two real
-    digits, a walk along single latent dimensions, and the effect of the sampling temperature.
+    digits, a walk along single latent dimensions, and the effect of the sampling temperature;
+  * a trade-off you can measure: weighting the KL term by beta = 1.5 in training (the reported
+    negative ELBO always uses beta = 1) gives up a little likelihood for samples from the prior
+    that look like the digit asked for (figures below).
 
 Run it
   terminal:  python projects/03_vae_generator.py                (downloads MNIST to ./data)
@@ -20,8 +23,16 @@ Run it
              `-f kernel.json` Colab adds is ignored.
 
 What the default run reaches (measured, `python projects/03_vae_generator.py --data-dir /tmp/labdata`):
-  2-core CPU (AMD EPYC, AVX2, torch 2.14.1): not measured yet.
-  GPU: not measured yet.
+  2-core CPU (AMD EPYC, AVX2, torch 2.14.1), 10 epochs, beta = 1.5: test negative ELBO 89.79 nats
+    per image (reconstruction 74.37 + KL 15.42; target 95), the judge agrees with the requested
+    digit 97.89% of 20,000 samples at T = 1 (target 97%; weakest digits 5: 95.6%, 2: 96.0%);
+    judge 99.49% on the test digits; 211 s wall (159 s of VAE training). `--seed 1`: 89.61 nats,
+    98.57%, 298 s on a machine shared with other jobs.
+    The same run with `--beta 1` (the plain ELBO): 88.84 nats but 96.76% agreement: the better
+    likelihood puts some of the digit's identity into z, and a z drawn from the prior then lands
+    between classes more often.
+  GPU: not measured (no GPU was available).
+  `--smoke`: 23 s with the 2 cores shared with another training run (synthetic digits; its numbers are not results).
 
 MNIST (60,000 x 28 x 28 bytes) lives as one tensor on the device and batches are sliced out of
 it: on a 2-core CPU that is much faster than a DataLoader decoding one image at a time.
@@ -36,8 +47,8 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
-import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -180,6 +191,11 @@ def reconstruction_nll(logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tens
     return (F.softplus(logits) - pixels * logits).flatten(1).sum(dim=1)
 
 
+# Training minimises reconstruction + beta * KL. With beta = 1 that is exactly the negative ELBO.
+# A VAE trained that way stores a little of the digit's identity in z as well as in the label,
+# and a z drawn from the prior can then land between classes; beta > 1 makes every nat in z
+# dearer, so the class comes from the label and z keeps only the style. The test figures stay
+# honest: the reported negative ELBO is always reconstruction + KL, beta = 1.
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator=None) -> torch.Tensor:
     """z = mu + sigma * eps: the randomness is in eps, so gradients flow to mu and logvar."""
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
@@ -374,26 +390,27 @@ def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator):
     for epoch in range(1, args.epochs + 1):
         vae.train()
         tic = time.perf_counter()
-        loss_sum = torch.zeros((), device=train_x.device)
+        elbo_sum = torch.zeros((), device=train_x.device)
         for index in batches(len(train_x), args.batch_size, generator, train_x.device):
             x, y = train_x[index], train_y[index]
             logits, mu, logvar = vae(x, y)
-            loss = (reconstruction_nll(logits, x) + kl_to_standard_normal(mu, logvar)).mean()  # nats / image
+            recon, kl = reconstruction_nll(logits, x).mean(), kl_to_standard_normal(mu, logvar).mean()
+            loss = recon + args.beta * kl  # beta weighs the KL in training only; reports use beta = 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             step += 1
-            loss_sum += loss.detach()
+            elbo_sum += (recon + kl).detach()
             if step % 100 == 0 and not math.isfinite(loss.item()):
                 raise LabError(f"the loss became {loss.item()} at step {step}; lower --lr")
-        train_loss = loss_sum.item() / steps_per_epoch
+        train_loss = elbo_sum.item() / steps_per_epoch  # negative ELBO of the training batches, nats / image
         if not math.isfinite(train_loss):
             raise LabError(f"the loss became {train_loss} during epoch {epoch} (by step {step}); lower --lr")
         epoch_seconds = time.perf_counter() - tic
         train_seconds += epoch_seconds
         test = evaluate_elbo(vae, test_x, test_y, eval_gen.manual_seed(0))
-        agreement = conditional_accuracy(vae, judge, 200, args.temperature, eval_gen.manual_seed(1), train_x.device)
+        agreement = judge_agreement(vae, judge, 200, args.temperature, eval_gen.manual_seed(1), train_x.device).mean().item()
         history.append({"epoch": epoch, "train_neg_elbo": train_loss, "test_neg_elbo": test["neg_elbo"],
                         "test_recon": test["recon"], "test_kl": test["kl"], "judge_agreement": agreement,
                         "train_seconds": train_seconds})
@@ -416,9 +433,11 @@ def generate(vae, digits: torch.Tensor, temperature: float, generator) -> torch.
     return torch.sigmoid(vae.decode(z, F.one_hot(digits, 10).float()))
 
 
-def conditional_accuracy(vae, judge, per_digit: int, temperature: float, generator, device) -> float:
+def judge_agreement(vae, judge, per_digit: int, temperature: float, generator, device) -> torch.Tensor:
+    """For each requested digit, the share of its samples the judge reads as that digit: (10,)."""
     requested = torch.arange(10, device=device).repeat_interleave(per_digit)
-    return (classify(judge, generate(vae, requested, temperature, generator)) == requested).float().mean().item()
+    agrees = classify(judge, generate(vae, requested, temperature, generator)) == requested
+    return agrees.float().view(10, per_digit).mean(dim=1)
 
 
 @torch.inference_mode()
@@ -458,13 +477,14 @@ def plot_grid(path: Path, images, rows: int, columns: int, title: str, row_label
         print(f"note: matplotlib is not installed, skipping {path.name}")
         return
     sheet = images.detach().cpu().view(rows, columns, 28, 28).permute(0, 2, 1, 3).reshape(rows * 28, columns * 28)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * columns + 1), max(2.0, 0.45 * rows + 0.8)))
+    width = max(5.0, 0.45 * columns + 1)
+    fig, ax = plt.subplots(figsize=(width, max(2.0, 0.45 * rows + 1.0)))
     ax.imshow(sheet, cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([28 * c + 13.5 for c in range(columns)] if column_labels else [])
     ax.set_xticklabels(column_labels or [], fontsize=7)
     ax.set_yticks([28 * r + 13.5 for r in range(rows)] if row_labels else [])
     ax.set_yticklabels(row_labels or [], fontsize=7)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, width=int(width * 12)), fontsize=9)  # wrapped to fit the figure
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     if "ipykernel" in sys.modules:
@@ -513,6 +533,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=128, help="images per VAE optimisation step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the VAE's one-cycle schedule")
     p.add_argument("--latent-dim", type=int, default=32, help="size of the latent code z")
+    p.add_argument("--beta", type=float, default=1.5,
+                   help="weight of the KL term in the training loss (1 = the plain ELBO; >1 pulls q(z) to the prior)")
     p.add_argument("--judge-epochs", type=int, default=2, help="training epochs of the judging classifier")
     p.add_argument("--digit", type=int, default=7, help="the digit to generate a page of (0-9)")
     p.add_argument("--samples", type=int, default=12, help="samples per digit on the 10 x N sample sheet")
@@ -523,8 +545,8 @@ def parse_args(argv):
         p.error(f"--digit must be a single digit 0-9, got {args.digit}")
     if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0 or args.judge_epochs < 1:
         p.error("--epochs, --judge-epochs and --batch-size must be at least 1 and --lr positive")
-    if args.latent_dim < 1 or args.samples < 1 or not args.temperature > 0:
-        p.error("--latent-dim and --samples must be at least 1 and --temperature positive")
+    if args.latent_dim < 1 or args.samples < 1 or not args.temperature > 0 or not args.beta > 0:
+        p.error("--latent-dim and --samples must be at least 1, --temperature and --beta positive")
     return args
 
 
@@ -572,6 +594,8 @@ def run(args):
     vae_config = {"kind": "vae", "latent_dim": args.latent_dim, "channels": [8, 8] if args.smoke else [32, 64],
                   "hidden": 32 if args.smoke else 256}
     vae = build_model(vae_config).to(device)
+    if device.type != "mps":
+        vae = vae.to(memory_format=torch.channels_last)  # measured ~10% faster training on a 2-core CPU
     print(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, latent {args.latent_dim}; "
           f"{args.epochs} epochs of AdamW, one-cycle peak lr {args.lr}, batch {args.batch_size}")
     history, train_seconds, steps = train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator)
@@ -581,10 +605,15 @@ def run(args):
 
     # 3. judge the generator, at the chosen temperature and a few others
     sample_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    per_digit = 20 if args.smoke else 1000
-    accuracy = conditional_accuracy(vae, judge, per_digit, args.temperature, sample_gen, device)
+    per_digit = 20 if args.smoke else 2000  # 20,000 samples: the headline's sampling error is ~0.1%
+    by_digit = judge_agreement(vae, judge, per_digit, args.temperature, sample_gen, device)
+    accuracy = by_digit.mean().item()
+    print(f"judge agrees with the requested digit at T = {args.temperature}: {100 * accuracy:.2f}%; per digit: "
+          + ", ".join(f"{d}: {100 * a:.1f}%" for d, a in enumerate(by_digit.tolist())))
     temperatures = [0.5, 1.0, 1.5, 2.0]
-    by_temperature = {str(t): conditional_accuracy(vae, judge, per_digit, t, sample_gen, device) for t in temperatures}
+    by_temperature = {str(t): accuracy if t == args.temperature else
+                      judge_agreement(vae, judge, per_digit // 2, t, sample_gen, device).mean().item()
+                      for t in temperatures}
 
     # 4. figures
     digits = torch.arange(10, device=device).repeat_interleave(args.samples)
@@ -623,8 +652,9 @@ def run(args):
         "epochs": args.epochs, "steps": steps,
         "test_neg_elbo": final["neg_elbo"], "test_reconstruction_nll": final["recon"], "test_kl": final["kl"],
         "conditional_accuracy": accuracy, "temperature": args.temperature,
+        "conditional_accuracy_by_digit": by_digit.tolist(),
         "conditional_accuracy_by_temperature": by_temperature, "judge_test_accuracy": judge_accuracy,
-        "latent_dim": args.latent_dim, "history": history,
+        "latent_dim": args.latent_dim, "beta": args.beta, "history": history,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\ntest negative ELBO {final['neg_elbo']:.2f} nats/image (reconstruction {final['recon']:.2f} + "
