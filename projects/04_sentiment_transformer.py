@@ -213,14 +213,19 @@ def build_vocab(token_lists, max_size: int, min_count: int = 2) -> list:
     return [PAD, UNK, CLS] + frequent[:max_size - 3]
 
 
+def keep_head_and_tail(ids: list, max_len: int) -> list:
+    """At most max_len ids: a longer review keeps its first quarter and its end, where the
+    verdict usually is ("... 8/10, recommended"), instead of only its beginning."""
+    if len(ids) <= max_len:
+        return ids
+    head = max_len // 4
+    return ids[:head] + ids[len(ids) - (max_len - head):]
+
+
 def encode(tokens: list, word_to_id: dict, max_len: int) -> list:
-    """[CLS] + word ids, at most max_len ids: a longer review keeps its first quarter and its end."""
+    """[CLS] + word ids, at most max_len ids in all."""
     ids = [word_to_id.get(word, UNK_ID) for word in tokens]
-    room = max_len - 1  # one place is taken by [CLS]
-    if len(ids) > room:
-        head = room // 4
-        ids = ids[:head] + ids[len(ids) - (room - head):]
-    return [CLS_ID] + ids
+    return [CLS_ID] + keep_head_and_tail(ids, max_len - 1)  # one place is taken by [CLS]
 
 
 def encode_all(token_lists, word_to_id: dict, max_len: int):
@@ -736,11 +741,16 @@ def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_s
           f"its classifier layer is new and starts random) on {len(train_split[0]):,} training reviews, "
           f"max {args.hf_max_length} tokens, lr {args.hf_lr}, {args.hf_epochs} epoch(s)")
 
+    def tokenize_head_and_tail(batch):
+        """Token ids with the model's special tokens at both ends ([CLS] ... [SEP] for a BERT);
+        cutting out the middle of a long review keeps them and, as for the model above, its end."""
+        rows = [keep_head_and_tail(ids, args.hf_max_length) for ids in tokenizer(batch["text"])["input_ids"]]
+        return {"input_ids": rows, "attention_mask": [[1] * len(row) for row in rows],
+                "length": [len(row) for row in rows]}
+
     def to_dataset(texts, labels):
         dataset = datasets.Dataset.from_dict({"text": [clean_review(t) for t in texts], "label": labels})
-        dataset = dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.hf_max_length),
-                              batched=True, remove_columns=["text"])
-        return dataset.map(lambda batch: {"length": [len(x) for x in batch["input_ids"]]}, batched=True)
+        return dataset.map(tokenize_head_and_tail, batched=True, remove_columns=["text"])
 
     train_set, test_set = to_dataset(*train_split), to_dataset(*test_split)
     collate = transformers.DataCollatorWithPadding(tokenizer)  # pads each batch to its longest review

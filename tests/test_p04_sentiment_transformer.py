@@ -69,6 +69,14 @@ def test_encode_puts_cls_first_maps_unknown_words_and_keeps_head_and_tail(lab):
     assert ids[1:6] == [3, 4, 5, 6, 7] and ids[6:] == list(range(85 + 3, 100 + 3))
 
 
+def test_head_and_tail_cut_keeps_both_ends_so_bert_special_tokens_survive(lab):
+    short = [101, 7, 8, 102]
+    assert lab.keep_head_and_tail(short, max_len=4) == short
+    long_review = [101] + list(range(1000, 1100)) + [102]  # [CLS] 100 word pieces [SEP]
+    kept = lab.keep_head_and_tail(long_review, max_len=20)  # 5 from the head, 15 from the end
+    assert kept == [101, 1000, 1001, 1002, 1003] + list(range(1086, 1100)) + [102]
+
+
 def test_encode_all_pads_with_pad_id_and_reports_lengths(lab):
     word_to_id = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "a": 3}
     ids, lengths = lab.encode_all([["a"], ["a", "a", "a"]], word_to_id, max_len=6)
