@@ -32,7 +32,7 @@ What the default run reaches (measured, `python projects/03_vae_generator.py --d
     likelihood puts some of the digit's identity into z, and a z drawn from the prior then lands
     between classes more often.
   GPU: not measured (no GPU was available).
-  `--smoke`: 23 s with the 2 cores shared with another training run (synthetic digits; its numbers are not results).
+  `--smoke`: 3.5 s for the process on 2 idle cores (synthetic digits; its numbers are not results).
 
 MNIST (60,000 x 28 x 28 bytes) lives as one tensor on the device and batches are sliced out of
 it: on a 2-core CPU that is much faster than a DataLoader decoding one image at a time.
