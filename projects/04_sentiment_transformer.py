@@ -600,7 +600,7 @@ def train(args, model, data, vocab, device, out_dir: Path, autocast_dtype):
     for epoch in range(1, args.epochs + 1):
         model.train()
         tic = time.perf_counter()
-        loss_sum, seen = torch.zeros(()), 0
+        loss_sum, seen = torch.zeros((), device=device), 0  # summed on the device: no wait for it each step
         for index in length_bucketed_batches(train_len, args.batch_size, generator):
             spent = train_seconds + time.perf_counter() - tic
             if spent > args.time_budget:
@@ -622,7 +622,7 @@ def train(args, model, data, vocab, device, out_dir: Path, autocast_dtype):
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            loss_sum += loss.detach().cpu() * len(index)
+            loss_sum += loss.detach() * len(index)
             seen += len(index)
             if step % 50 == 0 and not math.isfinite(loss.item()):
                 raise LabError(f"the loss became {loss.item()} at step {step}; lower --lr")
@@ -776,8 +776,6 @@ def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_s
         for batch in batches(train_set, shuffle=True, generator=generator):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = model(**batch).loss  # the batch carries "labels": the model computes the loss
-            if not math.isfinite(loss.item()):
-                raise LabError(f"fine-tuning loss became {loss.item()} at step {step + 1}; lower --hf-lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -786,9 +784,11 @@ def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_s
             scaler.update()
             scheduler.step()
             step += 1
-            if step % 10 == 0 or step == total_steps:
-                elapsed = time.perf_counter() - tic
-                print(f"  fine-tune step {step}/{total_steps}  loss {loss.item():.4f}  "
+            if step % 10 == 0 or step == total_steps:  # reading the loss waits for the GPU: every 10 steps
+                loss_value, elapsed = loss.item(), time.perf_counter() - tic
+                if not math.isfinite(loss_value):  # a NaN stays in the weights, so it is still seen here
+                    raise LabError(f"fine-tuning loss became {loss_value} by step {step}; lower --hf-lr")
+                print(f"  fine-tune step {step}/{total_steps}  loss {loss_value:.4f}  "
                       f"{step * args.hf_batch_size / elapsed:.1f} reviews/s  ~{elapsed / step * (total_steps - step):.0f}s left",
                       flush=True)
     train_seconds = time.perf_counter() - tic

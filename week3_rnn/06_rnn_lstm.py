@@ -187,7 +187,7 @@ class ScratchLSTMCell(nn.Module):
 # feeds its own predictions back in, so errors can accumulate: the plot shows how far that carries.
 # The GRU merges the LSTM's cell and hidden state and has three gate blocks instead of four (3/4 of
 # the parameters); both train here with the same data, steps and learning rate. Steps matter more
-# than size here: with 150 steps both forecasts fade to zero within a few steps (RMSE 0.41, no
+# than size here: with 150 steps both forecasts fade to zero within a few steps (RMSE 0.40-0.41, no
 # better than predicting zero); with 1,500 they follow the waves (0.25 and 0.22 when measured).
 def noisy_sines(count, length, generator, noise=0.05, components=2, fmin=0.015, fmax=0.05):
     """Returns (clean, noisy), each (count, length); frequencies in cycles per step."""
@@ -643,7 +643,7 @@ def build_parser():
     parser.add_argument("--smoke", action="store_true",
                         help="run every code path in seconds on generated text (no network); numbers are not results")
     parser.add_argument("--time-budget", type=float, default=100.0,
-                        help="seconds of Shakespeare training (the whole default run then takes ~2.5 min on 2 CPU cores)")
+                        help="seconds of Shakespeare training (the whole default run then takes ~2 min 20 s on 2 CPU cores)")
     parser.add_argument("--epochs", type=int, default=0,
                         help="train this many full passes over the text instead of the time budget (0: use the budget)")
     parser.add_argument("--batch-size", type=int, default=32, help="parallel text streams per step")
