@@ -63,3 +63,29 @@ def lab_data_dir():
     if not value or not Path(value).is_dir():
         pytest.skip("set LAB_DATA_DIR to a folder holding the real datasets for -m full runs")
     return Path(value)
+
+
+SIMULATOR = REPO / "tests" / "simulated_cuda.py"
+
+
+def run_lab_on_simulated_cuda(relative: str, *args, timeout=300, report=None):
+    """Run a lab on the simulated T4 of tests/simulated_cuda.py (pass `--device cuda` in args);
+    with `report=path`, the device-to-host reads are written there as JSON."""
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    if report is not None:
+        env["SIMULATED_CUDA_REPORT"] = str(report)
+    return subprocess.run(
+        [sys.executable, str(SIMULATOR), str(lab_path(relative)), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+    )
+
+
+def run_on_simulated_cuda(code: str, timeout=120):
+    """Run a Python snippet on the simulated T4, in a fresh process. The snippet may call
+    `load_lab("week1_pytorch/02_neural_network.py")`; returns CompletedProcess."""
+    prelude = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+               "import simulated_cuda; simulated_cuda.install()\n"
+               "from conftest import load_lab\n")
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
