@@ -13,7 +13,8 @@ crash on Colab. This module runs `--device cuda` on the CPU with the rule enforc
     tensor meets a CPU one (allowed, as on a real GPU: 0-dim CPU tensors as numbers, CPU index
     tensors, the CPU lengths and batch sizes of packed sequences, and copies between devices);
     a factory given a CPU generator for a GPU tensor fails as on a GPU;
-  * `torch.autocast("cuda", ...)` runs as CPU autocast with the same dtype, so fp16/bf16 paths run;
+  * `torch.autocast("cuda", ...)` runs as CPU autocast with the same dtype, so fp16/bf16 paths run
+    (and `torch.is_autocast_enabled("cuda")`, `torch.get_autocast_dtype("cuda")` answer for it);
   * each device-to-host read (`.item()`, `float(t)`, `bool(t)`, `.tolist()`, `.cpu()`, formatting
     or printing a tensor, `nonzero`, `allclose`, `torch.cuda.synchronize`) is counted by the lab
     line that made it, per interval between two optimizer steps, so a test can find a read made on
@@ -343,6 +344,31 @@ def simulated_autocast(real_autocast):
     return autocast
 
 
+def simulated_autocast_query(real_query):
+    """torch.is_autocast_enabled("cuda") and get_autocast_dtype("cuda") answer for the CPU autocast
+    that stands in for CUDA's (a lab may ask, e.g. to keep a recurrent layer out of bf16)."""
+    @functools.wraps(real_query)
+    def query(*args, **kwargs):
+        if args and args[0] == "cuda":
+            args = ("cpu", *args[1:])
+        return real_query(*args, **kwargs)
+    return query
+
+
+def grouped_by_simulated_device(real_group):
+    """torch._C._group_tensors_by_device_and_dtype (clip_grad_norm_, foreach code) sees the CPU;
+    name the group's device as the tensors report it, so e.g. `coef.to(device)` stays on the GPU."""
+    @functools.wraps(real_group)
+    def group(tensorlistlist, with_indices=False):
+        grouped = real_group(tensorlistlist, with_indices)
+        renamed = {}
+        for (device, dtype), value in grouped.items():
+            first = next((t for tensors in value[0] for t in tensors if t is not None), None)
+            renamed[(CUDA if isinstance(first, SimulatedCudaTensor) else device, dtype)] = value
+        return renamed
+    return group
+
+
 class IdleStream:
     """The current stream, as the optimizers ask it whether a CUDA graph is being captured."""
 
@@ -401,6 +427,10 @@ def install() -> None:
     torch.load = simulated_load(torch.load)
     torch.save = simulated_save(torch.save)
     torch.autocast = torch.amp.autocast = simulated_autocast(torch.amp.autocast)
+    torch.is_autocast_enabled = simulated_autocast_query(torch.is_autocast_enabled)
+    torch.get_autocast_dtype = simulated_autocast_query(torch.get_autocast_dtype)
+    torch._C._group_tensors_by_device_and_dtype = grouped_by_simulated_device(
+        torch._C._group_tensors_by_device_and_dtype)
     from torch.optim.optimizer import register_optimizer_step_post_hook
     register_optimizer_step_post_hook(REPORT.optimizer_stepped)
     report = os.environ.get("SIMULATED_CUDA_REPORT")
