@@ -1,12 +1,14 @@
 """Lab 01 (tensors, autograd, devices): the hand-built pieces against PyTorch, and its bad inputs."""
 import json
 import math
+import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import assert_clean_failure, failure_of, load_lab, run_lab
 
 LAB = "week1_pytorch/01_pytorch_basics.py"
 
@@ -77,37 +79,67 @@ def test_two_device_table_and_plot(lab, tmp_path, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_cuda_fails_cleanly_and_keeps_earlier_outputs(tmp_path):
+# Bad input: one line on stderr, a non-zero exit, nothing written or overwritten.
+MISSING_DEVICES = [name for name, present in (("cuda", torch.cuda.is_available()),
+                                              ("mps", torch.backends.mps.is_available())) if not present]
+
+
+@pytest.mark.parametrize("device", MISSING_DEVICES)
+def test_a_missing_device_fails_cleanly_and_keeps_earlier_outputs(lab, tmp_path, device):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     earlier = out_dir / "metrics.json"
     earlier.write_text('{"from": "an earlier run"}')
-    result = run_lab(LAB, "--device", "cuda", "--out-dir", out_dir)
-    assert_clean_failure(result, "--device cuda", "no CUDA", "--device cpu")
+    result = failure_of(lab.main, ["--device", device, "--smoke", "--out-dir", out_dir])
+    assert_clean_failure(result, f"--device {device}", "--device cpu")
     assert earlier.read_text() == '{"from": "an earlier run"}'
     assert sorted(p.name for p in out_dir.iterdir()) == ["metrics.json"]
+
+
+def test_device_cuda_without_cuda_fails_cleanly_in_a_terminal(tmp_path):
+    """The same check through a real process: exit status 1, one line, no traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA (the in-process test covers the missing device)")
+    result = run_lab(LAB, "--device", "cuda", "--smoke", "--out-dir", tmp_path / "out")
+    assert_clean_failure(result, "--device cuda", "no CUDA")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flags, fragment", [
     (["--bench-seconds", "0"], "--bench-seconds must be a positive"),
     (["--bench-seconds", "-1"], "--bench-seconds must be a positive"),
     (["--bench-seconds", "nan"], "--bench-seconds must be a positive"),
+    (["--bench-seconds", "soon"], "number of seconds"),
     (["--sizes", "128,0"], "positive whole number"),
     (["--sizes", "big"], "comma-separated whole numbers"),
+    (["--device", "tpu"], "invalid choice"),
 ])
-def test_out_of_range_flags_are_refused_before_anything_runs(lab, tmp_path, capsys, flags, fragment):
+def test_out_of_range_flags_are_refused_before_anything_runs(lab, tmp_path, flags, fragment):
     out_dir = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main([*flags, "--out-dir", str(out_dir)])
-    assert exit_info.value.code != 0
-    assert fragment in capsys.readouterr().err
+    result = failure_of(lab.main, [*flags, "--smoke", "--out-dir", out_dir])
+    assert_clean_failure(result, fragment)
+    assert result.returncode == 1
     assert not out_dir.exists()
 
 
-def test_out_of_range_flag_shows_no_traceback(tmp_path):
-    assert_clean_failure(run_lab(LAB, "--bench-seconds", "0", "--out-dir", tmp_path / "out"),
-                         "--bench-seconds must be a positive")
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_refused_and_left_alone(lab, tmp_path, flag):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    other = {"--data-dir": ["--out-dir", tmp_path / "out"], "--out-dir": ["--data-dir", tmp_path / "data"]}[flag]
+    result = failure_of(lab.main, [flag, a_file, *other, "--smoke"])
+    assert_clean_failure(result, flag, "is a file, not a folder")
+    assert a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_bad_flag_in_a_notebook_prints_one_line_without_raising(lab, tmp_path, monkeypatch, capsys):
+    """In a notebook, SystemExit would show a traceback: main() prints the line and returns."""
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    lab.main(["--bench-seconds", "0", "--out-dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--bench-seconds" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.full

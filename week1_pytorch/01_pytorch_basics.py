@@ -10,13 +10,18 @@ What you learn
             (`torch.utils.benchmark`, which warms up and synchronises the accelerator for you),
             CPU vs the accelerator, as a table, a plot and numbers in metrics.json. With no
             accelerator the lab says so and reports the CPU alone.
-  This lab trains nothing and downloads nothing (`--data-dir` is accepted but unused).
+  This lab trains nothing and downloads nothing (`--data-dir` is accepted but unused), so it has
+  no --precision flag: the training labs (02 on) pick mixed precision.
 
 Run it
   Terminal:  python week1_pytorch/01_pytorch_basics.py            (add --smoke for a quick pass)
              python week1_pytorch/01_pytorch_basics.py --sizes 512,2048,8192 --bench-seconds 1
   Colab:     Runtime > Change runtime type > GPU, upload this file and run
              `!python 01_pytorch_basics.py`, or paste the file into a cell (figures show inline).
+  Notebook:  `jupytext --to notebook 01_pytorch_basics.py` makes one cell per `# %%` section; the
+             last cell runs main() with the defaults; for flags, call e.g. main(["--smoke"]).
+  Bad input (a flag out of range, --device cuda on a machine without one, --out-dir naming a file)
+  ends with one line saying what to change, never a traceback.
   Outputs in --out-dir (default runs/01_pytorch_basics): metrics.json, matmul_benchmark.png,
   silu_gradient.png.
 
@@ -40,13 +45,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 LAB_NAME = "01_pytorch_basics"
 
 
 class LabError(Exception):
-    """Something the learner can fix (a device that is not there); main() prints it, no traceback."""
+    """Something the learner can fix (a flag, a device that is not there); main() prints it, no traceback."""
 
 
 # %%
@@ -65,6 +69,14 @@ def pick_device(name: str) -> torch.device:
         raise LabError("--device mps was asked for, but Apple's Metal backend is not available here. "
                        "Use --device auto or --device cpu.")
     return torch.device(name)
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
 
 
 def in_notebook() -> bool:
@@ -347,6 +359,9 @@ def synchronize(device: torch.device) -> None:
 
 def benchmark_matmul(sizes: list[int], device: torch.device, seconds_per_size: float, seed: int) -> list[dict]:
     """Median time and GFLOP/s of a float32 (n, n) @ (n, n) product on `device`, for each n."""
+    # Imported here, not at the top: on a machine with a CUDA toolkit but no GPU, importing it logs a
+    # warning, which would spoil the one-line message of a run refused for a bad flag.
+    from torch.utils import benchmark
     rows = []
     generator = torch.Generator().manual_seed(seed)
     for n in sizes:
@@ -398,6 +413,8 @@ def plot_benchmark(results: dict[str, list[dict]], path: Path) -> None:
 
 # %%
 # Putting it together: flags, the tours in order, the benchmark, and the files this run writes.
+# A flag out of range is refused by its type= function, before anything runs, as one line
+# (ArgumentParser below turns argparse's complaint into a LabError).
 def parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -409,8 +426,25 @@ def parse_sizes(text: str) -> list[int]:
     return sorted(set(sizes))
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"--bench-seconds must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where the tensors and the benchmark run; auto = the accelerator if any, else cpu")
     parser.add_argument("--seed", type=int, default=0, help="random seed for every generated tensor")
@@ -421,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=parse_sizes, default=None,
                         help="comma-separated matrix sizes n to benchmark "
                              "(default 64,128,256,512,1024,2048,4096; smoke 32,64,128)")
-    parser.add_argument("--bench-seconds", type=float, default=None,
+    parser.add_argument("--bench-seconds", type=positive_seconds, default=None,
                         help="seconds of timed runs per size and device, > 0 (default 0.3; smoke 0.02)")
     return parser
 
@@ -435,10 +469,11 @@ def write_json_atomically(data: dict, path: Path) -> None:
 def run(args) -> None:
     started = time.perf_counter()
     device = pick_device(args.device)
+    folder(args.data_dir, "--data-dir")                         # unused, but a file there is a mistake
+    out_dir = folder(args.out_dir, "--out-dir")
     torch.manual_seed(args.seed)
     sizes = args.sizes or ([32, 64, 128] if args.smoke else [64, 128, 256, 512, 1024, 2048, 4096])
     seconds_per_size = args.bench_seconds or (0.02 if args.smoke else 0.3)
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"Lab {LAB_NAME}: torch {torch.__version__}, device {device}, "
           f"{torch.get_num_threads()} CPU threads{' (smoke run)' if args.smoke else ''}")
@@ -503,14 +538,13 @@ def run(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = build_parser()
-    args, _unknown = parser.parse_known_args(argv)      # Colab adds -f kernel.json
-    if args.bench_seconds is not None and not (args.bench_seconds > 0 and math.isfinite(args.bench_seconds)):
-        parser.error(f"--bench-seconds must be a positive number of seconds, got {args.bench_seconds}")
     try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
         run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
