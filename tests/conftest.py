@@ -17,8 +17,9 @@ LAB_DIRS = ("week1_pytorch", "week2_cnn", "week3_rnn", "week4_transformer_vae", 
 
 
 def all_labs():
-    """Every lab script: `NN_*.py` in the five lab folders."""
-    return [p for d in LAB_DIRS for p in sorted((REPO / d).glob("[0-9][0-9]_*.py"))]
+    """Every lab script: `NN_*.py` and the music bridges `music_*.py` in the five lab folders."""
+    return [p for d in LAB_DIRS for pattern in ("[0-9][0-9]_*.py", "music_*.py")
+            for p in sorted((REPO / d).glob(pattern))]
 
 
 def lab_path(relative: str) -> Path:
@@ -49,11 +50,33 @@ def run_lab(relative: str, *args, timeout=300, env_extra=None):
 
 
 def assert_clean_failure(result, *expected_fragments):
-    """Bad input: non-zero exit, a message on stderr that names the problem, no traceback."""
+    """Bad input: non-zero exit and ONE line on stderr that names the problem (no traceback, no
+    usage dump). `result` is a CompletedProcess, or `failure_of(main, argv)` for an in-process run."""
     assert result.returncode != 0, f"expected a failure, got exit 0\n{result.stdout[-2000:]}"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{result.stderr[-2000:]}"
     for fragment in expected_fragments:
         assert fragment.lower() in result.stderr.lower(), (fragment, result.stderr[-2000:])
+
+
+def failure_of(main, argv):
+    """Call a lab's main(argv) in-process as a terminal run would end: returns an object with
+    returncode, stdout and stderr like subprocess.CompletedProcess (SystemExit("msg") prints msg)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as exit:
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+                code = 1
+            else:
+                code = exit.code or 0
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
@@ -61,7 +84,9 @@ def lab_data_dir():
     """Real datasets for `-m full` runs: LAB_DATA_DIR (see README, 'Measuring on real data')."""
     value = os.environ.get("LAB_DATA_DIR")
     if not value or not Path(value).is_dir():
-        pytest.skip("set LAB_DATA_DIR to a folder holding the real datasets for -m full runs")
+        # A full run selected without its data must not pass as a green run of skips.
+        pytest.fail("set LAB_DATA_DIR to a folder holding the real datasets for -m full runs "
+                    "(README, 'Measuring on real data')")
     return Path(value)
 
 
