@@ -1,5 +1,6 @@
 """Lab 09: the reparameterization trick's gradients, the analytic KL against Monte Carlo and
-torch.distributions, the conditional VAE's label path, bad input, and (with -m full) the targets."""
+torch.distributions, the conditional VAE's label path, the mixed-precision policy, the judge on a
+simulated GPU, bad input, and (with -m full) the targets."""
 import json
 import math
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.distributions import Normal, kl_divergence
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import assert_clean_failure, failure_of, load_lab, run_lab, run_on_simulated_cuda
 
 LAB = "week4_transformer_vae/09_vae.py"
 lab = load_lab(LAB)
@@ -67,19 +68,92 @@ def test_conditional_vae_uses_the_label_and_eval_mode_is_deterministic():
     assert images.shape == (6, 784) and 0 <= images.min() and images.max() <= 1
 
 
-@pytest.mark.parametrize("digit", ["10", "-1"])
-def test_digit_outside_zero_to_nine_is_refused(digit, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--digit", digit, "--smoke"])
-    assert exit_info.value.code == 2
-    assert "--digit must be a single digit from 0 to 9" in capsys.readouterr().err
+# --- mixed precision: one policy (CONTRIBUTING.md), checked by faking the GPU's answers --------------
+
+def fake_gpu(monkeypatch, native_bf16: bool):
+    """torch.cuda answers like a T4 (bf16 only by emulation) or like an A100/H200 (native bf16)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
 
 
-def test_mnist_absent_with_no_network_names_url_layout_and_smoke(tmp_path):
-    offline = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-               "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
-    result = run_lab(LAB, "--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out",
-                     env_extra=offline, timeout=120)
+def test_precision_auto_is_fp16_on_a_t4_bf16_on_newer_gpus_and_fp32_on_cpu(monkeypatch):
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch, native_bf16=False)
+    assert lab.pick_precision("auto", cuda) is torch.float16   # a T4 only emulates bf16
+    fake_gpu(monkeypatch, native_bf16=True)
+    assert lab.pick_precision("auto", cuda) is torch.bfloat16
+    assert lab.pick_precision("fp32", cuda) is None
+    assert lab.pick_precision("auto", torch.device("cpu")) is None
+    assert not lab.grad_scaler(torch.device("cpu"), None).is_enabled()
+    with pytest.raises(lab.LabError, match="--precision fp16 is for CUDA"):
+        lab.pick_precision("fp16", torch.device("cpu"))
+
+
+def test_fp16_on_cpu_is_one_line_before_anything_is_written(tmp_path):
+    result = failure_of(lab.main, ["--smoke", "--precision", "fp16", "--device", "cpu", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "--precision fp16")
+    assert not (tmp_path / "out").exists()
+
+
+# --- the GPU path, on the simulated T4 (tests/simulated_cuda.py) ------------------------------------
+
+def test_judge_compares_predictions_and_labels_on_the_gpu():
+    # The crash this catches: accuracy() moved the predictions to the CPU and compared them with
+    # the labels, which the default run keeps on the GPU ("Expected all tensors to be on the same device").
+    result = run_on_simulated_cuda("""
+import torch
+lab = load_lab("week4_transformer_vae/09_vae.py")
+gpu = torch.device("cuda")
+images, labels = (t.to(gpu) for t in lab.generated_digits(60, seed=0))
+classifier, judged = lab.train_classifier(images, labels, images, labels, 1, 30, 0, gpu)
+cvae = lab.VAE(2, 16, lab.NUM_CLASSES).to(gpu)
+overall, per_digit = lab.conditional_accuracy(cvae, classifier, 4, 0, gpu)
+assert lab.style_sweep(cvae, 3, gpu).shape == (30, 784)
+print("judged", judged, overall)
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "judged" in result.stdout
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step():
+    images, labels = lab.generated_digits(64, seed=0)
+    vae = lab.VAE(2, 16)
+    with torch.no_grad():
+        vae.decoder[-1].bias.fill_(float("nan"))
+    with pytest.raises(lab.LabError, match="not finite at epoch 1, step 0"):
+        lab.train_vae(vae, images, labels, images, labels, 1, 32, 1e-3, 0, "VAE", torch.device("cpu"))
+
+
+# --- bad input: one line on stderr, exit status 1, nothing written --------------------------------
+
+@pytest.mark.parametrize("digit", ["10", "-1", "seven"])
+def test_digit_outside_zero_to_nine_is_refused(digit, tmp_path):
+    result = failure_of(lab.main, ["--digit", digit, "--smoke", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "--digit", "single digit from 0 to 9")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--hidden", "1"), ("--lr", "nan"), ("--batch-size", "-4")])
+def test_out_of_range_hyper_parameters_are_refused(flag, value, tmp_path):
+    result = failure_of(lab.main, ["--smoke", flag, value, "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, flag)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_one_line(flag, tmp_path):
+    afile = tmp_path / "a_file"
+    afile.write_text("mine")
+    argv = {"--data-dir": ["--data-dir", afile, "--out-dir", tmp_path / "out"], "--out-dir": ["--smoke", "--out-dir", afile]}
+    result = failure_of(lab.main, argv[flag])
+    assert_clean_failure(result, flag, "is a file, not a folder")
+    assert afile.read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+def test_mnist_absent_with_no_network_names_url_layout_and_smoke(tmp_path, monkeypatch):
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens there: offline
+    result = failure_of(lab.main, ["--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, "https://ossci-datasets.s3.amazonaws.com/mnist/", "MNIST/raw", "--smoke")
     assert not (tmp_path / "out" / "metrics.json").exists()
 
@@ -91,34 +165,39 @@ def save_vae(path, kind, num_classes, latent_dim=4):
     return config
 
 
-def test_checkpoint_from_another_architecture_says_what_does_not_match(tmp_path):
+def test_checkpoint_from_another_lab_or_architecture_says_what_does_not_match(tmp_path):
+    out = tmp_path / "out"
     unconditional = tmp_path / "vae.pt"
     save_vae(unconditional, "vae", 0)
-    with pytest.raises(SystemExit, match=r"holds a 'vae' with num_classes=0.*needs the conditional VAE"):
-        lab.main(["--checkpoint", str(unconditional), "--digit", "3", "--out-dir", str(tmp_path)])
+    result = failure_of(lab.main, ["--checkpoint", unconditional, "--digit", "3", "--out-dir", out])
+    assert_clean_failure(result, "holds a 'vae' with num_classes=0", "needs the conditional VAE")
 
-    transformer = tmp_path / "gpt.pt"
+    transformer = tmp_path / "gpt.pt"  # a valid checkpoint of another lab (08's GPT)
     torch.save({"model": {}, "config": {"vocab_size": 65, "n_layer": 4}}, transformer)
-    with pytest.raises(SystemExit, match=r"another architecture.*n_layer.*need.*latent_dim"):
-        lab.main(["--checkpoint", str(transformer), "--out-dir", str(tmp_path)])
+    result = failure_of(lab.main, ["--checkpoint", transformer, "--out-dir", out])
+    assert_clean_failure(result, "another lab", "n_layer", "latent_dim")
+    assert "truncated" not in result.stderr
 
     mismatched = tmp_path / "mismatched.pt"
     config = save_vae(mismatched, "cvae", 10, latent_dim=4)
     saved = torch.load(mismatched, weights_only=True)
     saved["config"] = dict(config, latent_dim=8)
     torch.save(saved, mismatched)
-    with pytest.raises(SystemExit, match=r"do not fit.*latent_dim=8.*size mismatch"):
-        lab.main(["--checkpoint", str(mismatched), "--out-dir", str(tmp_path)])
+    result = failure_of(lab.main, ["--checkpoint", mismatched, "--out-dir", out])
+    assert_clean_failure(result, "do not fit", "latent_dim=8", "size mismatch")
+    assert not out.exists(), "a failed load writes nothing"
 
 
 def test_checkpoint_missing_or_truncated_fails_cleanly(tmp_path):
-    result = run_lab(LAB, "--checkpoint", tmp_path / "absent.pt", "--out-dir", tmp_path, timeout=120)
+    result = run_lab(LAB, "--checkpoint", tmp_path / "absent.pt", "--out-dir", tmp_path / "out", timeout=120)
     assert_clean_failure(result, "does not exist")
     truncated = tmp_path / "cvae.pt"
     torch.save({"model": nn.Linear(300, 300).state_dict()}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:400])
-    with pytest.raises(SystemExit, match="truncated or not a PyTorch checkpoint"):
-        lab.main(["--checkpoint", str(truncated), "--out-dir", str(tmp_path)])
+    result = failure_of(lab.main, ["--checkpoint", truncated, "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "truncated or not a PyTorch checkpoint")
+    assert "another lab" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_saved_cvae_draws_the_digit_asked_for(tmp_path):

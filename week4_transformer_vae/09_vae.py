@@ -25,14 +25,21 @@ Choices, stated plainly
   8-D 89.9%, 4-D 95.9%, 2-D 99.6%. The price is a worse conditional ELBO (about 130 nats for 2-D
   against 101.6 for 8-D): a small z reconstructs less detail, so the label does the work.
   MNIST (60,000 images of 28x28) is held as one tensor and batches are sliced from it: on a 2-core
-  CPU that is many times faster than a DataLoader converting PIL images one by one.
+  CPU that is many times faster than a DataLoader converting PIL images one by one. On a GPU the
+  whole set is copied there once (47 MB as floats: 188 MB), so no step waits for a transfer.
+  On a GPU the training steps never wait for it either: losses are summed on the device and read
+  once per epoch. `--precision auto` trains in bf16 where the GPU runs it natively (Ampere and
+  newer), in fp16 with a GradScaler elsewhere (a Colab T4), and in fp32 on CPU and MPS; evaluation
+  and sampling stay in fp32.
 
 Run it
   Terminal:  python week4_transformer_vae/09_vae.py                      (add --smoke for a quick pass)
              python week4_transformer_vae/09_vae.py --checkpoint runs/09_vae/cvae.pt --digit 3
                                                   (draw threes from the saved conditional VAE)
+             python week4_transformer_vae/09_vae.py --device cuda --precision fp16
+                                                  (the T4's fp16 + loss-scaling path on any CUDA GPU)
   Colab:     Runtime > Change runtime type > GPU, upload this file and run `!python 09_vae.py`, or
-             paste the file into a cell (figures show inline).
+             paste the file into a cell (figures show inline; a bad flag prints one line).
   Data:      MNIST through torchvision, downloaded on first use into <data-dir>/MNIST/raw/.
   Outputs in --out-dir (default runs/09_vae): metrics.json, vae.pt, cvae.pt, loss_curve.png,
   reconstructions.png, prior_samples.png, interpolation.png, latent_map_2d.png, latent_grid_2d.png,
@@ -67,6 +74,35 @@ TARGET_CONDITIONAL_ACCURACY = 0.95
 
 class LabError(Exception):
     """Something the learner can fix (missing data, a bad checkpoint); main() prints it, no traceback."""
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %%
@@ -160,28 +196,34 @@ def load_mnist(data_dir: str, train: bool):
         dataset = torchvision.datasets.MNIST(data_dir, train=train, download=True)
     except (RuntimeError, OSError) as err:
         mirror = torchvision.datasets.MNIST.mirrors[0]
-        raise LabError(f"MNIST is not in {data_dir} and could not be downloaded ({err}).\n"
-                       f"  URL: {mirror} (files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-                       "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)\n"
-                       f"  Expected layout: <data-dir>/MNIST/raw/ holding those files, here "
-                       f"{Path(data_dir) / 'MNIST' / 'raw'}\n"
-                       "  Point --data-dir at a folder that has them, or run with --smoke to use generated images.")
+        reason = " ".join(str(err).split())  # one line, however the library worded it
+        raise LabError(f"MNIST is not in {data_dir} and could not be downloaded ({reason}). "
+                       f"URL: {mirror} (files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                       "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). Expected layout: <data-dir>/MNIST/raw/ "
+                       f"holding those files, here {Path(data_dir) / 'MNIST' / 'raw'}. Point --data-dir at a folder "
+                       "that has them, or run with --smoke to use generated images.")
     images = dataset.data.reshape(-1, IMAGE_PIXELS).float() / 255.0  # grey levels in [0, 1]
     return images, dataset.targets.clone()
 
 
-def batches(n: int, batch_size: int, generator):
-    order = torch.randperm(n, generator=generator)
+def batches(n: int, batch_size: int, generator, device):
+    """A shuffled index, drawn on the CPU (the same order on every device) and copied to DEVICE once
+    per epoch: indexing a GPU tensor with a CPU index would copy that index on every step."""
+    order = torch.randperm(n, generator=generator).to(device)
     return order.split(batch_size)
 
 
 # %%
 # 5. Training and evaluation. The optimiser sees the mean negative ELBO per image (so the learning
 # rate does not depend on the batch size); the figures we report are nats per image.
+# On a GPU the loop never waits for it: the epoch's loss is summed on the device, and so is the NaN
+# guard (the first step whose loss was not finite), both read once per epoch. The forward pass runs
+# under autocast (--precision); the loss is computed in float32 from its outputs.
 def train_vae(model, images, labels, test_images, test_labels, epochs, batch_size, lr, seed, name, device,
-              log_every_epoch=True):
+              dtype=None, log_every_epoch=True):
     conditional = model.num_classes > 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scaler = grad_scaler(device, dtype)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                    pct_start=0.05)  # short warm-up, then anneal to ~0
@@ -190,21 +232,26 @@ def train_vae(model, images, labels, test_images, test_labels, epochs, batch_siz
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
-        total = 0.0
-        for step, index in enumerate(batches(len(images), batch_size, generator)):
+        total = torch.zeros((), device=device)
+        first_bad = torch.full((), -1, device=device)  # step of the first non-finite loss, -1 while none
+        for step, index in enumerate(batches(len(images), batch_size, generator, images.device)):
             x = images[index].to(device, non_blocking=True)
             y = labels[index].to(device, non_blocking=True) if conditional else None
-            logits, mu, logvar = model(x, y)
-            loss = negative_elbo(logits, x, mu, logvar)
-            if not torch.isfinite(loss):
-                raise LabError(f"{name}: the loss became {loss.item()} at epoch {epoch}, step {step}; nothing "
-                               f"was saved. Try a smaller --lr (now {lr:g}).")
+            with autocast(device, dtype):
+                logits, mu, logvar = model(x, y)
+            loss = negative_elbo(logits.float(), x, mu.float(), logvar.float())
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
             optimizer.zero_grad(set_to_none=True)
-            (loss / len(x)).backward()
-            optimizer.step()
+            scaler.scale(loss / len(x)).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
-            total += loss.item()
-        history["train"].append(total / len(images))
+            total += loss.detach()
+        bad_step = int(first_bad)  # one read per epoch
+        if bad_step >= 0:
+            raise LabError(f"{name}: the loss was not finite at epoch {epoch}, step {bad_step}; nothing was saved. "
+                           f"Try a smaller --lr (now {lr:g}).")
+        history["train"].append(total.item() / len(images))
         history["test"].append(evaluate_neg_elbo(model, test_images, test_labels if conditional else None, seed, device))
         elapsed = time.perf_counter() - started
         if log_every_epoch or epoch == epochs:
@@ -220,14 +267,14 @@ def evaluate_neg_elbo(model, images, labels, seed, device, batch_size=1000) -> f
     """Negative ELBO in nats per image, one z sample per image from a fixed generator."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    total = 0.0
+    total = torch.zeros((), device=device)
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device) if labels is not None else None
         mu, logvar = model.encode(x, y)
         z = reparameterize(mu, logvar, generator)
-        total += negative_elbo(model.decode(z, y), x, mu, logvar).item()
-    return total / len(images)
+        total += negative_elbo(model.decode(z, y), x, mu, logvar)
+    return total.item() / len(images)
 
 
 # %%
@@ -244,25 +291,30 @@ class DigitClassifier(nn.Module):
         return self.net(x)  # (B, 10) logits
 
 
-def train_classifier(images, labels, test_images, test_labels, epochs, batch_size, seed, device):
+def train_classifier(images, labels, test_images, test_labels, epochs, batch_size, seed, device, dtype=None):
     torch.manual_seed(seed)
     model = DigitClassifier().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = grad_scaler(device, dtype)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
-        for index in batches(len(images), batch_size, generator):
-            loss = F.cross_entropy(model(images[index].to(device)), labels[index].to(device))
+        for index in batches(len(images), batch_size, generator, images.device):
+            with autocast(device, dtype):
+                logits = model(images[index].to(device))
+            loss = F.cross_entropy(logits.float(), labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
     return model.eval(), accuracy(model, test_images, test_labels, device)
 
 
 @torch.no_grad()
 def accuracy(classifier, images, labels, device) -> float:
-    predictions = torch.cat([classifier(chunk.to(device)).argmax(1).cpu() for chunk in images.split(2000)])
-    return (predictions == labels).float().mean().item()
+    """Share of IMAGES the classifier labels as LABELS; both may live on the CPU or on DEVICE."""
+    predictions = torch.cat([classifier(chunk.to(device)).argmax(1) for chunk in images.split(2000)])
+    return (predictions == labels.to(device)).float().mean().item()  # compared where the model ran
 
 
 @torch.no_grad()
@@ -280,7 +332,7 @@ def style_sweep(cvae, steps: int, device, span: float = 2.0):
     """Every digit decoded at the same latent points along z[0] (other dims 0): (10 * steps, 784)."""
     cvae.eval()
     z = torch.zeros(steps, cvae.latent_dim, device=device)
-    z[:, 0] = torch.linspace(-span, span, steps)
+    z[:, 0] = torch.linspace(-span, span, steps, device=device)
     return torch.cat([torch.sigmoid(cvae.decode(z, torch.full((steps,), digit, device=device)))
                       for digit in range(NUM_CLASSES)]).cpu()
 
@@ -399,8 +451,8 @@ def load_cvae(path: str, device):
     config = saved["config"]
     expected = {"kind", "latent_dim", "hidden", "num_classes"}
     if not expected <= set(config):
-        raise LabError(f"{path} comes from another architecture: its config has {sorted(config)}, "
-                       f"this lab's VAEs need {sorted(expected)}.")
+        raise LabError(f"{path} comes from another lab or architecture: its config has {sorted(config)}, "
+                       f"this lab's VAEs need {sorted(expected)}. Use a cvae.pt written by lab {LAB_NAME}.")
     if config["kind"] != "cvae" or config["num_classes"] != NUM_CLASSES:
         raise LabError(f"{path} holds a '{config['kind']}' with num_classes={config['num_classes']}; generating "
                        f"a chosen digit needs the conditional VAE ('cvae', num_classes={NUM_CLASSES}), cvae.pt.")
@@ -430,42 +482,78 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+# Range checks live in the flags' types, so a bad value is refused before anything runs.
+def at_least(lowest: int):
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+    return whole_number
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def digit(text: str) -> int:
+    if text not in [str(d) for d in range(NUM_CLASSES)]:
+        raise argparse.ArgumentTypeError(f"must be a single digit from 0 to 9, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to train; auto = the accelerator if any, else cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="autocast dtype of the training forward passes: auto = bf16 on GPUs that run it "
+                             "natively, fp16 with loss scaling on other GPUs (a T4), fp32 on CPU and MPS")
     parser.add_argument("--seed", type=int, default=0, help="random seed (weights, batches, samples)")
     parser.add_argument("--data-dir", default="./data", help="holds MNIST/raw/ (downloaded if absent)")
     parser.add_argument("--out-dir", default=f"runs/{LAB_NAME}", help="where metrics, figures and checkpoints go")
     parser.add_argument("--smoke", action="store_true",
                         help="quick pass over every code path on generated images, one short epoch each")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of the VAE (default 20; smoke 1)")
-    parser.add_argument("--cvae-epochs", type=int, default=None, help="epochs of the conditional VAE (default 8; smoke 1)")
-    parser.add_argument("--map-epochs", type=int, default=None,
+    parser.add_argument("--epochs", type=at_least(1), default=None, help="epochs of the VAE (default 20; smoke 1)")
+    parser.add_argument("--cvae-epochs", type=at_least(1), default=None,
+                        help="epochs of the conditional VAE (default 8; smoke 1)")
+    parser.add_argument("--map-epochs", type=at_least(1), default=None,
                         help="epochs of the 2-D VAE drawn in the latent map (default 4; smoke 1)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of Adam (one-cycle schedule)")
-    parser.add_argument("--latent-dim", type=int, default=20, help="size of z for the VAE")
-    parser.add_argument("--cvae-latent-dim", type=int, default=2,
+    parser.add_argument("--batch-size", type=at_least(1), default=128, help="images per step")
+    parser.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate of Adam (one-cycle schedule)")
+    parser.add_argument("--latent-dim", type=at_least(1), default=20, help="size of z for the VAE")
+    parser.add_argument("--cvae-latent-dim", type=at_least(1), default=2,
                         help="size of z for the conditional VAE: small, so the label must carry the digit")
-    parser.add_argument("--hidden", type=int, default=512, help="width of the first hidden layer (the second is half)")
-    parser.add_argument("--digit", type=int, default=7, help="the digit the conditional VAE draws, 0-9")
+    parser.add_argument("--hidden", type=at_least(2), default=512,
+                        help="width of the first hidden layer (the second is half as wide, so at least 2)")
+    parser.add_argument("--digit", type=digit, default=7, help="the digit the conditional VAE draws, 0-9")
     parser.add_argument("--checkpoint", default=None,
                         help="draw --digit from this saved cvae.pt instead of training")
     return parser
-
-
-def check_arguments(parser, args) -> None:
-    if not 0 <= args.digit <= 9:
-        parser.error(f"--digit must be a single digit from 0 to 9, got {args.digit}")
-    for flag, value in {"--epochs": args.epochs, "--cvae-epochs": args.cvae_epochs, "--map-epochs": args.map_epochs,
-                        "--batch-size": args.batch_size, "--latent-dim": args.latent_dim,
-                        "--cvae-latent-dim": args.cvae_latent_dim,
-                        "--hidden": args.hidden, "--lr": args.lr}.items():
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            parser.error(f"{flag} must be a positive number, got {value}")
-    if args.hidden < 2:
-        parser.error(f"--hidden must be at least 2 (the second hidden layer is half as wide), got {args.hidden}")
 
 
 def draw_from_checkpoint(args, device) -> None:
@@ -481,17 +569,23 @@ def draw_from_checkpoint(args, device) -> None:
 
 def run(args) -> None:
     started = time.perf_counter()
+    out_dir = folder(args.out_dir, "--out-dir")  # both checked before anything is read or written
+    folder(args.data_dir, "--data-dir")
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     if args.checkpoint:
         draw_from_checkpoint(args, device)
         return
+    dtype = pick_precision(args.precision, device)
+    precision = next(name for name, value in PRECISIONS.items() if value == dtype)  # what auto chose
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # TF32 matmuls where the GPU has them (Ampere+)
     epochs = args.epochs or (1 if args.smoke else 20)
     cvae_epochs = args.cvae_epochs or (1 if args.smoke else 8)
     map_epochs = args.map_epochs or (1 if args.smoke else 4)
     classifier_epochs = 1 if args.smoke else 3
-    out_dir = Path(args.out_dir)
-    print(f"Lab {LAB_NAME}: torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads"
+    print(f"Lab {LAB_NAME}: torch {torch.__version__}, device {device}, precision {precision}, "
+          f"{torch.get_num_threads()} CPU threads"
           + (" (smoke run: generated images; numbers are not results)" if args.smoke else ""))
 
     if args.smoke:
@@ -509,7 +603,7 @@ def run(args) -> None:
     torch.manual_seed(args.seed)
     vae = VAE(args.latent_dim, args.hidden).to(device)
     vae_history = train_vae(vae, images, labels, test_images, test_labels, epochs, args.batch_size, args.lr,
-                            args.seed, "VAE", device)
+                            args.seed, "VAE", device, dtype)
     test_neg_elbo = vae_history["test"][-1]
     kl_test = evaluate_kl(vae, test_images, device)
     print(f"  test negative ELBO {test_neg_elbo:.2f} nats/image = reconstruction {test_neg_elbo - kl_test:.2f} "
@@ -521,18 +615,18 @@ def run(args) -> None:
     torch.manual_seed(args.seed)
     vae_2d = VAE(2, args.hidden).to(device)
     map_history = train_vae(vae_2d, images, labels, test_images, test_labels, map_epochs, args.batch_size, args.lr,
-                            args.seed, "2-D VAE", device, log_every_epoch=False)
+                            args.seed, "2-D VAE", device, dtype, log_every_epoch=False)
 
     print(f"\n== Conditional VAE: the label joins encoder and decoder, latent {args.cvae_latent_dim}-D, "
           f"epochs {cvae_epochs} ==")
     torch.manual_seed(args.seed)
     cvae = VAE(args.cvae_latent_dim, args.hidden, NUM_CLASSES).to(device)
     cvae_history = train_vae(cvae, images, labels, test_images, test_labels, cvae_epochs, args.batch_size, args.lr,
-                             args.seed, "CVAE", device)
+                             args.seed, "CVAE", device, dtype)
 
     print(f"\n== The judge: an MNIST classifier (MLP), epochs {classifier_epochs} on the training images ==")
     classifier, classifier_accuracy = train_classifier(images, labels, test_images, test_labels, classifier_epochs,
-                                                       args.batch_size, args.seed, device)
+                                                       args.batch_size, args.seed, device, dtype)
     print(f"  classifier test accuracy {classifier_accuracy:.4f}")
     per_digit = 20 if args.smoke else 500
     cond_accuracy, per_class = conditional_accuracy(cvae, classifier, per_digit, args.seed, device)
@@ -556,7 +650,7 @@ def run(args) -> None:
     wall_time = time.perf_counter() - started
     metrics = {
         "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
-        "wall_time_s": wall_time, "train_time_s": train_time, "epochs": epochs,
+        "wall_time_s": wall_time, "train_time_s": train_time, "epochs": epochs, "precision": precision,
         "test_neg_elbo": test_neg_elbo, "test_kl": kl_test, "test_reconstruction": test_neg_elbo - kl_test,
         "conditional_accuracy": cond_accuracy, "conditional_accuracy_per_digit": per_class,
         "classifier_test_accuracy": classifier_accuracy,
@@ -630,13 +724,13 @@ def make_figures(vae, vae_2d, cvae, vae_history, cvae_history, test_images, test
 
 
 def main(argv=None) -> None:
-    parser = build_parser()
-    args, _unknown = parser.parse_known_args(argv)  # Colab adds -f kernel.json
-    check_arguments(parser, args)
     try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
         run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
