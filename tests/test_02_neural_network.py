@@ -1,13 +1,15 @@
 """Lab 02: the hand-written layer and loss against PyTorch's own, the model, and bad input."""
 import json
+import sys
 import time
+import types
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import assert_clean_failure, failure_of, load_lab, run_lab, run_on_simulated_cuda
 
 LAB = "week1_pytorch/02_neural_network.py"
 lab = load_lab(LAB)
@@ -74,16 +76,87 @@ def test_smoke_digits_have_mnist_shapes():
     assert data["test_labels"].shape == (16,) and data["test_labels"].dtype == torch.int64
 
 
-# Bad input: a message, a non-zero exit, no traceback, nothing already saved lost.
-def test_cuda_without_cuda_is_a_clean_error(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+# Mixed precision: the policy of CONTRIBUTING.md, with the GPU's answers faked.
+def answers_like(monkeypatch, native_bf16: bool):
+    """torch.cuda.is_bf16_supported as a GPU answers it: a T4 says True only counting emulation."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(False, torch.float16), (True, torch.bfloat16)],
+                         ids=["T4: fp16", "A100/H200: bf16"])
+def test_auto_precision_follows_native_bf16(monkeypatch, native_bf16, expected):
+    answers_like(monkeypatch, native_bf16)
+    assert lab.pick_precision("auto", torch.device("cuda")) is expected
+
+
+def test_explicit_precisions_on_cuda_and_fp32_everywhere(monkeypatch):
+    answers_like(monkeypatch, native_bf16=False)
+    cuda = torch.device("cuda")
+    assert lab.pick_precision("fp16", cuda) is torch.float16
+    assert lab.pick_precision("bf16", cuda) is torch.bfloat16      # asked for: a T4 then emulates it
+    assert lab.pick_precision("fp32", cuda) is None
+    for device in ("cpu", "mps"):
+        assert lab.pick_precision("auto", torch.device(device)) is None
+        assert lab.pick_precision("fp32", torch.device(device)) is None
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_low_precision_off_cuda_is_refused(name):
+    with pytest.raises(lab.LabError, match=f"--precision {name} is for CUDA"):
+        lab.pick_precision(name, torch.device("cpu"))
+
+
+def test_grad_scaler_only_scales_fp16():
+    assert not lab.grad_scaler(torch.device("cpu"), None).is_enabled()
+    assert not lab.grad_scaler(torch.device("cpu"), torch.bfloat16).is_enabled()
+
+
+def test_tf32_matmuls_on_cuda_only_and_the_old_setting_comes_back():
+    before = torch.backends.cuda.matmul.fp32_precision
+    with lab.tf32_matmuls(torch.device("cpu")):
+        assert torch.backends.cuda.matmul.fp32_precision == before
+    with lab.tf32_matmuls(torch.device("cuda")):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+# The GPU: device placement on the simulated T4 of tests/simulated_cuda.py.
+def test_checkpoint_of_a_gpu_model_takes_the_sample_inputs_from_anywhere():
+    """The crash on a T4: run() moved the sample images to the CPU, then save_checkpoint fed them
+    to the model on the GPU. Now the samples go where the weights are, and the file holds CPU tensors."""
+    result = run_on_simulated_cuda("""
+import tempfile
+from pathlib import Path
+import torch
+lab = load_lab("week1_pytorch/02_neural_network.py")
+device = torch.device("cuda")
+model = lab.MLP(hidden_sizes=(16,), dropout=0.0).to(device)
+test_x = lab.normalize(lab.make_smoke_digits(train_count=8, test_count=8)["test_images"], device)
+for sample_inputs in (test_x[:8].cpu(), test_x[:8]):     # what run() used to pass, and what it passes
+    path = Path(tempfile.mkdtemp()) / "mlp_mnist.pt"
+    lab.save_checkpoint(model, lab.Config(hidden_sizes=(16,), dropout=0.0), sample_inputs, path)
+    assert lab.reload_and_check(path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert not saved["sample_inputs"].is_cuda and not saved["sample_outputs"].is_cuda
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# Bad input: one line on stderr, a non-zero exit, nothing written or overwritten.
+MISSING_DEVICES = [name for name, present in (("cuda", torch.cuda.is_available()),
+                                              ("mps", torch.backends.mps.is_available())) if not present]
+
+
+@pytest.mark.parametrize("device", MISSING_DEVICES)
+def test_a_missing_device_is_a_clean_error(tmp_path, device):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "metrics.json").write_text('{"kept": true}')
-    result = run_lab(LAB, "--device", "cuda", "--smoke", "--out-dir", out_dir)
-    assert_clean_failure(result, "--device cuda", "no CUDA GPU")
+    result = failure_of(lab.main, ["--device", device, "--smoke", "--out-dir", out_dir])
+    assert_clean_failure(result, f"--device {device}", "--device cpu")
     assert json.loads((out_dir / "metrics.json").read_text()) == {"kept": True}
+    assert [p.name for p in out_dir.iterdir()] == ["metrics.json"]
 
 
 def test_missing_mnist_offline_names_url_layout_and_smoke(tmp_path):
@@ -96,13 +169,38 @@ def test_missing_mnist_offline_names_url_layout_and_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--epochs", "-3"), ("--batch-size", "0"),
-                                         ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan")])
-def test_non_positive_hyper_parameters_are_refused(flag, value, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main([f"{flag}={value}", "--smoke", "--out-dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err
-    assert flag in message and "positive" in message
+                                         ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan"),
+                                         ("--precision", "fp8")])
+def test_out_of_range_flags_are_refused_before_anything_runs(flag, value, tmp_path):
+    result = failure_of(lab.main, [f"{flag}={value}", "--smoke", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, flag)
+    assert "positive" in result.stderr or "invalid choice" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA fp16 is allowed")
+def test_fp16_without_cuda_is_refused_before_anything_runs(tmp_path):
+    result = failure_of(lab.main, ["--precision", "fp16", "--device", "cpu", "--smoke", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "--precision fp16 is for CUDA GPUs", "fp32")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_refused_and_left_alone(tmp_path, flag):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    other = {"--data-dir": ["--out-dir", tmp_path / "out"], "--out-dir": ["--data-dir", tmp_path / "data", "--smoke"]}[flag]
+    result = failure_of(lab.main, [flag, a_file, *other])        # --data-dir: no --smoke, so MNIST is wanted
+    assert_clean_failure(result, flag, "is a file, not a folder")
+    assert a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_bad_flag_in_a_notebook_prints_one_line_without_raising(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    lab.main(["--lr", "0", "--smoke", "--out-dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--lr" in lines[0]
     assert not (tmp_path / "out").exists()
 
 

@@ -19,6 +19,14 @@ Run it
              python week1_pytorch/02_neural_network.py --epochs 3 --lr 1e-3 --batch-size 256
   Colab:     upload this file and run `!python 02_neural_network.py`, or paste it into a cell
              (figures then show inline). Runtime > Change runtime type > GPU makes it faster.
+  Notebook:  `jupytext --to notebook 02_neural_network.py`; the last cell runs main() with the
+             defaults, or call e.g. main(["--smoke"]).
+  GPU:       --precision auto (the default) trains in bf16 where the GPU has it natively (Ampere
+             and newer) and in fp16 with a GradScaler elsewhere (a T4); --precision fp32 turns
+             mixed precision off, --precision fp16 tries a T4's path on any CUDA GPU. The data
+             lives on the GPU as one tensor, so no step waits for a copy or a read-back.
+  Bad input (missing data offline, --device cuda without a GPU, a flag out of range, --data-dir
+  or --out-dir naming a file) ends with one line saying what to change, never a traceback.
   Outputs in --out-dir (default runs/02_neural_network): metrics.json, optimizer_comparison.png,
   confusion_matrix.png, misclassified.png, mlp_mnist.pt (model + config + sample predictions).
 
@@ -32,6 +40,7 @@ Measured (torch 2.14.1)
   Smoke run (`--smoke`): 5.5-6.3 s wall.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -89,10 +98,25 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device):
-    """bf16 mixed precision on CUDA GPUs that support it (faster matmuls); plain float32 elsewhere."""
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """float32 matmuls in TF32 on CUDA (Ampere and newer run them on tensor cores; older GPUs ignore
+    it), and the kernel's own setting back afterwards. No cudnn.benchmark: an MLP runs no convolutions."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
 
 
 def in_notebook() -> bool:
@@ -113,6 +137,35 @@ def save_figure(fig, path: Path) -> None:
     if in_notebook():
         pyplot().show()
     pyplot().close(fig)
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %%
@@ -228,10 +281,9 @@ def load_mnist(data_dir: Path) -> dict:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise LabError(
             f"MNIST is not under {data_dir} and could not be downloaded from {MNIST.mirrors[0]} "
-            f"(nor {', '.join(MNIST.mirrors[1:])}): {reason}\n"
-            f"  Connect to the network and rerun, or put the files there yourself: "
-            f"{data_dir / 'MNIST' / 'raw'}/ holding {files} (or their .gz archives).\n"
-            f"  To try the lab without data, run it with --smoke (generated digits).") from None
+            f"(nor {', '.join(MNIST.mirrors[1:])}): {reason}. Connect to the network and rerun, or put "
+            f"the files there yourself: {data_dir / 'MNIST' / 'raw'}/ holding {files} (or their .gz "
+            f"archives). To try the lab without data, run it with --smoke (generated digits).") from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
     return {"train_images": train.data, "train_labels": train.targets,
@@ -261,7 +313,9 @@ def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 # %%
 # Training and evaluation. One epoch = shuffle the indices, then for each batch: forward,
 # loss, zero the old gradients, backward, optimizer step, scheduler step. Losses stay on the
-# device as tensors (no .item() per step, which would wait for a GPU) and are checked once.
+# device as tensors (no .item() per step, which would wait for a GPU) and are checked once per
+# epoch. With fp16 the GradScaler multiplies the loss before backward (so small gradients do not
+# underflow to zero) and divides the gradients back before the step; otherwise it does nothing.
 def raise_if_not_finite(step_losses: torch.Tensor, first_step: int) -> None:
     bad = (~torch.isfinite(step_losses)).nonzero()
     if len(bad):
@@ -271,7 +325,7 @@ def raise_if_not_finite(step_losses: torch.Tensor, first_step: int) -> None:
 
 
 def train_one_epoch(model, optimizer, images, labels, *, batch_size, generator, label_smoothing,
-                    device, scheduler=None, max_steps=None, first_step=0) -> torch.Tensor:
+                    device, dtype, scaler, scheduler=None, max_steps=None, first_step=0) -> torch.Tensor:
     """Returns the loss of every step, shape (steps,)."""
     model.train()                                    # dropout on
     order = torch.randperm(len(labels), generator=generator).to(device)
@@ -280,12 +334,13 @@ def train_one_epoch(model, optimizer, images, labels, *, batch_size, generator, 
         if max_steps is not None and len(step_losses) == max_steps:
             break
         batch = order[start:start + batch_size]
-        with autocast_for(device):
+        with autocast(device, dtype):
             logits = model(images[batch])            # (B, 10)
         loss = F.cross_entropy(logits.float(), labels[batch], label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)        # gradients add up unless cleared
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)                       # skips the step if fp16 gradients overflowed
+        scaler.update()
         if scheduler is not None:
             scheduler.step()
         step_losses.append(loss.detach())
@@ -295,11 +350,11 @@ def train_one_epoch(model, optimizer, images, labels, *, batch_size, generator, 
 
 
 @torch.no_grad()
-def predict(model, images, device, batch_size: int = 2000) -> torch.Tensor:
+def predict(model, images, device, dtype, batch_size: int = 2000) -> torch.Tensor:
     model.eval()                                     # dropout off: use every unit
     predictions = []
     for start in range(0, len(images), batch_size):
-        with autocast_for(device):
+        with autocast(device, dtype):
             predictions.append(model(images[start:start + batch_size]).argmax(dim=1))
     return torch.cat(predictions).cpu()
 
@@ -308,7 +363,7 @@ def predict(model, images, device, batch_size: int = 2000) -> torch.Tensor:
 # Optimizers: same model start, same batches, same number of steps; only the update rule
 # differs. SGD+momentum follows an averaged gradient with one global step size; Adam also
 # scales each weight's step by how large its recent gradients were.
-def compare_optimizers(config: Config, data: dict, device: torch.device, path: Path) -> dict:
+def compare_optimizers(config: Config, data: dict, device: torch.device, dtype, path: Path) -> dict:
     torch.manual_seed(config.seed)
     start = MLP(config.hidden_sizes, config.dropout).to(device)
     contenders = {
@@ -319,16 +374,18 @@ def compare_optimizers(config: Config, data: dict, device: torch.device, path: P
     for name, make_optimizer in contenders.items():
         model = copy.deepcopy(start)
         optimizer = make_optimizer(model.parameters())
+        scaler = grad_scaler(device, dtype)
         torch.manual_seed(config.seed)               # same dropout masks for both
         generator = torch.Generator().manual_seed(config.seed)  # same batches for both
         losses = torch.empty(0)
         while len(losses) < config.compare_steps:
             epoch_losses = train_one_epoch(model, optimizer, data["train_x"], data["train_y"],
                                            batch_size=config.batch_size, generator=generator, device=device,
+                                           dtype=dtype, scaler=scaler,
                                            label_smoothing=0.0, max_steps=config.compare_steps - len(losses),
                                            first_step=len(losses))
             losses = torch.cat([losses, epoch_losses])
-        accuracy = (predict(model, data["test_x"], device) == data["test_y"].cpu()).float().mean().item()
+        accuracy = (predict(model, data["test_x"], device, dtype) == data["test_y"].cpu()).float().mean().item()
         curves[name] = losses
         results[name] = {"steps": len(losses), "first_50_steps_loss": losses[:50].mean().item(),
                          "last_50_steps_loss": losses[-50:].mean().item(), "test_accuracy": accuracy}
@@ -353,10 +410,11 @@ def compare_optimizers(config: Config, data: dict, device: torch.device, path: P
     return results
 
 
-def train_classifier(model, config: Config, data: dict, device: torch.device, train_model=None) -> list:
+def train_classifier(model, config: Config, data: dict, device: torch.device, dtype, train_model=None) -> list:
     """AdamW + one-cycle LR: warm up to --lr, then anneal to ~0, stepping once per batch."""
     train_model = train_model or model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = grad_scaler(device, dtype)
     steps_per_epoch = math.ceil(len(data["train_y"]) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
                                                     total_steps=config.epochs * steps_per_epoch)
@@ -366,11 +424,12 @@ def train_classifier(model, config: Config, data: dict, device: torch.device, tr
         epoch_started = time.perf_counter()
         losses = train_one_epoch(train_model, optimizer, data["train_x"], data["train_y"],
                                  batch_size=config.batch_size, generator=generator, device=device,
+                                 dtype=dtype, scaler=scaler,
                                  label_smoothing=config.label_smoothing, scheduler=scheduler,
                                  first_step=(epoch - 1) * steps_per_epoch)
         # We look at the test set after every epoch only to show progress; lab 03 holds out a
         # validation split so that no decision is ever made on the test set.
-        accuracy = (predict(model, data["test_x"], device) == data["test_y"].cpu()).float().mean().item()
+        accuracy = (predict(model, data["test_x"], device, dtype) == data["test_y"].cpu()).float().mean().item()
         seconds = time.perf_counter() - epoch_started
         elapsed = time.perf_counter() - started
         history.append({"epoch": epoch, "train_loss": losses.mean().item(), "test_accuracy": accuracy,
@@ -418,10 +477,12 @@ def plot_misclassified(images, true_labels, predicted, path: Path, count: int = 
 # Saving: the weights (state_dict), the config that rebuilds the architecture, and a few
 # inputs with the predictions they gave, so a reloaded model can be checked. Written to a
 # temporary file first, then renamed: a crash mid-write never leaves a broken checkpoint.
+# The file holds CPU tensors, so it loads on a machine without a GPU.
 def save_checkpoint(model, config: Config, sample_inputs: torch.Tensor, path: Path) -> None:
     model.eval()
+    model_device = next(model.parameters()).device
     with torch.no_grad():
-        sample_outputs = model(sample_inputs)
+        sample_outputs = model(sample_inputs.to(model_device))   # inputs go where the weights are
     saved_config = asdict(config) | {"hidden_sizes": list(config.hidden_sizes)}
     temporary = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "config": saved_config,
@@ -458,9 +519,16 @@ def positive(kind):
     return parse
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to train; auto = the accelerator if there is one, else cpu")
     parser.add_argument("--seed", type=int, default=defaults.seed,
@@ -476,21 +544,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per optimizer step, > 0")
     parser.add_argument("--lr", type=positive(float), default=defaults.lr,
                         help="peak learning rate of the one-cycle schedule, > 0")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="mixed precision on CUDA: auto = bf16 where the GPU has it natively, else fp16 "
+                             "with a GradScaler; fp32 = off. CPU and MPS train in fp32")
     parser.add_argument("--compile", action="store_true",
                         help="train through torch.compile (pays off on a GPU; a C++ compiler is needed on CPU)")
     return parser
 
 
 def run(args) -> None:
+    """Everything a learner can get wrong (device, precision, folders) is checked first, before any
+    download or file; the lesson then runs with TF32 matmuls on CUDA (see tf32_matmuls)."""
     started = time.perf_counter()
     device = pick_device(args.device)
+    dtype = pick_precision(args.precision, device)
+    data_dir, out_dir = folder(args.data_dir, "--data-dir"), folder(args.out_dir, "--out-dir")
+    with tf32_matmuls(device):
+        run_lesson(args, device, dtype, data_dir, out_dir, started)
+
+
+def run_lesson(args, device: torch.device, dtype, data_dir: Path, out_dir: Path, started: float) -> None:
     config = Config(epochs=args.epochs or (2 if args.smoke else Config.epochs), batch_size=args.batch_size,
                     lr=args.lr, seed=args.seed, smoke=args.smoke,
                     compare_steps=16 if args.smoke else Config.compare_steps)
-    raw = make_smoke_digits(seed=args.seed) if args.smoke else load_mnist(Path(args.data_dir))
-    out_dir = Path(args.out_dir)
+    raw = make_smoke_digits(seed=args.seed) if args.smoke else load_mnist(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"Lab {LAB_NAME}: torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads"
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with a GradScaler"}[dtype]
+    print(f"Lab {LAB_NAME}: torch {torch.__version__}, device {device}, {precision}, "
+          f"{torch.get_num_threads()} CPU threads"
           f"{' (smoke run: generated digits, numbers are not results)' if args.smoke else ''}")
     data = {"train_x": normalize(raw["train_images"], device), "train_y": raw["train_labels"].to(device),
             "test_x": normalize(raw["test_images"], device), "test_y": raw["test_labels"].to(device)}
@@ -516,17 +597,17 @@ def run(args) -> None:
 
     print(f"\n== Optimizers: SGD with momentum vs Adam, {config.compare_steps} steps each ==")
     comparison_started = time.perf_counter()
-    comparison = compare_optimizers(config, data, device, out_dir / "optimizer_comparison.png")
+    comparison = compare_optimizers(config, data, device, dtype, out_dir / "optimizer_comparison.png")
     comparison_seconds = time.perf_counter() - comparison_started
 
     print(f"\n== Training the MNIST classifier: AdamW, one-cycle LR (peak {config.lr:g}), "
           f"{config.epochs} epochs of {config.batch_size}-image batches ==")
     train_model = torch.compile(model) if args.compile else model
     train_started = time.perf_counter()
-    history = train_classifier(model, config, data, device, train_model)
+    history = train_classifier(model, config, data, device, dtype, train_model)
     train_seconds = time.perf_counter() - train_started
 
-    predicted = predict(model, data["test_x"], device)
+    predicted = predict(model, data["test_x"], device, dtype)
     true_labels = data["test_y"].cpu()
     test_accuracy = (predicted == true_labels).float().mean().item()
     confusion = plot_confusion_matrix(true_labels, predicted, out_dir / "confusion_matrix.png")
@@ -537,13 +618,13 @@ def run(args) -> None:
           f"({off_diagonal.max().item()} times); see confusion_matrix.png and misclassified.png")
 
     checkpoint = out_dir / "mlp_mnist.pt"
-    save_checkpoint(model, config, data["test_x"][:8].cpu(), checkpoint)
+    save_checkpoint(model, config, data["test_x"][:8], checkpoint)
     if not reload_and_check(checkpoint):
         raise LabError(f"{checkpoint} did not reproduce its predictions after reloading")
 
     metrics = {
         "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
-        "wall_time_s": 0.0, "train_time_s": train_seconds, "epochs": config.epochs,
+        "wall_time_s": 0.0, "train_time_s": train_seconds, "epochs": config.epochs, "precision": precision,
         "test_accuracy": test_accuracy, "test_errors": errors,
         "config": asdict(config) | {"hidden_sizes": list(config.hidden_sizes)},
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -565,11 +646,13 @@ def run(args) -> None:
 
 
 def main(argv=None) -> None:
-    args, _unknown = build_parser().parse_known_args(argv)  # Colab adds -f kernel.json
     try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
         run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
