@@ -19,6 +19,8 @@ Run it
   terminal:  python projects/03_vae_generator.py                (downloads MNIST to ./data)
              python projects/03_vae_generator.py --data-dir /path/with/MNIST/raw --digit 7
              python projects/03_vae_generator.py --smoke        (synthetic digits, seconds)
+             python projects/03_vae_generator.py --device cuda --precision fp16
+                                          (the T4's fp16 + loss-scaling path on any CUDA GPU)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it; the
              `-f kernel.json` Colab adds is ignored.
 
@@ -35,7 +37,10 @@ What the default run reaches (measured, `python projects/03_vae_generator.py --d
   `--smoke`: 3.5 s for the process on 2 idle cores (synthetic digits; its numbers are not results).
 
 MNIST (60,000 x 28 x 28 bytes) lives as one tensor on the device and batches are sliced out of
-it: on a 2-core CPU that is much faster than a DataLoader decoding one image at a time.
+it: on a 2-core CPU that is much faster than a DataLoader decoding one image at a time. On a GPU
+the training loops never wait for it: losses are summed on the device and read once per epoch.
+`--precision auto` trains in bf16 where the GPU runs it natively (Ampere and newer), in fp16 with a
+GradScaler elsewhere (a Colab T4), and in fp32 on CPU and MPS; evaluation and sampling stay fp32.
 """
 # %%
 # Imports. A capstone imports only the standard library and torch at module level: matplotlib
@@ -46,6 +51,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import textwrap
 import time
@@ -63,6 +69,35 @@ LAB_NAME = "03_vae_generator"
 
 class LabError(Exception):
     """A problem the learner can fix (bad flag, missing data, broken checkpoint): message, no traceback."""
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %%
@@ -145,8 +180,8 @@ def mnist_file(data_dir: Path, name: str) -> bytes:
         os.replace(partial, target)  # only a verified file takes the final name
         return data
     raise LabError(
-        f"could not get MNIST file {name}:\n  " + "\n  ".join(problems)
-        + f"\nPut the four MNIST files (gzipped or not) in {raw_dir}/ (the torchvision layout),"
+        f"could not get MNIST file {name}: " + "; ".join(" ".join(p.split()) for p in problems)
+        + f". Put the four MNIST files (gzipped or not) in {raw_dir}/ (the torchvision layout),"
         " or run with --smoke to try the lab on synthetic digits without any download.")
 
 
@@ -319,14 +354,25 @@ def save_checkpoint(path: Path, model, config: dict, sample_inputs, extra=None):
 
 
 def load_checkpoint(path: Path, device):
+    """Model and saved dict, or a LabError that tells a broken file from another lab's checkpoint."""
     if not path.is_file():
         raise LabError(f"checkpoint {path} does not exist")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
-        model = build_model(saved["config"])
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
+        raise LabError(f"checkpoint {path} could not be read ({type(err).__name__}): it is truncated or not a "
+                       "PyTorch checkpoint") from None
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or config.get("kind") not in ("vae", "classifier") or "model" not in saved:
+        found = sorted(config) if isinstance(config, dict) else "no config"
+        raise LabError(f"{path} is a checkpoint of another lab or program ({found}), not one of {LAB_NAME}'s "
+                       "vae.pt or judge.pt")
+    model = build_model(config)
+    try:
         model.load_state_dict(saved["model"])
-    except Exception as err:  # truncated file, another lab's checkpoint, wrong architecture
-        raise LabError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: {str(err)[:200]}") from None
+    except RuntimeError as err:
+        first = " ".join(str(err).split())[:200]
+        raise LabError(f"the weights in {path} do not fit the network its config describes: {first}") from None
     return model.to(device).eval(), saved
 
 
@@ -339,22 +385,36 @@ def batches(count: int, batch_size: int, generator, device):
         yield order[start:start + batch_size]
 
 
-def train_classifier(model, train_x, train_y, epochs, batch_size, generator):
+# On a GPU neither loop waits for it: losses are summed on the device and read once per epoch,
+# and so is the NaN guard (the first step whose loss was not finite). Forward passes run under
+# autocast (--precision); the VAE's loss is computed in float32 from the decoder's logits.
+def train_classifier(model, train_x, train_y, epochs, batch_size, generator, dtype=None):
     steps = epochs * (len(train_x) // batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=steps, pct_start=0.25)
+    scaler = grad_scaler(train_x.device, dtype)
     model.train()
     for epoch in range(1, epochs + 1):
-        tic, loss_sum, count = time.perf_counter(), 0.0, 0
+        tic, count = time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=train_x.device)
+        first_bad = torch.full((), -1, device=train_x.device)  # step of the first non-finite loss, -1 while none
         for index in batches(len(train_x), batch_size, generator, train_x.device):
-            loss = F.cross_entropy(model(random_affine(train_x[index], generator)), train_y[index],
-                                   label_smoothing=0.1)
+            with autocast(train_x.device, dtype):
+                logits = model(random_affine(train_x[index], generator))
+            loss = F.cross_entropy(logits.float(), train_y[index], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            loss_sum, count = loss_sum + loss.item(), count + 1
-        print(f"judge epoch {epoch}/{epochs}  loss {loss_sum / count:.4f}  "
+            count += 1
+            loss_sum += loss.detach()
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), count, first_bad)
+        mean_loss, bad_step = loss_sum.item() / count, int(first_bad)  # both read once per epoch
+        if bad_step >= 0:
+            raise LabError(f"the judge's loss was not finite at step {bad_step} of epoch {epoch}; "
+                           "run with --smoke to check the setup")
+        print(f"judge epoch {epoch}/{epochs}  loss {mean_loss:.4f}  "
               f"{count * batch_size / (time.perf_counter() - tic):.0f} img/s", flush=True)
 
 
@@ -368,21 +428,23 @@ def classify(model, pixels, batch_size=2000):
 def evaluate_elbo(vae, pixels, labels, generator, batch_size=2000):
     """Test negative ELBO, reconstruction and KL in nats per image (one z sample per image)."""
     vae.eval()
-    recon_sum, kl_sum = 0.0, 0.0
+    recon_sum, kl_sum = torch.zeros((), device=pixels.device), torch.zeros((), device=pixels.device)
     for start in range(0, len(pixels), batch_size):
         x, y = pixels[start:start + batch_size], labels[start:start + batch_size]
         mu, logvar = vae.encode(x, y)
         z = reparameterize(mu, logvar, generator)  # the ELBO is an expectation over q(z|x,y): sample
         logits = vae.decode(z, F.one_hot(y, 10).to(z.dtype))
-        recon_sum += reconstruction_nll(logits, x).sum().item()
-        kl_sum += kl_to_standard_normal(mu, logvar).sum().item()
+        recon_sum += reconstruction_nll(logits, x).sum()
+        kl_sum += kl_to_standard_normal(mu, logvar).sum()
     n = len(pixels)
-    return {"neg_elbo": (recon_sum + kl_sum) / n, "recon": recon_sum / n, "kl": kl_sum / n}
+    recon, kl = recon_sum.item() / n, kl_sum.item() / n
+    return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
-def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator):
+def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dtype=None):
     steps_per_epoch = len(train_x) // args.batch_size
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    scaler = grad_scaler(train_x.device, dtype)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
                                                     steps_per_epoch=steps_per_epoch, pct_start=0.2)
     eval_gen = torch.Generator(device=train_x.device)
@@ -391,22 +453,26 @@ def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator):
         vae.train()
         tic = time.perf_counter()
         elbo_sum = torch.zeros((), device=train_x.device)
+        first_bad = torch.full((), -1, device=train_x.device)  # step of the first non-finite loss, -1 while none
         for index in batches(len(train_x), args.batch_size, generator, train_x.device):
             x, y = train_x[index], train_y[index]
-            logits, mu, logvar = vae(x, y)
+            with autocast(train_x.device, dtype):
+                logits, mu, logvar = vae(x, y)
+            logits, mu, logvar = logits.float(), mu.float(), logvar.float()
             recon, kl = reconstruction_nll(logits, x).mean(), kl_to_standard_normal(mu, logvar).mean()
             loss = recon + args.beta * kl  # beta weighs the KL in training only; reports use beta = 1
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             elbo_sum += (recon + kl).detach()
-            if step % 100 == 0 and not math.isfinite(loss.item()):
-                raise LabError(f"the loss became {loss.item()} at step {step}; lower --lr")
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
         train_loss = elbo_sum.item() / steps_per_epoch  # negative ELBO of the training batches, nats / image
-        if not math.isfinite(train_loss):
-            raise LabError(f"the loss became {train_loss} during epoch {epoch} (by step {step}); lower --lr")
+        bad_step = int(first_bad)  # both read once per epoch
+        if bad_step >= 0:
+            raise LabError(f"the loss was not finite at step {bad_step} (epoch {epoch}); lower --lr (now {args.lr:g})")
         epoch_seconds = time.perf_counter() - tic
         train_seconds += epoch_seconds
         test = evaluate_elbo(vae, test_x, test_y, eval_gen.manual_seed(0))
@@ -470,7 +536,7 @@ def plot_grid(path: Path, images, rows: int, columns: int, title: str, row_label
     """Save (rows * columns, 1, 28, 28) images in [0, 1] as one picture."""
     try:
         import matplotlib
-        if "ipykernel" not in sys.modules:
+        if not in_notebook():
             matplotlib.use("Agg")  # no display needed; a notebook keeps its inline backend
         import matplotlib.pyplot as plt
     except ImportError:
@@ -487,7 +553,7 @@ def plot_grid(path: Path, images, rows: int, columns: int, title: str, row_label
     ax.set_title(textwrap.fill(title, width=int(width * 12)), fontsize=9)  # wrapped to fit the figure
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    if "ipykernel" in sys.modules:
+    if in_notebook():
         plt.show()
     plt.close(fig)
 
@@ -495,7 +561,7 @@ def plot_grid(path: Path, images, rows: int, columns: int, title: str, row_label
 def plot_history(path: Path, history):
     try:
         import matplotlib
-        if "ipykernel" not in sys.modules:
+        if not in_notebook():
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -512,42 +578,84 @@ def plot_history(path: Path, history):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    if "ipykernel" in sys.modules:
+    if in_notebook():
         plt.show()
     plt.close(fig)
 
 
 # %%
 # The command line and the run: data, the judge, the VAE, then every figure and the metrics.
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Capstone 3: a conditional VAE that generates MNIST digits.")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+# Range checks live in the flags' types, so a bad value is refused before anything runs.
+def at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def digit(text: str) -> int:
+    if text not in [str(d) for d in range(10)]:
+        raise argparse.ArgumentTypeError(f"must be a single digit 0-9, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Capstone 3: a conditional VAE that generates MNIST digits.")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to train; auto = the available accelerator, else CPU")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="autocast dtype of the training forward passes: auto = bf16 on GPUs that run it natively, "
+                        "fp16 with loss scaling on other GPUs (a T4), fp32 on CPU and MPS")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and sampling")
     p.add_argument("--data-dir", type=Path, default=Path("./data"),
                    help="MNIST is read from / downloaded to DATA_DIR/MNIST/raw (torchvision layout)")
     p.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME,
                    help="where metrics.json, the PNG figures and the checkpoints go")
     p.add_argument("--smoke", action="store_true", help="tiny synthetic run of every code path (seconds)")
-    p.add_argument("--epochs", type=int, default=10, help="VAE passes over the training set")
-    p.add_argument("--batch-size", type=int, default=128, help="images per VAE optimisation step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the VAE's one-cycle schedule")
-    p.add_argument("--latent-dim", type=int, default=32, help="size of the latent code z")
-    p.add_argument("--beta", type=float, default=1.5,
+    p.add_argument("--epochs", type=at_least_one, default=10, help="VAE passes over the training set")
+    p.add_argument("--batch-size", type=at_least_one, default=128, help="images per VAE optimisation step")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the VAE's one-cycle schedule")
+    p.add_argument("--latent-dim", type=at_least_one, default=32, help="size of the latent code z")
+    p.add_argument("--beta", type=positive_float, default=1.5,
                    help="weight of the KL term in the training loss (1 = the plain ELBO; >1 pulls q(z) to the prior)")
-    p.add_argument("--judge-epochs", type=int, default=2, help="training epochs of the judging classifier")
-    p.add_argument("--digit", type=int, default=7, help="the digit to generate a page of (0-9)")
-    p.add_argument("--samples", type=int, default=12, help="samples per digit on the 10 x N sample sheet")
-    p.add_argument("--temperature", type=float, default=1.0,
+    p.add_argument("--judge-epochs", type=at_least_one, default=2, help="training epochs of the judging classifier")
+    p.add_argument("--digit", type=digit, default=7, help="the digit to generate a page of (0-9)")
+    p.add_argument("--samples", type=at_least_one, default=12, help="samples per digit on the 10 x N sample sheet")
+    p.add_argument("--temperature", type=positive_float, default=1.0,
                    help="scale of z ~ N(0, T^2 I) for the sample sheet, --digit page and conditional accuracy")
-    args, _ = p.parse_known_args(argv)
-    if not 0 <= args.digit <= 9:
-        p.error(f"--digit must be a single digit 0-9, got {args.digit}")
-    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0 or args.judge_epochs < 1:
-        p.error("--epochs, --judge-epochs and --batch-size must be at least 1 and --lr positive")
-    if args.latent_dim < 1 or args.samples < 1 or not args.temperature > 0 or not args.beta > 0:
-        p.error("--latent-dim and --samples must be at least 1, --temperature and --beta positive")
-    return args
+    return p
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
 
 
 def pick_device(name: str) -> torch.device:
@@ -564,19 +672,25 @@ def pick_device(name: str) -> torch.device:
 
 def run(args):
     wall_start = time.perf_counter()
+    out_dir = folder(args.out_dir, "--out-dir")  # both checked before anything is read or written
+    data_dir = folder(args.data_dir, "--data-dir")
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    out_dir = args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = pick_precision(args.precision, device)
+    precision = next(name for name, value in PRECISIONS.items() if value == dtype)  # what auto chose
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # TF32 matmuls where the GPU has them (Ampere+)
     if args.smoke:
         (train_images, train_labels), (test_images, test_labels) = synthetic_digits(1000, 1), synthetic_digits(200, 2)
         args.epochs, args.judge_epochs, args.batch_size = 2, 1, 64
     else:
-        (train_images, train_labels), (test_images, test_labels) = load_mnist(args.data_dir)
+        (train_images, train_labels), (test_images, test_labels) = load_mnist(data_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     train_x, train_y = (train_images.to(device).float() / 255).unsqueeze(1), train_labels.to(device)  # (N, 1, 28, 28)
     test_x, test_y = (test_images.to(device).float() / 255).unsqueeze(1), test_labels.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    print(f"data: {len(train_x)} train / {len(test_x)} test images on {device}")
+    print(f"data: {len(train_x)} train / {len(test_x)} test images on {device}; training precision {precision}")
 
     # 1. the judge, trained on real digits only
     tic = time.perf_counter()
@@ -584,7 +698,7 @@ def run(args):
     judge = build_model(judge_config).to(device)
     if device.type != "mps":
         judge = judge.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
-    train_classifier(judge, train_x, train_y, args.judge_epochs, 128, generator)
+    train_classifier(judge, train_x, train_y, args.judge_epochs, 128, generator, dtype)
     judge_accuracy = (classify(judge, test_x) == test_y).float().mean().item()
     judge_seconds = time.perf_counter() - tic
     print(f"judge: {100 * judge_accuracy:.2f}% on the test digits ({judge_seconds:.0f}s)")
@@ -598,7 +712,7 @@ def run(args):
         vae = vae.to(memory_format=torch.channels_last)  # measured ~10% faster training on a 2-core CPU
     print(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, latent {args.latent_dim}; "
           f"{args.epochs} epochs of AdamW, one-cycle peak lr {args.lr}, batch {args.batch_size}")
-    history, train_seconds, steps = train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator)
+    history, train_seconds, steps = train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dtype)
     save_checkpoint(out_dir / "vae.pt", vae, vae_config, (test_x[:8], test_y[:8]), {"epochs": args.epochs})
     vae, _ = load_checkpoint(out_dir / "vae.pt", device)  # everything below uses the saved model
     final = evaluate_elbo(vae, test_x, test_y, torch.Generator(device=device).manual_seed(0))
@@ -649,7 +763,7 @@ def run(args):
         "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
         "wall_time_s": round(time.perf_counter() - wall_start, 2), "train_time_s": round(train_seconds + judge_seconds, 2),
         "vae_train_time_s": round(train_seconds, 2), "judge_time_s": round(judge_seconds, 2),
-        "epochs": args.epochs, "steps": steps,
+        "epochs": args.epochs, "steps": steps, "precision": precision,
         "test_neg_elbo": final["neg_elbo"], "test_reconstruction_nll": final["recon"], "test_kl": final["kl"],
         "conditional_accuracy": accuracy, "temperature": args.temperature,
         "conditional_accuracy_by_digit": by_digit.tolist(),
@@ -667,12 +781,14 @@ def run(args):
     return metrics
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> None:
     try:
-        return run(args)
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

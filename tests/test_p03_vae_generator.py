@@ -1,5 +1,7 @@
 """Capstone 3 (projects/03_vae_generator.py): the hand-written VAE objective against PyTorch's own,
-the reparameterisation trick, the conditional VAE's shapes and generation helpers, and bad input."""
+the reparameterisation trick, the conditional VAE's shapes and generation helpers, the
+mixed-precision policy, checkpoints from elsewhere, and bad input."""
+import argparse
 import gzip
 import json
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import assert_clean_failure, failure_of, load_lab, run_lab
 
 LAB = "projects/03_vae_generator.py"
 
@@ -94,12 +96,84 @@ def test_judge_augmentation_without_range_is_the_identity_and_keeps_shapes(lab):
     assert moved.shape == images.shape and not torch.allclose(moved, images)
 
 
-# --- bad input ----------------------------------------------------------------------------------
+# --- mixed precision: one policy (CONTRIBUTING.md), checked by faking the GPU's answers --------------
 
-@pytest.mark.parametrize("digit", ["10", "-1"])
-def test_digit_outside_0_to_9_fails_cleanly(tmp_path, digit):
-    result = run_lab(LAB, "--digit", digit, "--smoke", "--out-dir", tmp_path / "out", timeout=60)
-    assert_clean_failure(result, "--digit must be a single digit 0-9")
+def fake_gpu(monkeypatch, native_bf16: bool):
+    """torch.cuda answers like a T4 (bf16 only by emulation) or like an A100/H200 (native bf16)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+def test_precision_auto_is_fp16_on_a_t4_bf16_on_newer_gpus_and_fp32_on_cpu(lab, monkeypatch):
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch, native_bf16=False)
+    assert lab.pick_precision("auto", cuda) is torch.float16  # a T4 only emulates bf16
+    fake_gpu(monkeypatch, native_bf16=True)
+    assert lab.pick_precision("auto", cuda) is torch.bfloat16
+    assert lab.pick_precision("fp16", cuda) is torch.float16 and lab.pick_precision("fp32", cuda) is None
+    assert lab.pick_precision("auto", torch.device("cpu")) is None
+    assert not lab.grad_scaler(torch.device("cpu"), None).is_enabled()
+    with pytest.raises(lab.LabError, match="--precision bf16 is for CUDA"):
+        lab.pick_precision("bf16", torch.device("cpu"))
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step(lab):
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
+    broken = lab.build_model({"kind": "vae", "latent_dim": 6, "channels": [4, 8], "hidden": 16})
+    with torch.no_grad():
+        broken.decoder_out.bias.fill_(float("nan"))
+    args = argparse.Namespace(epochs=1, batch_size=4, lr=1e-3, beta=1.0, temperature=1.0)
+    with pytest.raises(lab.LabError, match="not finite at step 1 "):
+        lab.train_vae(broken, lab.build_model({"kind": "classifier", "widths": [4, 4, 4]}), args, x, y, x, y,
+                      torch.Generator().manual_seed(0))
+
+
+# --- checkpoints: a broken file and another lab's checkpoint get different messages -----------------
+
+def test_checkpoint_from_another_lab_is_named_as_such(lab, tmp_path):
+    other = tmp_path / "best.pt"  # capstone 1's classifier: a valid file whose config is not ours
+    torch.save({"model": {}, "config": {"widths": [16, 32, 64], "num_classes": 10}}, other)
+    with pytest.raises(lab.LabError, match="another lab") as info:
+        lab.load_checkpoint(other, torch.device("cpu"))
+    assert "truncated" not in str(info.value)
+
+
+def test_truncated_checkpoint_is_named_as_such(lab, tmp_path, tiny_vae):
+    path = tmp_path / "vae.pt"
+    lab.save_checkpoint(path, tiny_vae, {"kind": "vae", "latent_dim": 6, "channels": [4, 8], "hidden": 16},
+                        (torch.rand(2, 1, 28, 28), torch.tensor([1, 2])))
+    assert lab.load_checkpoint(path, torch.device("cpu"))[1]["config"]["kind"] == "vae"
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(lab.LabError, match="truncated or not a PyTorch checkpoint") as info:
+        lab.load_checkpoint(path, torch.device("cpu"))
+    assert "another lab" not in str(info.value)
+
+
+# --- bad input: one line on stderr, exit status 1, nothing written --------------------------------
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--digit", "10", "single digit 0-9"), ("--digit", "-1", "single digit 0-9"),
+    ("--temperature", "0", "positive"), ("--epochs", "0", "at least 1"), ("--precision", "fp16", "--precision fp16"),
+])
+def test_bad_flags_fail_with_one_line_before_anything_is_written(lab, tmp_path, flag, value, message):
+    result = failure_of(lab.main, [flag, value, "--smoke", "--device", "cpu", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, flag, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_one_line(lab, tmp_path, flag):
+    afile = tmp_path / "a_file"
+    afile.write_text("mine")
+    argv = {"--data-dir": ["--data-dir", afile, "--out-dir", tmp_path / "out"], "--out-dir": ["--smoke", "--out-dir", afile]}
+    result = failure_of(lab.main, argv[flag])
+    assert_clean_failure(result, flag, "is a file, not a folder")
+    assert afile.read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+def test_bad_flag_in_a_terminal_is_one_line(tmp_path):
+    result = run_lab(LAB, "--digit", "10", "--smoke", "--out-dir", tmp_path / "out", timeout=60)
+    assert_clean_failure(result, "--digit", "single digit 0-9")
     assert not (tmp_path / "out").exists()
 
 
@@ -111,17 +185,11 @@ def test_wrong_checksum_deletes_the_download_and_exits_with_a_message(lab, monke
     out_dir.mkdir()
     (out_dir / "vae.pt").write_bytes(b"an earlier checkpoint")
     monkeypatch.setattr(lab, "fetch_url", lambda url: gzip.compress(b"\x00\x00\x08\x03 wrong bytes"))
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--data-dir", str(data_dir), "--out-dir", str(out_dir)])
-    message = str(exit_info.value.code)
-    assert "checksum mismatch" in message and "deleted the download" in message and "--smoke" in message
+    result = failure_of(lab.main, ["--data-dir", data_dir, "--out-dir", out_dir])
+    assert_clean_failure(result, "checksum mismatch", "deleted the download", "--smoke")
     assert sorted(p.name for p in raw.iterdir()) == ["README"], "the bad download is gone, the rest kept"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["vae.pt"]
     assert (out_dir / "vae.pt").read_bytes() == b"an earlier checkpoint"
-
-
-def test_non_positive_temperature_is_refused(lab):
-    with pytest.raises(SystemExit):
-        lab.parse_args(["--temperature", "0"])
 
 
 # --- the real run -------------------------------------------------------------------------------
