@@ -1,0 +1,1502 @@
+"""Music bridge, week 3: melodies and chord progressions as sequences, on real music.
+
+Curriculum days 15-17 (recurrent networks), taken to music. What this lab teaches, in order:
+  1. Representation: a melody as a sequence of note events (pitch + duration, rests included), the
+     same folk tunes as ABC text characters, transposition to all keys as augmentation, and a
+     train/validation/test split by tune (never by window).
+  2. Baselines first: n-gram models of orders 1-4 with Witten-Bell smoothing on the same tokens,
+     their held-out negative log-likelihood (NLL) per event.
+  3. An LSTM and a GRU on note events, trained with truncated back-propagation through time, in one
+     NLL table with the n-grams.
+  4. The same LSTM on ABC characters (folk-rnn's representation), and one validity checker for
+     real and generated tunes: parses with music21, every complete bar has the metre's length.
+  5. Chord progressions from the Bach chorales, one chord per beat as a Roman numeral: next-chord
+     accuracy of an LSTM against the bigram baseline.
+  6. Generation with temperature and top-k, primed with the start of a held-out tune or your own
+     melody (`--prime`), `--generate-only` from a checkpoint, and musical statistics of generated
+     against held-out melodies (tonic-relative pitch-class histogram, range, durations, in-key
+     ratio) next to a random-note baseline.
+  7. Listening: every generated melody as MIDI (music21) and WAV (a small torch synthesiser written
+     with the standard `wave` module) plus a piano roll; in a notebook the audio plays inline.
+
+The music is the corpus that music21 installs with the package (no network): the 371 four-part Bach
+chorales (`music21.corpus.chorales.Iterator`; chorale melodies that occur more than once are kept
+once, before the split) and O'Neill's 1850 collection of Irish tunes (2,009 tunes in ABC). The ABC
+character model reads the O'Neill files as raw text (all tunes with `L:1/8`, ornaments stripped);
+the note-event model reads the chorale sopranos and the first `--folk-tunes` O'Neill tunes parsed
+by music21 (default 500: parsing is slow, about 0.25 s a tune). Parsing happens once, with a
+progress bar, and is cached under `--data-dir/music_melody_lstm/` (versioned JSON; rebuilt when
+stale or corrupt).
+
+Run it
+  terminal:  python week3_rnn/music_melody_lstm.py                 (parses and caches the corpus first)
+             python week3_rnn/music_melody_lstm.py --smoke         (generated tunes, seconds, no corpus)
+             python week3_rnn/music_melody_lstm.py --generate-only runs/music_melody_lstm/melody_lstm.pt \
+                 --prime my_tune.abc --temperature 0.9 --top-k 8
+             python week3_rnn/music_melody_lstm.py --export-abc abc_tunes.txt   (the ABC training tunes)
+             python week3_rnn/music_melody_lstm.py --score-abc generated.txt    (validity share of any ABC)
+  Colab:     paste the file into a cell (or cell by cell at the `# %%` markers) and call `main()`;
+             `pip install music21` first if it is missing. The WAV files play inline.
+
+What the default run reaches (measured)
+  not measured yet.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import wave
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAB_NAME = "music_melody_lstm"
+CACHE_VERSION = 1  # bump when the cached corpus format changes: an old cache is then rebuilt
+
+
+class LabError(Exception):
+    """A problem the learner can fix (bad flag, missing package, broken file): message, no traceback."""
+
+
+# %%
+# Setup: the device, folders, figures that also show inline in a notebook. Asking for something
+# that is not there (a GPU, a folder that is a file, music21) is a one-line message, not a traceback.
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu "
+                       "(in Colab: Runtime > Change runtime type > T4 GPU)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LabError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+def in_notebook() -> bool:
+    """True in a Jupyter or Colab kernel: figures then show inline, and errors print one line."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython.get_ipython(), "kernel", None) is not None
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a figure as PNG, show it inline in a notebook, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path)
+    if in_notebook():
+        from IPython.display import display
+        display(fig)
+    plt.close(fig)
+
+
+def import_music21():
+    """music21 reads and writes the music; a learner without it gets one line saying how to install it."""
+    try:
+        import music21
+    except ImportError:
+        raise LabError("this lab needs music21 (it ships the Bach chorales and O'Neill's tunes): "
+                       "pip install music21  (or: pip install -r requirements.txt)") from None
+    return music21
+
+
+def one_line(err: Exception) -> str:
+    """An exception as one short line (music21's and PyTorch's messages can span several)."""
+    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
+@contextlib.contextmanager
+def fast_cuda_kernels(device: torch.device):
+    """On CUDA: cuDNN autotuning (training shapes are fixed) and TF32 matmuls (Ampere and newer).
+    Both are put back afterwards, so a notebook kernel is left as the lab found it."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision = before
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# %%
+# Recurrent layers under mixed precision. PyTorch's cuDNN wrapper casts nn.LSTM/nn.GRU to fp16
+# under autocast, whatever dtype was asked (CONTRIBUTING.md, "Mixed precision"); fp16 needs the
+# GradScaler, which only the fp16 policy turns on. So under bf16 the layer runs in fp32 instead.
+def run_recurrent(layer: nn.Module, inputs, state=None):
+    """layer(inputs, state), outside autocast and in fp32 when autocast asks for bf16."""
+    kind = inputs.device.type
+    if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
+        return layer(inputs, state)
+    if state is not None:
+        state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
+    with torch.autocast(kind, enabled=False):
+        return layer(inputs.float(), state)
+
+
+# %%
+# Part 1a. Representation: note events. A melody is a list of (pitch, duration) events: MIDI pitch
+# (0 for a rest) and a duration in quarter notes, snapped to one of DURATIONS. Each event is ONE
+# token, so "negative log-likelihood per event" means the same thing for every model below. Two
+# special tokens mark where a tune starts and ends.
+BOS, EOS = 0, 1
+PITCH_LOW, PITCH_HIGH = 48, 95  # C3..B6: every pitch of the corpus in every transposition below
+DURATIONS = (0.25, 1 / 3, 0.5, 2 / 3, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # quarter notes (1/3: triplet eighths)
+PITCH_SLOTS = 1 + PITCH_HIGH - PITCH_LOW + 1  # a rest, then every pitch
+MELODY_VOCAB = 2 + PITCH_SLOTS * len(DURATIONS)
+TRANSPOSITIONS = range(-5, 7)  # all 12 keys, each melody moved by at most a fourth or a tritone
+
+
+def snap_duration(quarters: float) -> int:
+    """Index of the nearest duration on a log scale (a dotted eighth 0.75, not 0.5 or 1)."""
+    quarters = min(max(quarters, DURATIONS[0]), DURATIONS[-1])
+    return min(range(len(DURATIONS)), key=lambda i: abs(math.log(quarters / DURATIONS[i])))
+
+
+def event_token(pitch: int, quarters: float) -> int:
+    slot = 0 if pitch == 0 else pitch - PITCH_LOW + 1
+    if not 0 <= slot < PITCH_SLOTS:
+        raise ValueError(f"pitch {pitch} outside {PITCH_LOW}..{PITCH_HIGH}")
+    return 2 + slot * len(DURATIONS) + snap_duration(quarters)
+
+
+def token_event(token: int):
+    """(pitch, quarters) of an event token; pitch 0 is a rest."""
+    slot, duration = divmod(token - 2, len(DURATIONS))
+    return (0 if slot == 0 else PITCH_LOW + slot - 1), DURATIONS[duration]
+
+
+def encode_melody(events) -> list:
+    """[(pitch, quarters), ...] -> [BOS, tokens..., EOS]."""
+    return [BOS] + [event_token(p, q) for p, q in events] + [EOS]
+
+
+def transpose(events, semitones: int):
+    """The same melody `semitones` higher (rests stay rests); None if it leaves the pitch range."""
+    moved = [(p + semitones if p else 0, q) for p, q in events]
+    if any(p and not PITCH_LOW <= p <= PITCH_HIGH for p, _ in moved):
+        return None
+    return moved
+
+
+def augment(melodies):
+    """Every training melody in all 12 keys (where it stays in range): the model sees each interval
+    pattern from every starting note, so a melody's key is no longer something to memorise."""
+    out = []
+    for events in melodies:
+        for shift in TRANSPOSITIONS:
+            moved = transpose(events, shift)
+            if moved is not None:
+                out.append(moved)
+    return out
+
+
+def split_of(name: str) -> str:
+    """Split by TUNE, decided by a hash of its name: stable across runs and seeds, and no window of
+    a test tune can ever sit in the training set."""
+    bucket = zlib.crc32(name.encode()) % 10
+    return "test" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
+# %%
+# Part 1b. The same tunes as ABC text. O'Neill's collection is read as raw text: the tunes are cut
+# at their `X:` lines, titles and notes dropped, and only the metre, unit length, key and the notes
+# kept. Ornaments (grace notes {..}, slurs, staccato dots, rolls ~, decorations !..!, chord names
+# "..") are stripped: they do not change a bar's length and would only make the language larger.
+KEY_TONICS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+MODE_SCALES = {  # intervals above the tonic of each mode that O'Neill's K: fields use
+    "major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10, 11), "dorian": (0, 2, 3, 5, 7, 9, 10),
+    "mixolydian": (0, 2, 4, 5, 7, 9, 10), "phrygian": (0, 1, 3, 5, 7, 8, 10), "lydian": (0, 2, 4, 6, 7, 9, 11),
+}
+MODE_NAMES = {"": "major", "maj": "major", "ion": "major", "m": "minor", "min": "minor", "aeo": "minor",
+              "dor": "dorian", "mix": "mixolydian", "phr": "phrygian", "lyd": "lydian"}
+
+
+def split_abc_tunes(text: str):
+    """Raw ABC text -> one string per tune, cut at `X:` lines (or at blank lines if there are none)."""
+    if re.search(r"^X:", text, flags=re.M):
+        chunks = re.split(r"^(?=X:)", text, flags=re.M)
+    else:
+        chunks = re.split(r"\n\s*\n", text)
+    return [chunk.strip() for chunk in chunks if chunk.strip()]
+
+
+def abc_field(tune: str, field: str):
+    match = re.search(rf"^{field}:\s*(.*?)\s*$", tune, flags=re.M)
+    return match.group(1) if match else None
+
+
+def parse_key_field(value: str):
+    """'Gm', 'ADor', 'Bb' -> (tonic pitch class, mode name); None if it is not a key we know."""
+    match = re.fullmatch(r"([A-G])([b#]?)\s*([A-Za-z]*)", (value or "").strip())
+    if not match:
+        return None
+    letter, accidental, mode = match.groups()
+    mode = MODE_NAMES.get(mode.lower()[:3] if mode.lower() not in ("m", "") else mode.lower())
+    if mode is None:
+        return None
+    return (KEY_TONICS[letter] + {"": 0, "#": 1, "b": -1}[accidental]) % 12, mode
+
+
+def normalise_abc(tune: str):
+    """A raw O'Neill tune -> 'M:..\\nL:..\\nK:..\\n<notes>\\n', or None if a field is missing."""
+    metre, unit, key = (abc_field(tune, f) for f in ("M", "L", "K"))
+    if not metre or not unit or not key:
+        return None
+    body_lines = []
+    for line in tune.splitlines():
+        if re.match(r"^[A-Za-z]:", line) or line.startswith("%"):
+            continue  # header fields and comments
+        line = re.sub(r'"[^"]*"|![^!]*!|\{[^}]*\}', "", line)  # chord names, decorations, grace notes
+        line = re.sub(r"\((?![2-9])", "", line).replace(")", "")  # slurs, but not tuplets like (3
+        line = re.sub(r"[~.HLMOPSTuv]", "", line)  # rolls, staccato, other one-letter ornaments
+        line = re.sub(r"[ \t]+", " ", line).strip()
+        if line:
+            body_lines.append(line)
+    if not body_lines:
+        return None
+    return f"M:{metre.replace(' ', '')}\nL:{unit.replace(' ', '')}\nK:{key.replace(' ', '')}\n" + "\n".join(body_lines) + "\n"
+
+
+# %%
+# Part 1c. Reading the corpus once. Each entry is parsed by music21 (the slow part: about half a
+# second a chorale, a quarter of a second a folk tune), turned into plain numbers and cached as
+# JSON. A cache from another version of this lab, or with other settings, or that does not read
+# back, is rebuilt; an entry music21 cannot parse is skipped and counted, never silently.
+def melody_events(stream):
+    """The top line of a music21 stream as [(pitch, quarters)]: ties merged, grace notes dropped,
+    the highest note of a chord, consecutive rests merged."""
+    part = stream.parts[0] if getattr(stream, "parts", None) else stream
+    events = []
+    for element in part.stripTies().flatten().notesAndRests:
+        quarters = float(element.quarterLength)
+        if element.duration.isGrace or quarters <= 0:
+            continue
+        if element.isRest:
+            if events and events[-1][0] == 0:
+                events[-1] = (0, events[-1][1] + quarters)
+            else:
+                events.append((0, quarters))
+            continue
+        events.append((max(p.midi for p in element.pitches), quarters))
+    while events and events[0][0] == 0:
+        events.pop(0)  # leading and trailing rests say nothing about the melody
+    while events and events[-1][0] == 0:
+        events.pop()
+    return events
+
+
+ROMAN = ("I", "bII", "II", "bIII", "III", "IV", "#IV", "V", "bVI", "VI", "bVII", "VII")
+CHORD_TEMPLATES = {  # intervals above the root -> (quality suffix, lower-case numeral?)
+    (0, 4, 7): ("", False), (0, 3, 7): ("", True), (0, 3, 6): ("o", True), (0, 4, 8): ("+", False),
+    (0, 4, 7, 10): ("7", False), (0, 4, 7, 11): ("maj7", False), (0, 3, 7, 10): ("7", True),
+    (0, 3, 6, 10): ("h7", True), (0, 3, 6, 9): ("o7", True),
+}
+
+
+def chord_label(pitches, tonic: int) -> str:
+    """Sounding MIDI pitches -> a Roman numeral relative to the tonic ('V7', 'ii', 'bVI', 'viio').
+    The root is the one whose chord template explains most pitch classes (the bass breaks ties);
+    passing notes that fit no template only lower the score. 'N' when fewer than two pitch classes sound.
+    (music21's roman.romanNumeralFromChord does this too, but takes ~0.1 s a chord on these cores.)"""
+    classes = {p % 12 for p in pitches}
+    if len(classes) < 2:
+        return "N"
+    bass = min(pitches) % 12
+    best = None
+    for root in sorted(classes):
+        intervals = {(p - root) % 12 for p in classes}
+        for template, (suffix, lower) in CHORD_TEMPLATES.items():
+            shape = set(template)
+            score = 2 * len(intervals & shape) - 2 * len(intervals - shape) - len(shape - intervals)
+            score += 0.5 * (root == bass)
+            if best is None or score > best[0]:
+                best = (score, root, suffix, lower)
+    _, root, suffix, lower = best
+    numeral = ROMAN[(root - tonic) % 12]
+    return (numeral.lower() if lower else numeral) + suffix
+
+
+def chords_per_beat(score, tonic: int):
+    """One chord label per quarter-note beat from all four voices of a chorale."""
+    sounding = []  # (start, end, midi) of every note of every voice
+    for part in score.parts:
+        for note in part.stripTies().flatten().notes:
+            if note.duration.isGrace:
+                continue
+            start = float(note.offset)
+            sounding += [(start, start + float(note.quarterLength), p.midi) for p in note.pitches]
+    if not sounding:
+        return []
+    end = max(stop for _, stop, _ in sounding)
+    labels, beat = [], 0.0
+    while beat < end:
+        labels.append(chord_label([m for start, stop, m in sounding if start <= beat < stop], tonic))
+        beat += 1.0
+    return labels
+
+
+def chorale_record(name: str, score):
+    """A parsed chorale -> the cached numbers: soprano events, key, chord per beat."""
+    key = score.analyze("key")
+    tonic, mode = key.tonic.pitchClass, ("minor" if key.mode == "minor" else "major")
+    return {"name": name, "source": "chorale", "tonic": tonic, "mode": mode,
+            "events": melody_events(score.parts[0]), "chords": chords_per_beat(score, tonic)}
+
+
+def folk_record(name: str, tune_text: str, music21):
+    """A raw ABC folk tune -> the cached numbers: its events and the key of its K: field."""
+    key = parse_key_field(abc_field(tune_text, "K"))
+    if key is None:
+        raise ValueError(f"unknown key {abc_field(tune_text, 'K')!r}")
+    score = music21.converter.parse(tune_text, format="abc")
+    return {"name": name, "source": "folk", "tonic": key[0], "mode": key[1], "events": melody_events(score)}
+
+
+def oneills_tunes(music21):
+    """(name, raw text) of every tune of O'Neill's 1850 collection, in file order."""
+    root = Path(music21.__file__).parent / "corpus" / "oneills1850"
+    files = sorted(root.glob("*.abc"))
+    if not files:
+        raise LabError(f"O'Neill's collection is missing from music21's corpus ({root}); "
+                       "reinstall music21 (pip install --force-reinstall music21) or run with --smoke")
+    tunes = []
+    for path in files:
+        for tune in split_abc_tunes(path.read_text(encoding="latin-1")):
+            tunes.append((f"oneills1850/{path.name}#{abc_field(tune, 'X')}", tune))
+    return tunes
+
+
+def corpus_entries(music21, folk_tunes: int):
+    """What the default run parses: every chorale, and the first `folk_tunes` O'Neill tunes.
+    Each entry is (kind, name, loader) where loader() returns a record."""
+    entries = [("chorale", name, lambda name=name: chorale_record(name, music21.corpus.parse(name)))
+               for name in music21.corpus.chorales.Iterator(returnType="filename")]
+    for name, text in oneills_tunes(music21)[:folk_tunes]:
+        entries.append(("folk", name, lambda name=name, text=text: folk_record(name, text, music21)))
+    return entries
+
+
+def read_cache(path: Path, fingerprint: str):
+    """The cached corpus, or (None, why not) when it is missing, stale or corrupt."""
+    if not path.exists():
+        return None, "no cache yet"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("version") != CACHE_VERSION or cached.get("fingerprint") != fingerprint:
+            return None, "the cache is stale (another version of the lab or other settings)"
+        for record in cached["records"]:
+            if not isinstance(record["events"], list) or not isinstance(record["tonic"], int):
+                raise ValueError("bad record")
+        return cached, None
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        return None, f"the cache is corrupt ({one_line(err)})"
+
+
+def build_corpus(entries, cache_path: Path, fingerprint: str, progress=True):
+    """Parse every entry (with a progress bar), skip and count the ones that fail, cache the rest.
+    Returns the cached dict: records, skipped [(name, reason)], parse_seconds."""
+    from tqdm.auto import tqdm
+
+    cached, why = read_cache(cache_path, fingerprint)
+    if cached is not None:
+        return cached
+    print(f"parsing {len(entries)} corpus entries with music21 ({why}); once, then cached in {cache_path}")
+    start = time.perf_counter()
+    records, skipped = [], []
+    for kind, name, loader in tqdm(entries, desc="parsing", unit="tune", disable=not progress, mininterval=2):
+        try:
+            record = loader()
+        except Exception as err:  # music21 raises many kinds on a malformed entry: skip it, count it
+            skipped.append([name, one_line(err)])
+            continue
+        if len(record["events"]) < 4:
+            skipped.append([name, "fewer than 4 notes"])
+            continue
+        records.append(record)
+    cached = {"version": CACHE_VERSION, "fingerprint": fingerprint, "records": records, "skipped": skipped,
+              "parse_seconds": time.perf_counter() - start}
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(cached), encoding="utf-8")
+    os.replace(temporary, cache_path)  # an interrupted parse never leaves a half-written cache
+    return cached
+
+
+def dedupe_melodies(records):
+    """Keep the first of chorale melodies that occur more than once (the same hymn tune harmonised
+    twice, maybe in another key): compared as intervals and durations, so transposed copies match."""
+    seen, kept, dropped = set(), [], 0
+    for record in records:
+        events = record["events"]
+        pitches = [p for p, _ in events if p]
+        first = pitches[0] if pitches else 0
+        signature = (record["source"], tuple((p - first if p else None, snap_duration(q)) for p, q in events))
+        if signature in seen:
+            dropped += 1
+            continue
+        seen.add(signature)
+        kept.append(record)
+    return kept, dropped
+
+
+# %%
+# Part 1d. Smoke mode: a few generated tunes of the real shapes, run through the same code (ABC
+# text parsed by music21, four-voice "chorales" built as music21 scores), never the corpus.
+def generated_abc_tune(index: int, generator: torch.Generator) -> str:
+    """A made-up 6/8 or 4/4 tune in G or D with bars of the right length (eighth notes)."""
+    metre, per_bar = (("6/8", 6), ("4/4", 8))[index % 2]
+    key = ("G", "D")[index % 3 % 2]
+    scale = "GABcdefg" if key == "G" else "DEFGABcd"
+    bars = []
+    for _ in range(8):
+        cells, length = [], 0
+        while length < per_bar:
+            step = 2 if length + 2 <= per_bar and torch.rand((), generator=generator) < 0.3 else 1
+            note = scale[int(torch.randint(len(scale), (), generator=generator))]
+            cells.append(note + ("2" if step == 2 else ""))
+            length += step
+        bars.append("".join(cells))
+    body = "|".join(bars[:4]) + "|\n" + "|".join(bars[4:]) + "|]"
+    return f"X:{index + 1}\nT:Generated tune {index + 1}\nM:{metre}\nL:1/8\nK:{key}\n{body}\n"
+
+
+def generated_chorale(index: int, music21):
+    """A four-voice I-IV-V-I progression (twice, in C or G) as a music21 score."""
+    stream, note = music21.stream, music21.note
+    tonic = (60, 67)[index % 2]
+    progression = [(0, 4, 7), (5, 9, 12), (7, 11, 14), (0, 4, 7), (9, 12, 16), (5, 9, 12), (7, 11, 14), (0, 4, 7)]
+    progression = progression[index % 4:] + progression[:index % 4]  # a different melody each time
+    score = stream.Score()
+    voices = [[] for _ in range(4)]
+    for degrees in progression * 2:
+        root, third, fifth = (tonic + d for d in degrees)
+        for voice, pitch in zip(voices, (fifth + 12, third + (index % 3), root - 5, root - 12)):
+            voice.append(pitch)
+    for voice in voices:
+        part = stream.Part()
+        for pitch in voice:
+            part.append(note.Note(pitch, quarterLength=1.0))
+        score.insert(0, part)
+    return score
+
+
+def smoke_entries(music21, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    entries = [("chorale", f"generated/chorale{i}", lambda i=i: chorale_record(f"generated/chorale{i}",
+                                                                               generated_chorale(i, music21)))
+               for i in range(4)]
+    tunes = [generated_abc_tune(i, generator) for i in range(10)]
+    entries += [("folk", f"generated/tune{i}", lambda i=i: folk_record(f"generated/tune{i}", tunes[i], music21))
+                for i in range(10)]
+    return entries, tunes
+
+
+def load_music(args, data_dir: Path):
+    """Everything the lesson trains on: melodies, chord sequences, ABC tunes, each split by tune."""
+    music21 = import_music21()
+    if args.smoke:
+        entries, raw_tunes = smoke_entries(music21, args.seed)
+        cache_path = data_dir / LAB_NAME / "smoke_corpus.json"
+        fingerprint = f"smoke-{args.seed}"
+        abc_tunes = [(f"generated/tune{i}", tune) for i, tune in enumerate(raw_tunes)] * 3
+        abc_tunes = [(f"{name}/{i}", tune) for i, (name, tune) in enumerate(abc_tunes)]
+    else:
+        entries = corpus_entries(music21, args.folk_tunes)
+        cache_path = data_dir / LAB_NAME / f"corpus_v{CACHE_VERSION}.json"
+        fingerprint = f"music21-{music21.__version__}-folk-{args.folk_tunes}-entries-{len(entries)}"
+        abc_tunes = oneills_tunes(music21)
+    corpus = build_corpus(entries, cache_path, fingerprint, progress=not args.smoke)
+    if corpus["skipped"]:
+        examples = "; ".join(f"{name}: {why}" for name, why in corpus["skipped"][:3])
+        print(f"  skipped {len(corpus['skipped'])} corpus entries that did not parse (e.g. {examples})")
+    records, duplicates = dedupe_melodies(corpus["records"])
+    abc = [(name, normalise_abc(tune)) for name, tune in abc_tunes]
+    abc = [(name, text) for name, text in abc if text and "L:1/8" in text]
+    return {"records": records, "duplicates": duplicates, "skipped": corpus["skipped"],
+            "parse_seconds": corpus["parse_seconds"], "abc": abc}
+
+
+# %%
+# Part 2. Baselines first: n-gram models. An n-gram model predicts the next event from the n-1
+# before it, by counting. Unseen contexts are the problem: Witten-Bell smoothing mixes each order
+# with the one below it, trusting a context more the more often it was seen and the fewer different
+# continuations it had. Every order ends in an add-one unigram, so no event ever gets probability 0.
+# Exercise: write NGramModel.prob (Witten-Bell interpolation) and check it sums to 1 over the vocabulary.
+class NGramModel:
+    def __init__(self, order: int, vocab_size: int):
+        self.order, self.vocab_size = order, vocab_size
+        self.counts = [defaultdict(Counter) for _ in range(order)]  # counts[k][context of length k][token]
+        self.totals = [dict() for _ in range(order)]
+        self.types = [dict() for _ in range(order)]
+
+    def fit(self, sequences):
+        """sequences: token lists that start with BOS; the first tokens are padded with BOS."""
+        for sequence in sequences:
+            padded = [BOS] * (self.order - 1) + list(sequence)
+            for i in range(self.order - 1 + 1, len(padded)):
+                for k in range(self.order):
+                    self.counts[k][tuple(padded[i - k:i])][padded[i]] += 1
+        for k in range(self.order):
+            for context, following in self.counts[k].items():
+                self.totals[k][context] = sum(following.values())
+                self.types[k][context] = len(following)
+        return self
+
+    def prob(self, context, token: int) -> float:
+        """P(token | the last order-1 tokens of context), interpolated down to the add-one unigram."""
+        unigram = self.counts[0][()]
+        p = (unigram[token] + 1) / (self.totals[0].get((), 0) + self.vocab_size)
+        for k in range(1, self.order):
+            history = tuple(context[len(context) - k:]) if k <= len(context) else None
+            if history is None or history not in self.totals[k]:
+                break  # an unseen context: the lower order's estimate stands
+            total, types = self.totals[k][history], self.types[k][history]
+            p = (self.counts[k][history][token] + types * p) / (total + types)
+        return p
+
+    def nll(self, sequences) -> float:
+        """Mean negative log-likelihood in nats per predicted token (every token after BOS, EOS too)."""
+        total, count = 0.0, 0
+        for sequence in sequences:
+            padded = [BOS] * (self.order - 1) + list(sequence)
+            for i in range(self.order, len(padded)):
+                total -= math.log(self.prob(padded[:i], padded[i]))
+                count += 1
+        return total / max(count, 1)
+
+    def most_likely(self, context) -> int:
+        return max(range(self.vocab_size), key=lambda token: self.prob(context, token))
+
+
+# %%
+# Part 3a. The neural models: embedding -> LSTM or GRU -> one logit per token. The same class models
+# note events, ABC characters and chords; only the vocabulary changes.
+@dataclass
+class SeqConfig:
+    kind: str = "lstm"  # lstm or gru
+    vocab_size: int = MELODY_VOCAB
+    embed_dim: int = 64
+    hidden_size: int = 256
+    num_layers: int = 1
+    dropout: float = 0.0
+
+
+class SequenceModel(nn.Module):
+    def __init__(self, config: SeqConfig):
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[config.kind]
+        self.rnn = rnn(config.embed_dim, config.hidden_size, config.num_layers, batch_first=True,
+                       dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, tokens, state=None):  # tokens: (B, T)
+        outputs, state = run_recurrent(self.rnn, self.drop(self.embed(tokens)), state)  # (B, T, H)
+        return self.head(self.drop(outputs)), state  # logits (B, T, V); state: (h, c) or h
+
+
+def build_model(config: dict) -> nn.Module:
+    """Rebuild a checkpoint's model from its config (the tests and --generate-only use this)."""
+    fields = {k: config[k] for k in SeqConfig.__dataclass_fields__ if k in config}
+    return SequenceModel(SeqConfig(**fields))
+
+
+# %%
+# Part 3b. Training with truncated back-propagation through time (TBPTT), as in lab 06: the training
+# tunes are one long token stream (BOS/EOS between tunes) cut into `batch_size` parallel rows; each
+# step reads the next `bptt` tokens of every row and carries the state over, detached. The budget is
+# wall-clock seconds (or --epochs); the learning rate warms up, then follows a cosine.
+def learning_rate(peak: float, progress: float, warmup: float = 0.05) -> float:
+    if progress < warmup:
+        return peak * progress / warmup
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+    return peak * (0.05 + 0.95 * cosine)
+
+
+def as_streams(data: torch.Tensor, streams: int) -> torch.Tensor:
+    """(N,) -> (streams, N // streams): row s is one contiguous stretch of the token stream."""
+    length = data.numel() // streams
+    return data[: streams * length].view(streams, length)
+
+
+def read_train_loss(loss_sum, first_bad, steps: int, label: str) -> float:
+    """The one read from the device per log interval: the mean loss, or a LabError naming the first
+    step whose loss was not finite (kept on the device until now)."""
+    total, bad = torch.stack([loss_sum.float(), first_bad.float()]).tolist()  # one wait for both
+    if bad >= 0:
+        raise LabError(f"the {label} training loss became NaN or infinite at step {int(bad)}; try a lower --lr")
+    return total / steps
+
+
+@dataclass
+class TrainPlan:
+    label: str
+    time_budget: float  # seconds (used when epochs == 0)
+    epochs: int
+    batch_size: int
+    bptt: int
+    lr: float
+    log_every: int
+    clip: float = 1.0
+    weight_decay: float = 0.01
+
+
+def train_tbptt(model, stream: torch.Tensor, plan: TrainPlan, device, dtype):
+    """Train on one long token stream. No step waits for the GPU: the loss is summed on the device and
+    read every plan.log_every steps. Returns (history, steps, seconds)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.99))
+    scaler = grad_scaler(device, dtype)
+    batch_size = max(1, min(plan.batch_size, (stream.numel() - 1) // (plan.bptt + 1)))  # tiny data: fewer rows
+    rows = as_streams(stream, batch_size).to(device)  # (B, L)
+    chunks = (rows.shape[1] - 1) // plan.bptt
+    if chunks < 1:
+        raise LabError(f"the {plan.label} training data is too short for --bptt {plan.bptt}")
+    total_steps = plan.epochs * chunks if plan.epochs else None
+    history = {"time_s": [], "train_loss": []}
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device)
+    step, read_at, state, next_print = 0, 0, None, 0.0
+    model.train()
+    start = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - start
+        progress = step / total_steps if total_steps else elapsed / plan.time_budget
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(plan.lr, progress)
+        column = (step % chunks) * plan.bptt
+        if column == 0:
+            state = None  # a new pass over the data starts with a fresh memory
+        inputs = rows[:, column:column + plan.bptt]  # (B, T)
+        targets = rows[:, column + 1:column + plan.bptt + 1]  # (B, T): the next token
+        if state is not None:
+            state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        with autocast(device, dtype):
+            logits, state = model(inputs, state)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), plan.clip)
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        loss_sum += loss.detach()
+        first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0), first_bad, step)
+        if step % plan.log_every:
+            continue  # nothing read from the GPU on this step
+        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at, plan.label))
+        now = time.perf_counter() - start
+        history["time_s"].append(now)
+        loss_sum.zero_()
+        read_at = step
+        if now >= next_print:
+            next_print = now + max(5.0, (plan.time_budget if not total_steps else now) / 8)
+            left = (total_steps - step) * now / step if total_steps else plan.time_budget - now
+            print(f"  [{plan.label}] step {step:5d}  epoch {step / chunks:5.2f}  train {history['train_loss'][-1]:.3f} "
+                  f"nats/token  {step * inputs.numel() / now:,.0f} tokens/s  {max(left, 0):4.0f} s left", flush=True)
+    if step > read_at:
+        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at, plan.label))
+        history["time_s"].append(time.perf_counter() - start)
+    return history, step, time.perf_counter() - start
+
+
+def padded_batches(sequences, batch_size: int):
+    """Token lists -> (inputs, targets) batches, padded; padded targets are -100 (ignored)."""
+    for i in range(0, len(sequences), batch_size):
+        group = sequences[i:i + batch_size]
+        width = max(len(s) for s in group) - 1
+        inputs = torch.full((len(group), width), EOS, dtype=torch.long)
+        targets = torch.full((len(group), width), -100, dtype=torch.long)
+        for row, sequence in enumerate(group):
+            inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
+            targets[row, :len(sequence) - 1] = torch.tensor(sequence[1:])
+        yield inputs, targets
+
+
+@torch.no_grad()
+def evaluate_sequences(model, sequences, device, dtype=None, batch_size=64):
+    """Each held-out sequence from a fresh state, as the n-grams see it: (nats per predicted token,
+    next-token accuracy). One read from the device for the whole pass."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    count = sum(len(s) - 1 for s in sequences)  # predicted tokens: every one after BOS, EOS included
+    for inputs, targets in padded_batches(sequences, batch_size):
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, dtype):
+            logits, _ = model(inputs)
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
+        mask = targets != -100
+        correct += (logits.argmax(-1).eq(targets) & mask).sum()
+    model.train()
+    nll, hits = torch.stack([total, correct.float()]).tolist()
+    return nll / max(count, 1), hits / max(count, 1)
+
+
+# %%
+# Part 3c. Checkpoints: the state_dict, the config that rebuilds the model (with its vocabulary),
+# and a few inputs with the outputs the model gave, so anyone can check a reload reproduces it.
+def save_checkpoint(model, config: SeqConfig, extra: dict, sample_inputs, path: Path):
+    model.eval()
+    with torch.no_grad():
+        logits, state = model(sample_inputs)
+    state = tuple(s.cpu() for s in state) if isinstance(state, tuple) else state.cpu()
+    payload = {"lab": LAB_NAME, "model": {k: v.cpu() for k, v in model.state_dict().items()},
+               "config": {**asdict(config), **extra}, "sample_inputs": sample_inputs.cpu(),
+               "sample_outputs": (logits.float().cpu(), state)}
+    temporary = path.with_suffix(".pt.tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)  # an interrupted save never leaves a broken checkpoint
+    model.train()
+
+
+def load_checkpoint(path: Path, device, task: str):
+    """Returns (model, config). A missing, corrupt or foreign file is a LabError that says which."""
+    if not path.is_file():
+        raise LabError(f"checkpoint {path} does not exist; train first (the default run saves "
+                       f"<out-dir>/melody_lstm.pt) or give the right path to --generate-only")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise LabError(f"checkpoint {path} cannot be loaded: the file is truncated or corrupt ({one_line(err)})") from None
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or config.get("task") != task or "model" not in saved:
+        raise LabError(f"checkpoint {path} is not this lab's {task} model; give --generate-only the "
+                       f"melody_lstm.pt or melody_gru.pt written by {LAB_NAME}")
+    try:
+        model = build_model(config)
+        model.load_state_dict(saved["model"])
+    except Exception as err:
+        raise LabError(f"checkpoint {path} does not fit this lab's model ({one_line(err)})") from None
+    return model.to(device).eval(), config
+
+
+# %%
+# Part 4. The validity checker: one function for real and generated tunes. A tune is valid music when
+# music21 parses it, it has a metre and at least two bars, and every complete bar lasts exactly one
+# bar of the metre. Short bars are allowed only where ABC allows them: the pick-up at the start, the
+# last bar, and bars next to a repeat sign, a double bar or a 1st/2nd-time ending (a tune's pick-up
+# is often split across the repeat). No bar may be too long.
+# Exercise: write abc_validity (which bars may be short, and why) and test it on your own tunes.
+def abc_validity(tune: str, music21=None):
+    """(valid, reason) for one ABC tune (header fields M:, L:, K: and the notes)."""
+    music21 = music21 or import_music21()
+    if not abc_field(tune, "M"):
+        return False, "no metre (M:) field"
+    if not abc_field(tune, "K"):
+        return False, "no key (K:) field"
+    text = tune if re.search(r"^X:", tune, flags=re.M) else "X:1\n" + tune
+    try:
+        score = music21.converter.parse(text, format="abc")
+    except Exception as err:  # music21's ABC reader raises many kinds on broken text
+        return False, f"music21 cannot parse it ({one_line(err)[:80]})"
+    part = score.parts[0] if getattr(score, "parts", None) else score
+    bars = list(part.getElementsByClass("Measure"))
+    metres = list(score.recurse().getElementsByClass("TimeSignature"))
+    if len(bars) < 2 or not metres:
+        return False, "fewer than two bars"
+    if metres[0].ratioString != metres[-1].ratioString:
+        return False, "the metre changes"
+    bar_length = float(metres[0].barDuration.quarterLength)
+    for i, bar in enumerate(bars):
+        length = float(bar.duration.quarterLength)
+        if abs(length - bar_length) < 1e-6:
+            continue
+        if length > bar_length + 1e-6:
+            return False, f"bar {i + 1} lasts {length:g} quarters, the metre {bar_length:g}"
+        at_boundary = (i == 0 or i == len(bars) - 1 or is_section_edge(bar, music21)
+                       or is_section_edge(bars[i - 1], music21, side="right")
+                       or is_section_edge(bars[i + 1], music21, side="left"))
+        if not at_boundary:
+            return False, f"bar {i + 1} lasts {length:g} quarters, the metre {bar_length:g}"
+    return True, "valid"
+
+
+def is_section_edge(bar, music21, side: str = "both") -> bool:
+    """Does this bar start or end a section: a repeat sign, a double/final bar line, an ending bracket?"""
+    def special(line):
+        return line is not None and (isinstance(line, music21.bar.Repeat) or line.type not in ("regular", "normal"))
+    if side in ("both", "left") and special(bar.leftBarline):
+        return True
+    if side in ("both", "right") and special(bar.rightBarline):
+        return True
+    return side == "both" and any(isinstance(s, music21.spanner.RepeatBracket) for s in bar.getSpannerSites())
+
+
+def validity_share(tunes, music21, desc: str, progress=True):
+    """Share of tunes abc_validity accepts, and the reasons the others failed (counted)."""
+    from tqdm.auto import tqdm
+
+    reasons = Counter()
+    valid = 0
+    for tune in tqdm(tunes, desc=desc, unit="tune", disable=not progress, mininterval=2):
+        ok, why = abc_validity(tune, music21)
+        valid += ok
+        if not ok:
+            reasons[re.sub(r"\d+", "N", why.split("(")[0]).strip()] += 1
+    return valid / max(len(tunes), 1), reasons
+
+
+# %%
+# Part 5. Chords: one label per beat from the four voices of each chorale (chord_label above), as a
+# sequence. The bigram baseline predicts the chord most often seen after the current one; the LSTM
+# sees the whole progression so far (where the phrase is, which cadence is coming).
+def chord_vocabulary(train_sequences, min_count: int = 3):
+    counts = Counter(label for sequence in train_sequences for label in sequence)
+    return ["<s>", "</s>", "other"] + sorted(label for label, n in counts.items() if n >= min_count)
+
+
+def encode_chords(labels, index):
+    return [BOS] + [index.get(label, 2) for label in labels] + [EOS]
+
+
+def bigram_accuracy(model: NGramModel, sequences) -> float:
+    """Share of next chords (after the first, EOS included) that the bigram's arg-max predicts."""
+    best = {}
+    hits = total = 0
+    for sequence in sequences:
+        for i in range(1, len(sequence)):
+            previous = sequence[i - 1]
+            if previous not in best:
+                best[previous] = model.most_likely([previous])
+            hits += best[previous] == sequence[i]
+            total += 1
+    return hits / max(total, 1)
+
+
+# %%
+# Part 6a. Generation: draw one token at a time from softmax(logits / temperature), keeping only the
+# top-k most likely (k = 0 keeps all). Many melodies are drawn at once, one per row of a batch.
+@torch.no_grad()
+def sample_batch(model, primes, length: int, temperature: float, top_k: int, device, generator, stop_token=None,
+                 banned=(), stop_repeat: int = 1):
+    """Continue every prime (a token list) by up to `length` tokens. Returns the drawn tokens per row,
+    cut where stop_token came `stop_repeat` times in a row (ABC: a blank line ends a tune)."""
+    model.eval()
+    drawn = [[] for _ in primes]
+    done = [False] * len(primes)
+    # Primes differ in length and padding would run through the RNN's state: read each one alone.
+    states, last = [], []
+    for prime in primes:
+        logits, state = model(torch.tensor([prime], device=device))
+        states.append(state)
+        last.append(logits[:, -1])
+    logits = torch.cat(last)  # (B, V)
+    state = (tuple(torch.cat(parts, dim=1) for parts in zip(*states)) if isinstance(states[0], tuple)
+             else torch.cat(states, dim=1))
+    for _ in range(length):
+        scores = logits.float() / temperature
+        for token in banned:
+            scores[:, token] = -float("inf")
+        if top_k:
+            kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, -float("inf"))
+        probs = torch.softmax(scores, dim=-1).cpu()
+        tokens = torch.multinomial(probs, 1, generator=generator)  # (B, 1) on the CPU
+        for row, token in enumerate(tokens[:, 0].tolist()):
+            if done[row]:
+                continue
+            drawn[row].append(token)
+            if stop_token is not None and drawn[row][-stop_repeat:] == [stop_token] * stop_repeat:
+                done[row] = True
+                del drawn[row][-stop_repeat:]
+        if all(done):
+            break
+        logits, state = model(tokens.to(device), state)
+        logits = logits[:, -1]
+    model.train()
+    return drawn
+
+
+def random_melody(length: int, low: int, high: int, duration_weights, generator):
+    """The baseline: uniform random pitches in the held-out melodies' range, durations as in the
+    training melodies. It has no idea of a key."""
+    pitches = torch.randint(low, high + 1, (length,), generator=generator).tolist()
+    durations = torch.multinomial(duration_weights, length, replacement=True, generator=generator).tolist()
+    return [(p, DURATIONS[d]) for p, d in zip(pitches, durations)]
+
+
+# %%
+# Part 6b. Musical statistics: does the generated music sound like the real music? Each melody's
+# pitches are counted relative to ITS tonic (so a tune in D and one in G are compared as degrees of
+# the scale), pooled, and compared by histogram intersection: sum of min(p_i, q_i), 1 = identical.
+# Exercise: write tonic_relative_histogram and check that transposing a melody (and its tonic)
+# leaves it unchanged.
+def tonic_relative_histogram(melodies) -> list:
+    """melodies: [(events, tonic pitch class)] -> 12 shares (degree 0 = the tonic), rests ignored."""
+    counts = [0] * 12
+    for events, tonic in melodies:
+        for pitch, _ in events:
+            if pitch:
+                counts[(pitch - tonic) % 12] += 1
+    total = sum(counts)
+    return [c / total for c in counts] if total else [0.0] * 12
+
+
+def histogram_intersection(a, b) -> float:
+    return sum(min(x, y) for x, y in zip(a, b))
+
+
+def duration_histogram(melodies) -> list:
+    counts = [0] * len(DURATIONS)
+    for events, _ in melodies:
+        for _, quarters in events:
+            counts[snap_duration(quarters)] += 1
+    total = sum(counts)
+    return [c / total for c in counts] if total else [0.0] * len(DURATIONS)
+
+
+def music_statistics(melodies, reference, modes):
+    """Statistics of (events, tonic) melodies against the reference histograms."""
+    pitched = [[p for p, _ in events if p] for events, _ in melodies]
+    in_key = total = 0
+    for (events, tonic), mode in zip(melodies, modes):
+        scale = MODE_SCALES[mode]
+        for pitch, _ in events:
+            if pitch:
+                in_key += (pitch - tonic) % 12 in scale
+                total += 1
+    histogram = tonic_relative_histogram(melodies)
+    return {"pitch_class_intersection": histogram_intersection(histogram, reference["pitch_classes"]),
+            "duration_intersection": histogram_intersection(duration_histogram(melodies), reference["durations"]),
+            "mean_range_semitones": sum(max(p) - min(p) for p in pitched if p) / max(1, sum(1 for p in pitched if p)),
+            "in_key_ratio": in_key / max(total, 1), "pitch_class_histogram": histogram}
+
+
+# %%
+# Part 7. Listening. MIDI through music21; WAV from a small additive synthesiser in torch (a few
+# harmonics under a plucked envelope) written with the standard `wave` module; a piano roll.
+def melody_to_midi(events, path: Path, music21, tempo_qpm: float = 100):
+    stream = music21.stream.Stream()
+    stream.append(music21.tempo.MetronomeMark(number=tempo_qpm))
+    for pitch, quarters in events:
+        stream.append(music21.note.Rest(quarterLength=quarters) if pitch == 0
+                      else music21.note.Note(pitch, quarterLength=quarters))
+    stream.write("midi", fp=str(path))
+
+
+def synthesise(events, sample_rate: int = 22050, tempo_qpm: float = 100) -> torch.Tensor:
+    """Events -> a mono waveform in [-1, 1]: each note is 4 harmonics under an attack-decay envelope."""
+    seconds_per_quarter = 60.0 / tempo_qpm
+    pieces = []
+    for pitch, quarters in events:
+        n = max(1, int(quarters * seconds_per_quarter * sample_rate))
+        if pitch == 0:
+            pieces.append(torch.zeros(n))
+            continue
+        t = torch.arange(n) / sample_rate
+        frequency = 440.0 * 2 ** ((pitch - 69) / 12)
+        tone = sum(0.5 ** h * torch.sin(2 * math.pi * (h + 1) * frequency * t) for h in range(4))
+        envelope = torch.clamp(t / 0.01, max=1.0) * torch.exp(-3.0 * t)  # 10 ms attack, then decay
+        release = torch.clamp((n - torch.arange(n)) / (0.01 * sample_rate), max=1.0)  # no clicks at the end
+        pieces.append(tone * envelope * release)
+    audio = torch.cat(pieces) if pieces else torch.zeros(1)
+    return 0.8 * audio / audio.abs().max().clamp_min(1e-6)
+
+
+def write_wav(audio: torch.Tensor, path: Path, sample_rate: int = 22050) -> None:
+    samples = (audio.clamp(-1, 1) * 32767).to(torch.int16)
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(sample_rate)
+        file.writeframes(samples.numpy().tobytes())
+
+
+def play_inline(path: Path) -> None:
+    """In a notebook, an audio player for the WAV file; nothing in a terminal."""
+    if in_notebook():
+        from IPython.display import Audio, display
+        display(Audio(filename=str(path)))
+
+
+def plot_piano_roll(pieces, path: Path):
+    """pieces: [(title, prime events, generated events)]; the prime is grey, the continuation coloured."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(pieces), 1, figsize=(10, 2.0 * len(pieces) + 0.5), squeeze=False)
+    for ax, (title, prime, generated) in zip(axes[:, 0], pieces):
+        time_q = 0.0
+        for events, color in ((prime, "0.6"), (generated, "C0")):
+            for pitch, quarters in events:
+                if pitch:
+                    ax.broken_barh([(time_q, quarters * 0.95)], (pitch - 0.4, 0.8), color=color)
+                time_q += quarters
+        ax.axvline(sum(q for _, q in prime), color="C3", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("MIDI pitch")
+    axes[-1, 0].set_xlabel("time (quarter notes); grey: the prime, blue: generated")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_statistics(histograms: dict, nll_table: dict, path: Path):
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    degrees = ["1", "b2", "2", "b3", "3", "4", "#4", "5", "b6", "6", "b7", "7"]
+    width = 0.8 / len(histograms)
+    for i, (name, histogram) in enumerate(histograms.items()):
+        left.bar([d + i * width for d in range(12)], histogram, width=width, label=name)
+    left.set_xticks([d + 0.4 - width / 2 for d in range(12)], degrees)
+    left.set_xlabel("pitch class relative to the tonic")
+    left.set_ylabel("share of notes")
+    left.legend(fontsize=8)
+    left.set_title("Tonic-relative pitch-class histograms")
+    names = list(nll_table)
+    right.barh(names, [nll_table[n] for n in names], color=["0.6" if "gram" in n else "C0" for n in names])
+    right.set_xlabel("held-out NLL (nats per event, lower is better)")
+    right.set_title("Note-event models on the test tunes")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_listening(pieces, out_dir: Path, music21):
+    """MIDI + WAV for every generated melody (prime included, as you would play it)."""
+    written = []
+    for i, (title, prime, generated) in enumerate(pieces, start=1):
+        events = list(prime) + list(generated)
+        midi, wav = out_dir / f"melody_{i:02d}.mid", out_dir / f"melody_{i:02d}.wav"
+        melody_to_midi(events, midi, music21)
+        write_wav(synthesise(events), wav)
+        play_inline(wav)
+        written += [midi.name, wav.name]
+    return written
+
+
+# %%
+# Reading your own melody (--prime) and ABC files (--score-abc): one line when they cannot be read.
+def read_prime(path: Path, music21):
+    """Your melody as (events, tonic, mode): any file music21 reads (ABC, MIDI, MusicXML)."""
+    if not path.is_file():
+        raise LabError(f"--prime {path} does not exist; give an ABC, MIDI or MusicXML file with your melody")
+    try:
+        score = music21.converter.parse(str(path))
+        events = melody_events(score)
+        key = score.analyze("key")
+    except Exception as err:
+        raise LabError(f"--prime {path} cannot be read as music by music21 ({one_line(err)[:120]})") from None
+    events = [(min(max(p, PITCH_LOW), PITCH_HIGH) if p else 0, q) for p, q in events]
+    if len(events) < 2:
+        raise LabError(f"--prime {path} holds fewer than two notes; give a melody to continue")
+    return events, key.tonic.pitchClass, ("minor" if key.mode == "minor" else "major")
+
+
+def read_abc_file(path: Path):
+    """An ABC text file -> its tunes. Missing, not UTF-8, or without a tune: a LabError."""
+    if not path.is_file():
+        raise LabError(f"--score-abc {path} does not exist; give a text file of ABC tunes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LabError(f"--score-abc {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    tunes = [t for t in split_abc_tunes(text) if re.search(r"^[MK]:", t, flags=re.M)]
+    if not tunes:
+        raise LabError(f"--score-abc {path} holds no ABC tune (no M: or K: field); tunes are separated by "
+                       "X: lines or blank lines")
+    return tunes
+
+
+def score_abc_file(args):
+    tunes = read_abc_file(args.score_abc)
+    music21 = import_music21()
+    share, reasons = validity_share(tunes, music21, desc="checking", progress=True)
+    print(f"{args.score_abc}: {round(share * len(tunes))} of {len(tunes)} tunes are valid ABC music "
+          f"(share {share:.3f}); reasons for the rest: {dict(reasons.most_common(5))}")
+    return share
+
+
+def export_abc(args, data_dir):
+    """Write the ABC training tunes, one after another with a blank line between, for capstone 2."""
+    music21 = import_music21()
+    tunes = [(n, normalise_abc(t)) for n, t in oneills_tunes(music21)]
+    train = [text for name, text in tunes if text and "L:1/8" in text and split_of(name) == "train"]
+    path = Path(args.export_abc)
+    if path.is_dir():
+        raise LabError(f"--export-abc {path} is a folder; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text("\n".join(train), encoding="utf-8")
+    os.replace(temporary, path)
+    print(f"wrote {len(train)} ABC training tunes ({path.stat().st_size:,} bytes) to {path}; score any "
+          f"generated text with: python week3_rnn/{LAB_NAME}.py --score-abc FILE")
+
+
+# %%
+# Putting it together: flags, the parts in order, metrics.json and a summary.
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def checked(kind, is_valid, rule: str):
+    """A type= for argparse: kind(text), refused with "must be RULE" unless is_valid(value)."""
+    def parse(text):
+        value = kind(text)
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive whole number")
+positive_float = checked(float, lambda v: v > 0, "positive")
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where the networks train (auto: the accelerator if any); n-grams and music21 use the CPU")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="autocast dtype on CUDA (auto: bf16 where native, else fp16 with a GradScaler)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for weights, data order and sampling")
+    parser.add_argument("--data-dir", type=Path, default=Path("./data"),
+                        help="where the parsed corpus is cached (music_melody_lstm/corpus_v1.json)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME, help="where outputs go")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every code path in seconds on generated tunes (the corpus is never parsed)")
+    parser.add_argument("--folk-tunes", type=checked(int, lambda v: v >= 0, "0 or more"), default=500,
+                        help="how many O'Neill tunes are parsed into note events (about 0.25 s each, once)")
+    parser.add_argument("--time-budget", type=positive_float, default=100.0,
+                        help="seconds of training for the note-event LSTM (the GRU gets half, chords a quarter)")
+    parser.add_argument("--abc-time-budget", type=positive_float, default=120.0,
+                        help="seconds of training for the ABC character LSTM")
+    parser.add_argument("--epochs", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
+                        help="train each network this many passes instead of the time budgets (0: budgets)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="parallel token streams per step")
+    parser.add_argument("--bptt", type=positive_int, default=64, help="tokens per step: how far gradients flow back")
+    parser.add_argument("--lr", type=positive_float, default=4e-3, help="peak AdamW learning rate")
+    parser.add_argument("--hidden-size", type=positive_int, default=256, help="units of each recurrent layer")
+    parser.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.2,
+                        help="dropout on embeddings and recurrent outputs")
+    parser.add_argument("--log-every", type=positive_int, default=50,
+                        help="steps between reads of the training loss from the device")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
+                        help="sample only among the k most likely tokens (0: all)")
+    parser.add_argument("--melodies", type=positive_int, default=50,
+                        help="melodies generated for the statistics (the first 4 are written as MIDI/WAV)")
+    parser.add_argument("--abc-samples", type=positive_int, default=50, help="ABC tunes generated and checked")
+    parser.add_argument("--prime", type=Path, default=None,
+                        help="a file with your own melody (ABC, MIDI or MusicXML) to continue")
+    parser.add_argument("--generate-only", type=Path, default=None, metavar="CHECKPOINT",
+                        help="skip training: load a melody_lstm.pt / melody_gru.pt and generate")
+    parser.add_argument("--export-abc", type=Path, default=None, metavar="FILE",
+                        help="write the ABC training tunes to FILE (for capstone 2) and stop")
+    parser.add_argument("--score-abc", type=Path, default=None, metavar="FILE",
+                        help="print the validity share of the ABC tunes in FILE (real or generated) and stop")
+    return parser
+
+
+def main(argv=None) -> None:
+    try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
+    except LabError as err:
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+
+
+def run(args):
+    # Check every input before anything is parsed, written or trained.
+    wall_start = time.perf_counter()
+    data_dir, out_dir = folder(args.data_dir, "--data-dir"), folder(args.out_dir, "--out-dir")
+    device = pick_device(args.device)
+    dtype = pick_precision(args.precision, device)
+    if args.score_abc is not None:
+        score_abc_file(args)
+        return
+    if args.export_abc is not None:
+        export_abc(args, data_dir)
+        return
+    music21 = import_music21()
+    prime = read_prime(args.prime, music21) if args.prime is not None else None
+    with fast_cuda_kernels(device):
+        if args.generate_only is not None:
+            generate_only(args, device, out_dir, music21, prime)
+        else:
+            lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime)
+
+
+def generate_only(args, device, out_dir, music21, prime):
+    model, config = load_checkpoint(args.generate_only, device, task="melody")
+    generator = torch.Generator().manual_seed(args.seed)
+    prime_events = prime[0] if prime else [(67, 1.0), (69, 0.5), (71, 0.5), (72, 1.0)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pieces = []
+    for i, tokens in enumerate(sample_batch(model, [encode_melody(prime_events)[:-1]] * 4, 64, args.temperature,
+                                            args.top_k, device, generator, stop_token=EOS, banned=(BOS,))):
+        pieces.append((f"continuation {i + 1} of {'--prime' if prime else 'a G-A-B-C opening'}",
+                       prime_events, [token_event(t) for t in tokens]))
+    plot_piano_roll(pieces, out_dir / "piano_roll.png")
+    written = write_listening(pieces, out_dir, music21)
+    print(f"generated {len(pieces)} continuations at temperature {args.temperature}, top-k {args.top_k or 'all'}; "
+          f"wrote piano_roll.png and {', '.join(written)} to {out_dir}")
+
+
+def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
+    """Parts 1-7 on the corpus (or on generated tunes with --smoke)."""
+    torch.manual_seed(args.seed)
+    if args.smoke:
+        args.time_budget, args.abc_time_budget, args.log_every = 1.5, 1.5, 5
+        args.hidden_size, args.batch_size, args.bptt = 32, 8, 16
+        args.melodies, args.abc_samples = 6, 4
+    print(f"lab {LAB_NAME} on {device}" + ("  [SMOKE: generated tunes, a few steps, numbers are not results]"
+                                           if args.smoke else ""))
+
+    print("\n== Part 1: the music, as note events and as ABC text")
+    music = load_music(args, data_dir)
+    records = music["records"]
+    split = {name: [r for r in records if split_of(r["name"]) == name] for name in ("train", "val", "test")}
+    if args.smoke:  # a handful of tunes: every split gets a chorale and a folk tune
+        by_source = [[r for r in records if r["source"] == source] for source in ("chorale", "folk")]
+        split = {"train": [r for rs in by_source for r in rs[:-2]], "val": [r for rs in by_source for r in rs[-2:-1]],
+                 "test": [r for rs in by_source for r in rs[-1:]]}
+    melodies = {name: [r["events"] for r in rs] for name, rs in split.items()}
+    train_augmented = augment(melodies["train"])
+    print(f"  {len(records)} melodies ({sum(r['source'] == 'chorale' for r in records)} chorale sopranos, "
+          f"{sum(r['source'] == 'folk' for r in records)} folk tunes), {music['duplicates']} duplicate chorale "
+          f"melodies removed, {len(music['skipped'])} entries skipped; split by tune "
+          + ", ".join(f"{k} {len(v)}" for k, v in melodies.items()))
+    print(f"  transposed to all 12 keys: {len(melodies['train'])} training melodies -> {len(train_augmented)} "
+          f"({sum(len(m) for m in train_augmented):,} events); a melody as tokens: "
+          f"{encode_melody(melodies['train'][0])[:8]}... = {melodies['train'][0][:3]}...")
+    sequences = {"train": [encode_melody(m) for m in train_augmented],
+                 "val": [encode_melody(m) for m in melodies["val"]], "test": [encode_melody(m) for m in melodies["test"]]}
+
+    print("\n== Part 2: n-gram baselines (Witten-Bell smoothing), NLL per event on held-out tunes")
+    ngram_val, ngram_test, ngrams = {}, {}, {}
+    for order in range(1, 5):
+        ngrams[order] = NGramModel(order, MELODY_VOCAB).fit(sequences["train"])
+        ngram_val[order] = ngrams[order].nll(sequences["val"])
+        ngram_test[order] = ngrams[order].nll(sequences["test"])
+        print(f"  {order}-gram: validation {ngram_val[order]:.3f}, test {ngram_test[order]:.3f} nats/event")
+    best_order = min(ngram_val, key=ngram_val.get)  # chosen on validation, reported on test
+    print(f"  the best n-gram on validation is the {best_order}-gram")
+
+    print("\n== Part 3: LSTM and GRU on note events (TBPTT)")
+    stream = torch.tensor([t for s in sequences["train"] for t in s], dtype=torch.long)
+    results, histories, models, train_time, steps_total = {}, {}, {}, 0.0, 0
+    for kind, budget in (("lstm", args.time_budget), ("gru", args.time_budget / 2)):
+        torch.manual_seed(args.seed)
+        config = SeqConfig(kind=kind, vocab_size=MELODY_VOCAB, hidden_size=args.hidden_size, dropout=args.dropout)
+        model = SequenceModel(config).to(device)
+        plan = TrainPlan(f"melody {kind.upper()}", budget, args.epochs, args.batch_size, args.bptt, args.lr, args.log_every)
+        histories[kind], steps, seconds = train_tbptt(model, stream, plan, device, dtype)
+        train_time += seconds
+        steps_total += steps
+        val_nll, _ = evaluate_sequences(model, sequences["val"], device, dtype)
+        test_nll, test_acc = evaluate_sequences(model, sequences["test"], device, dtype)
+        results[kind] = {"val_nll": val_nll, "test_nll": test_nll, "test_next_event_accuracy": test_acc,
+                         "steps": steps, "train_seconds": seconds}
+        models[kind] = model
+        checkpoint = out_dir / f"melody_{kind}.pt"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(model, config, {"task": "melody"}, torch.tensor([sequences["val"][0][:16]]), checkpoint)
+    nll_table = {f"{k}-gram": ngram_test[k] for k in ngram_test}
+    nll_table.update({"LSTM": results["lstm"]["test_nll"], "GRU": results["gru"]["test_nll"]})
+    print("  held-out test NLL per event (the same tokens, the same tunes):")
+    for name, value in nll_table.items():
+        print(f"    {name:7s} {value:.3f}")
+    margin = ngram_test[best_order] - results["lstm"]["test_nll"]
+    print(f"  LSTM {results['lstm']['test_nll']:.3f} vs best n-gram ({best_order}-gram) {ngram_test[best_order]:.3f}: "
+          f"margin {margin:+.3f} nats/event " + ("(the LSTM is better)" if margin > 0 else "(the n-gram is better)"))
+
+    print("\n== Part 4: the same LSTM on ABC characters, and which generated tunes are valid music")
+    abc = music["abc"]
+    abc_split = {name: [text for n, text in abc if split_of(n) == name] for name in ("train", "val", "test")}
+    if args.smoke:
+        texts = [text for _, text in abc]
+        abc_split = {"train": texts[:-6], "val": texts[-6:-3], "test": texts[-3:]}
+    corpus_text = "\n".join(abc_split["train"])  # a blank line between tunes
+    chars = "".join(sorted(set(corpus_text) | set("\n")))
+    stoi = {c: i for i, c in enumerate(chars)}
+    abc_config = SeqConfig(kind="lstm", vocab_size=len(chars), hidden_size=args.hidden_size, dropout=args.dropout)
+    torch.manual_seed(args.seed)
+    abc_model = SequenceModel(abc_config).to(device)
+    abc_stream = torch.tensor([stoi[c] for c in corpus_text], dtype=torch.long)
+    plan = TrainPlan("ABC LSTM", args.abc_time_budget, args.epochs, args.batch_size, 2 * args.bptt, args.lr, args.log_every)
+    histories["abc"], abc_steps, abc_seconds = train_tbptt(abc_model, abc_stream, plan, device, dtype)
+    train_time += abc_seconds
+    steps_total += abc_steps
+    val_text = [[stoi["\n"]] + [stoi.get(c, stoi["\n"]) for c in t] + [stoi["\n"]] for t in abc_split["val"]]
+    abc_val_nll, _ = evaluate_sequences(abc_model, val_text, device, dtype)
+    save_checkpoint(abc_model, abc_config, {"task": "abc", "chars": chars}, torch.tensor([val_text[0][:32]]),
+                    out_dir / "abc_lstm.pt")
+    generator = torch.Generator().manual_seed(args.seed)
+    primes = [[stoi["\n"], stoi["\n"], stoi["M"], stoi[":"]]] * args.abc_samples
+    drawn = sample_batch(abc_model, primes, 120 if args.smoke else 1000, 1.0, 0, device, generator,
+                         stop_token=stoi["\n"], stop_repeat=2)
+    generated_abc = ["M:" + "".join(chars[t] for t in tokens).strip() + "\n" for tokens in drawn]
+    held_out_real = abc_split["test"][:100]
+    real_share, real_reasons = validity_share(held_out_real, music21, "checking real tunes", not args.smoke)
+    generated_share, generated_reasons = validity_share(generated_abc, music21, "checking generated tunes",
+                                                        not args.smoke)
+    (out_dir / "generated_abc.txt").write_text("\n".join(f"X:{i + 1}\n{t}" for i, t in enumerate(generated_abc)),
+                                               encoding="utf-8")
+    ratio = generated_share / real_share if real_share else 0.0
+    print(f"  ABC LSTM: {abc_steps} steps, validation {abc_val_nll:.3f} nats/char")
+    print(f"  valid music: {generated_share:.0%} of {len(generated_abc)} generated tunes (temperature 1.0) vs "
+          f"{real_share:.0%} of {len(held_out_real)} held-out real tunes: ratio {ratio:.2f} (target >= 0.8)")
+    print(f"  why generated tunes failed: {dict(generated_reasons.most_common(4))}; real: {dict(real_reasons.most_common(3))}")
+    print("  a generated tune:\n    " + generated_abc[0].strip().replace("\n", "\n    "))
+
+    print("\n== Part 5: chord progressions from the chorales, one Roman numeral per beat")
+    chorales = {name: [r["chords"] for r in rs if r["source"] == "chorale" and r.get("chords")]
+                for name, rs in split.items()}
+    vocabulary = chord_vocabulary(chorales["train"])
+    index = {label: i for i, label in enumerate(vocabulary)}
+    chord_sequences = {name: [encode_chords(c, index) for c in cs] for name, cs in chorales.items()}
+    bigram = NGramModel(2, len(vocabulary)).fit(chord_sequences["train"])
+    bigram_acc = bigram_accuracy(bigram, chord_sequences["test"])
+    chord_config = SeqConfig(kind="lstm", vocab_size=len(vocabulary), embed_dim=32, hidden_size=min(args.hidden_size, 128),
+                             dropout=args.dropout)
+    torch.manual_seed(args.seed)
+    chord_model = SequenceModel(chord_config).to(device)
+    chord_stream = torch.tensor([t for s in chord_sequences["train"] for t in s], dtype=torch.long)
+    plan = TrainPlan("chord LSTM", args.time_budget / 4, args.epochs, min(args.batch_size, 16), min(args.bptt, 32),
+                     args.lr, args.log_every)
+    histories["chords"], chord_steps, chord_seconds = train_tbptt(chord_model, chord_stream, plan, device, dtype)
+    train_time += chord_seconds
+    steps_total += chord_steps
+    _, chord_acc = evaluate_sequences(chord_model, chord_sequences["test"], device, dtype)
+    save_checkpoint(chord_model, chord_config, {"task": "chords", "chords": " ".join(vocabulary)},
+                    torch.tensor([chord_sequences["test"][0][:16]]), out_dir / "chord_lstm.pt")
+    print(f"  {sum(map(len, chorales['train'])):,} training beats, {len(vocabulary)} chord labels; "
+          f"e.g. {' '.join(chorales['train'][0][:12])}")
+    print(f"  next-chord accuracy on held-out chorales: LSTM {chord_acc:.1%} vs bigram {bigram_acc:.1%}")
+
+    print("\n== Part 6: generation, and musical statistics against held-out melodies")
+    held_out = split["test"]
+    reference = {"pitch_classes": tonic_relative_histogram([(r["events"], r["tonic"]) for r in held_out]),
+                 "durations": duration_histogram([(r["events"], r["tonic"]) for r in held_out])}
+    generator = torch.Generator().manual_seed(args.seed)
+    prime_records = [held_out[i % len(held_out)] for i in range(args.melodies)]
+    prime_events = [r["events"][:8] for r in prime_records]
+    drawn = sample_batch(models["lstm"], [encode_melody(p)[:-1] for p in prime_events], 16 if args.smoke else 64,
+                         args.temperature,
+                         args.top_k, device, generator, stop_token=EOS, banned=(BOS,))
+    generated = [[token_event(t) for t in tokens if t >= 2] for tokens in drawn]
+    modes = [r["mode"] for r in prime_records]
+    tonics = [r["tonic"] for r in prime_records]
+    all_pitches = [p for r in held_out for p, _ in r["events"] if p]
+    durations = torch.tensor(duration_histogram([(m, 0) for m in melodies["train"]])) + 1e-9
+    random_melodies = [random_melody(max(len(g), 8), min(all_pitches), max(all_pitches), durations, generator)
+                       for g in generated]
+    stats = {"held_out": music_statistics([(r["events"], r["tonic"]) for r in held_out], reference,
+                                          [r["mode"] for r in held_out]),
+             "lstm": music_statistics(list(zip(generated, tonics)), reference, modes),
+             "random": music_statistics(list(zip(random_melodies, tonics)), reference, modes)}
+    for name, s in stats.items():
+        print(f"  {name:9s} pitch-class intersection {s['pitch_class_intersection']:.3f}  durations "
+              f"{s['duration_intersection']:.3f}  range {s['mean_range_semitones']:.1f} semitones  in key "
+              f"{s['in_key_ratio']:.1%}")
+    gap = stats["lstm"]["pitch_class_intersection"] - stats["random"]["pitch_class_intersection"]
+    print(f"  generated vs held-out {stats['lstm']['pitch_class_intersection']:.3f} (target >= 0.9), random notes "
+          f"{stats['random']['pitch_class_intersection']:.3f} ({gap:.3f} lower; target >= 0.1)")
+
+    print("\n== Part 7: listening: MIDI, WAV and a piano roll")
+    pieces = [(f"{prime_records[i]['name']}: 8 events of the held-out tune, then the LSTM (T={args.temperature})",
+               prime_events[i], generated[i]) for i in range(min(3, len(generated)))]
+    if prime is not None:
+        own = sample_batch(models["lstm"], [encode_melody(prime[0])[:-1]], 64, args.temperature, args.top_k, device,
+                           generator, stop_token=EOS, banned=(BOS,))[0]
+        pieces.append(("your --prime, continued by the LSTM", prime[0], [token_event(t) for t in own if t >= 2]))
+    else:
+        pieces.append(("random-note baseline (no prime)", [], random_melodies[0]))
+    plot_piano_roll(pieces, out_dir / "piano_roll.png")
+    plot_statistics({"held-out": reference["pitch_classes"], "LSTM": stats["lstm"]["pitch_class_histogram"],
+                     "random notes": stats["random"]["pitch_class_histogram"]}, nll_table,
+                    out_dir / "statistics.png")
+    written = write_listening(pieces, out_dir, music21)
+
+    metrics = {
+        "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
+        "music21_version": music21.__version__, "wall_time_s": time.perf_counter() - wall_start,
+        "train_time_s": train_time, "steps": steps_total, "corpus_parse_seconds": music["parse_seconds"],
+        "val_loss": results["lstm"]["val_nll"],
+        "melodies": {k: len(v) for k, v in melodies.items()}, "duplicate_chorale_melodies": music["duplicates"],
+        "skipped_entries": len(music["skipped"]), "abc_tunes": {k: len(v) for k, v in abc_split.items()},
+        "ngram_test_nll": {str(k): v for k, v in ngram_test.items()},
+        "ngram_val_nll": {str(k): v for k, v in ngram_val.items()}, "best_ngram_order": best_order,
+        "best_ngram_test_nll": ngram_test[best_order], "lstm_test_nll": results["lstm"]["test_nll"],
+        "gru_test_nll": results["gru"]["test_nll"], "lstm_margin_nats": margin, "models": results,
+        "abc_val_loss": abc_val_nll, "abc_valid_share_generated": generated_share,
+        "abc_valid_share_real": real_share, "abc_valid_ratio": ratio,
+        "chord_accuracy_lstm": chord_acc, "chord_accuracy_bigram": bigram_acc, "chord_vocabulary": len(vocabulary),
+        "pitch_class_intersection_lstm": stats["lstm"]["pitch_class_intersection"],
+        "pitch_class_intersection_random": stats["random"]["pitch_class_intersection"],
+        "statistics": stats, "temperature": args.temperature, "top_k": args.top_k,
+        "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"\nSummary: on {len(records)} melodies, the note-event LSTM scores {results['lstm']['test_nll']:.3f} "
+          f"nats/event against the best n-gram's {ngram_test[best_order]:.3f} (margin {margin:+.3f}); ABC validity "
+          f"{generated_share:.0%} generated vs {real_share:.0%} real; next chord {chord_acc:.1%} (LSTM) vs "
+          f"{bigram_acc:.1%} (bigram); pitch classes {stats['lstm']['pitch_class_intersection']:.3f} vs random "
+          f"{stats['random']['pitch_class_intersection']:.3f}. Whole run {metrics['wall_time_s']:.0f} s.\n"
+          f"  Outputs in {out_dir}: metrics.json, melody_lstm.pt, melody_gru.pt, abc_lstm.pt, chord_lstm.pt, "
+          f"generated_abc.txt, piano_roll.png, statistics.png, {', '.join(written)}.\n"
+          f"  Listen: open the .wav files; continue your own tune: --generate-only {out_dir / 'melody_lstm.pt'} "
+          f"--prime my_tune.abc --temperature 0.9 --top-k 8")
+
+
+if __name__ == "__main__":
+    main()
