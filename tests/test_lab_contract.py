@@ -10,7 +10,7 @@ from conftest import REPO, all_labs
 REQUIRED_FLAGS = ("--device", "--seed", "--data-dir", "--out-dir", "--smoke")
 THIRD_PARTY_ALLOWED = {  # import name -> why it is allowed (all in requirements.txt)
     "torch", "torchvision", "torchaudio", "tensorboard", "matplotlib", "seaborn",
-    "transformers", "datasets", "tqdm", "numpy", "PIL",
+    "transformers", "datasets", "tqdm", "numpy", "PIL", "music21", "IPython",
 }
 REPO_NAMES = {p.stem for p in REPO.rglob("*.py") if ".venv" not in p.parts} | {
     p.name for p in REPO.iterdir() if p.is_dir()
