@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import REPO, assert_clean_failure, load_lab
+from conftest import REPO, assert_clean_failure, failure_of, load_lab, run_on_simulated_cuda
 
 LAB = "week2_cnn/04_cnn_basics.py"
 
@@ -208,32 +208,121 @@ def test_cifar10_absent_with_no_network_names_url_layout_and_smoke(tmp_path):
 def test_cuda_where_there_is_none_stops_with_a_message(lab, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--device", "cuda", "--smoke", "--out-dir", str(tmp_path)])
-    assert str(exit_info.value.code).startswith("error: --device cuda")
+    assert_clean_failure(failure_of(lab.main, ["--device", "cuda", "--smoke", "--out-dir", tmp_path]), "--device cuda")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("flags, fragment", [(["--epochs", "0"], "--epochs"), (["--lr", "0"], "--lr"),
                                              (["--label-smoothing", "1"], "--label-smoothing"),
-                                             (["--widths", "8,8,8,8"], "--widths"), (["--batch-size", "1"], "--batch-size")])
-def test_out_of_range_flags_are_refused(lab, flags, fragment, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(flags)
-    assert exit_info.value.code == 2
-    assert fragment in capsys.readouterr().err
+                                             (["--widths", "8,8,8,8"], "--widths"), (["--widths", "a,b,c"], "--widths"),
+                                             (["--batch-size", "1"], "--batch-size"),
+                                             (["--precision", "fp8"], "--precision"),
+                                             (["--precision", "fp16"], "--precision fp16 is for CUDA")])
+def test_out_of_range_flags_are_refused_in_one_line(lab, flags, fragment, tmp_path):
+    out_dir = tmp_path / "out"
+    result = failure_of(lab.main, [*flags, "--device", "cpu", "--smoke", "--out-dir", out_dir])
+    assert_clean_failure(result, fragment)
+    assert not out_dir.exists()
+
+
+def test_data_dir_or_out_dir_naming_a_file_is_refused_before_anything_is_written(lab, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    assert_clean_failure(failure_of(lab.main, ["--data-dir", a_file, "--out-dir", tmp_path / "out"]), "--data-dir")
+    assert_clean_failure(failure_of(lab.main, ["--smoke", "--out-dir", a_file]), "--out-dir")
+    assert a_file.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [a_file]
+
+
+def test_a_bad_flag_in_a_notebook_prints_one_line_and_does_not_exit(lab, monkeypatch, capsys):
+    import types
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    lab.main(["--epochs", "0"])                                 # no SystemExit: a notebook cell just ends
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--epochs" in lines[0]
 
 
 def test_missing_corrupt_or_foreign_checkpoint_is_a_clean_error(lab, tmp_path):
     with pytest.raises(lab.LabError, match="does not exist"):
         lab.load_checkpoint(tmp_path / "nothing.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(lab.LabError, match="corrupt"):
+    with pytest.raises(lab.LabError, match="truncated or corrupt"):
         lab.load_checkpoint(tmp_path / "bad.pt")
     timbre = lab.build_model({"kind": "timbre", "num_classes": 5, "width": 16})
-    torch.save({"model": timbre.state_dict(), "config": {"kind": "cifar", "widths": [32, 64, 128],
-                "logit_scale": 1 / 9}}, tmp_path / "foreign.pt")
+    good = {"model": timbre.state_dict(), "config": {"kind": "timbre", "num_classes": 5, "width": 16},
+            "sample_inputs": torch.zeros(1, 1, 64, 32), "sample_outputs": torch.zeros(1, 5)}
+    torch.save(good, tmp_path / "good.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:3000])
+    with pytest.raises(lab.LabError, match="truncated or corrupt"):
+        lab.load_checkpoint(tmp_path / "truncated.pt")
+    torch.save(dict(good, config={"kind": "cifar", "widths": [32, 64, 128], "logit_scale": 1 / 9}),
+               tmp_path / "mismatch.pt")
     with pytest.raises(lab.LabError, match="another architecture"):
-        lab.load_checkpoint(tmp_path / "foreign.pt")
+        lab.load_checkpoint(tmp_path / "mismatch.pt")
+    # What lab 05 saves: a ResNet with {"arch", "num_classes"} as its config.
+    torch.save(dict(good, config={"arch": "resnet18", "num_classes": 2}), tmp_path / "lab05.pt")
+    with pytest.raises(lab.LabError, match="not written by this lab") as caught:
+        lab.load_checkpoint(tmp_path / "lab05.pt")
+    assert "truncated or corrupt" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+# --- precision and the GPU (simulated on this CPU: tests/simulated_cuda.py) ------------------------
+
+@pytest.mark.parametrize("gpu, native_bf16, expected", [("T4", False, torch.float16), ("H200", True, torch.bfloat16)])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(lab, monkeypatch, gpu, native_bf16, expected):
+    # A T4 answers True to the plain question (it emulates bf16) and False without emulation.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or native_bf16)
+    cuda = torch.device("cuda")
+    assert lab.pick_precision("auto", cuda) is expected
+    assert lab.pick_precision("fp16", cuda) is torch.float16 and lab.pick_precision("bf16", cuda) is torch.bfloat16
+    assert lab.pick_precision("fp32", cuda) is None
+    assert lab.grad_scaler(torch.device("cpu"), torch.float16).is_enabled()
+    assert not lab.grad_scaler(torch.device("cpu"), torch.bfloat16).is_enabled()
+
+
+def test_cpu_trains_in_fp32_and_refuses_half_precision(lab):
+    cpu = torch.device("cpu")
+    assert lab.pick_precision("auto", cpu) is None and lab.pick_precision("fp32", cpu) is None
+    for name in ("fp16", "bf16"):
+        with pytest.raises(lab.LabError, match=f"--precision {name} is for CUDA"):
+            lab.pick_precision(name, cpu)
+
+
+def test_whitened_cifar_net_is_built_on_a_simulated_t4(tmp_path):
+    # The crash this catches: init_whitening read CUDA images while the net was still on the CPU.
+    result = run_on_simulated_cuda(f"""
+import torch
+lab = load_lab({LAB!r})
+cuda = torch.device("cuda")
+images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).to(cuda)
+model = lab.build_cifar_net((8, 8, 8), images, cuda)
+assert model.whiten.weight.is_cuda and model.normalize.mean.is_cuda
+assert model(images[:4].float() / 255).shape == (4, 10)
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_training_loops_on_a_simulated_t4_read_the_gpu_once_per_epoch(tmp_path):
+    result = run_on_simulated_cuda(f"""
+import pathlib, torch, simulated_cuda
+lab = load_lab({LAB!r})
+cuda = torch.device("cuda")
+generator = torch.Generator().manual_seed(0)
+train_x, train_y, test_x, test_y = (t.to(cuda) for t in lab.synthetic_cifar(16, 8, generator))
+model = lab.build_cifar_net((8, 8, 8), train_x, cuda)
+config = lab.CifarConfig(epochs=2, batch_size=4, widths=(8, 8, 8))
+history, _ = lab.train_cifar(model, (train_x, train_y, test_x, test_y), config, cuda, generator, torch.float16)
+assert len(history) == 2
+# The timbre loop in fp32: the same autocast and scaler calls, and fp16 convolutions are slow on a CPU.
+lab.train_timbre_cnn(150, 8, 2, cuda, generator, pathlib.Path({str(tmp_path)!r}), None)
+reads, steps = simulated_cuda.REPORT.intervals_with_read, simulated_cuda.REPORT.steps
+assert steps == 2 * 4 + 2 * 3, steps        # CIFAR: 2 epochs of 4 steps; timbre: 2 epochs of 3
+# A read once per epoch shows in at most 2 intervals between steps; a read every step in 6 or more.
+per_step = {{line: n for line, n in reads.items() if "GradScaler" not in line and n > 2}}
+assert not per_step, ("lines that read from the GPU on most steps", per_step, steps)
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # --- the real run ------------------------------------------------------------------------------

@@ -21,8 +21,12 @@ Run it
   terminal:  python week2_cnn/04_cnn_basics.py                 # downloads CIFAR-10 to ./data
              python week2_cnn/04_cnn_basics.py --smoke         # 10-second check, synthetic data
              python week2_cnn/04_cnn_basics.py --epochs 4      # half the training time, lower accuracy
+             python week2_cnn/04_cnn_basics.py --precision fp32   # on a GPU: no mixed precision
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it;
-             pick a GPU runtime for speed.
+             pick a GPU runtime (Runtime > Change runtime type > T4 GPU) for speed.
+  On a GPU the forward passes run under autocast (--precision auto): bf16 where the GPU has it
+  natively (Ampere and newer), fp16 with a GradScaler elsewhere (a T4 only emulates bf16, and its
+  bf16 convolutions leave cuDNN for a slow path). --precision fp32, bf16 or fp16 overrides it.
 
 What the default run reaches (measured on a shared 2-core AMD EPYC CPU, torch 2.14.1, with
 `python ../shared/tools/offline_run.py week2_cnn/04_cnn_basics.py --data-dir /tmp/labdata`)
@@ -52,8 +56,10 @@ How the time was won on a 2-core CPU (each figure measured here)
     in 2 epochs of the same time: on this budget, more epochs of a small network win.
   - The whitening layer's bias is frozen after 3 epochs, so the backward pass stops before the
     largest (31x31) convolution's input gradient.
+  - No step waits for the GPU: the images stay on the device, the random crops are drawn there,
+    and the loss, the accuracy and the NaN check are summed or kept there and read once per epoch.
 """
-# %% Imports, errors a learner can act on, and the device
+# %% Imports, errors a learner can act on, the device, and where files go
 import argparse
 import json
 import math
@@ -84,11 +90,61 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise LabError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; "
-                       "use --device auto or --device cpu")
+                       "use --device auto or --device cpu (in Colab: Runtime > Change runtime type > GPU)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise LabError("--device mps was asked for, but Apple's MPS backend is not available here; "
                        "use --device auto or --device cpu")
     return torch.device(name)
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Save a figure as PNG; in a notebook also show it inline. Then free it."""
+    import matplotlib.pyplot as plt
+    fig.savefig(path, dpi=dpi)
+    if in_notebook():
+        plt.show()
+    plt.close(fig)
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %% 1. Convolution by hand
@@ -394,12 +450,14 @@ def synthetic_cifar(n_train: int, n_test: int, generator: torch.Generator):
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Pad a whole batch (N, C, H, W) by mirroring its border, then cut a random HxW window from each image."""
+    """Pad a whole batch (N, C, H, W) by mirroring its border, then cut a random HxW window from each image.
+
+    `generator` lives on the images' device: the offsets are drawn there, so no copy waits on the GPU."""
     n, channels, height, width = images.shape
     device = images.device
     padded = F.pad(images, (padding,) * 4, mode="reflect")                      # (N, C, H+2p, W+2p)
-    top = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator).to(device)
-    left = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator).to(device)
+    top = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator, device=device)
+    left = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator, device=device)
     rows = top + torch.arange(height, device=device).view(1, 1, -1, 1)          # (N, 1, H, 1)
     cols = left + torch.arange(width, device=device).view(1, 1, 1, -1)          # (N, 1, 1, W)
     batch = torch.arange(n, device=device).view(-1, 1, 1, 1)
@@ -485,6 +543,13 @@ class CifarNet(nn.Module):
         x = F.relu(self.whiten(self.normalize(x)))
         x = self.block3(self.block2(self.block1(x)))
         return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale          # (N, classes)
+
+
+def build_cifar_net(widths, train_images: torch.Tensor, device) -> CifarNet:
+    """A CifarNet on `device` in channels-last layout, its whitening filters set from the training images."""
+    model = CifarNet(widths=widths).to(device)     # on the device first: whitening reads the images there
+    model.init_whitening(train_images[:5000].float() / 255)   # 5,000 images pin down a 12x12 covariance well
+    return model.to(memory_format=torch.channels_last)
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -579,7 +644,11 @@ def predict(model, images, batch_size=250, flip=False):
     return torch.cat(outputs)
 
 
-def train_cifar(model, data, config: CifarConfig, device, generator, use_amp=False):
+def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None):
+    """Train in place. `dtype`: the autocast dtype from pick_precision (None: fp32).
+
+    No step waits for the GPU: the loss and accuracy are summed on the device and the first
+    non-finite loss is remembered there; all three are read once per epoch, at the log line."""
     train_x, train_y, test_x, test_y = data
     steps_per_epoch = len(train_x) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
@@ -588,7 +657,13 @@ def train_cifar(model, data, config: CifarConfig, device, generator, use_amp=Fal
         optimizer, max_lr=peak_lrs, total_steps=total_steps, pct_start=config.warmup_fraction,
         anneal_strategy="linear", div_factor=5.0, final_div_factor=0.2 / 0.07,   # lr/5 -> lr -> 0.07 lr
         cycle_momentum=False)
+    scaler = grad_scaler(device, dtype)
     lookahead = None
+    # Random crops are drawn on the device (a CPU draw copied over every step would wait for the GPU);
+    # on the CPU that is the same generator as the rest, so CPU runs repeat exactly.
+    crop_generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(
+        int(torch.randint(2**62, (), generator=generator)))
+    first_bad = torch.full((), -1, device=device)          # the first step whose loss is not finite
     # Alternating flips: each image gets a random side in epoch 1, then switches every epoch, so
     # consecutive epochs always show both views (more variety than a fresh coin flip each time).
     first_flip = (torch.rand(len(train_x), generator=generator) < 0.5).to(device)
@@ -605,21 +680,20 @@ def train_cifar(model, data, config: CifarConfig, device, generator, use_amp=Fal
         correct = torch.zeros((), device=device)
         for i in range(steps_per_epoch):
             index = order[i * config.batch_size:(i + 1) * config.batch_size]
-            images = random_crop(train_x[index], config.crop_padding, generator)
+            images = random_crop(train_x[index], config.crop_padding, crop_generator)
             images = flip_where(images, first_flip[index] ^ (epoch % 2 == 0))
             x = images.float().div_(255).contiguous(memory_format=torch.channels_last)
             y = train_y[index]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(device, dtype):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            if not torch.isfinite(loss):
-                raise LabError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch}); "
-                               f"lower --lr (now {config.lr}) and run again")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
             if step >= config.lookahead_start * total_steps and step % 5 == 0:
                 if lookahead is None:
                     lookahead = Lookahead(model)
@@ -627,6 +701,9 @@ def train_cifar(model, data, config: CifarConfig, device, generator, use_amp=Fal
                     lookahead.update(model, decay=0.95 ** 5 * (step / total_steps) ** 3)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
+        if first_bad >= 0:                           # the one read of the guard per epoch
+            raise LabError(f"the loss became NaN or infinite at step {int(first_bad)} (epoch {epoch}); "
+                           f"lower --lr (now {config.lr}) and run again")
         if lookahead is not None:
             lookahead.update(model, decay=1.0)      # evaluate (and end with) the averaged weights
         elapsed = time.perf_counter() - start
@@ -673,8 +750,7 @@ def save_confusion_figures(matrix, class_names, out_dir: Path, prefix: str, titl
         mat_ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
                     color="white" if count > threshold else "black")
     fig.tight_layout()
-    fig.savefig(out_dir / f"{prefix}_confusion.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / f"{prefix}_confusion.png", dpi=110)
     return per_class
 
 
@@ -692,8 +768,7 @@ def save_filters_and_feature_maps(model: CifarNet, images, labels, out_dir: Path
         ax.axis("off")
     fig.suptitle("First layer: the 12 whitening filters (2x2 RGB, each scaled to its own range),\n"
                  "ordered from the least to the most common patch pattern", fontsize=9)
-    fig.savefig(out_dir / "cifar_first_layer_filters.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "cifar_first_layer_filters.png", dpi=110)
 
     captured = {}
     hooks = [model.block1.register_forward_hook(lambda m, i, o: captured.__setitem__("early", o)),
@@ -717,8 +792,7 @@ def save_filters_and_feature_maps(model: CifarNet, images, labels, out_dir: Path
     axes[0, 1].set_title("early layer (block1, 15x15): edges, colours", fontsize=8, loc="left")
     axes[0, 1 + shown].set_title("late layer (block3, 3x3): parts, objects", fontsize=8, loc="left")
     fig.tight_layout()
-    fig.savefig(out_dir / "cifar_feature_maps.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "cifar_feature_maps.png", dpi=100)
 
 
 def save_training_curves(history, out_dir: Path):
@@ -735,8 +809,7 @@ def save_training_curves(history, out_dir: Path):
     acc_ax.legend()
     fig.suptitle("CIFAR-10 training (one-cycle learning rate)")
     fig.tight_layout()
-    fig.savefig(out_dir / "cifar_training_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "cifar_training_curves.png", dpi=110)
 
 
 # %% 8. Music-AI connection: a spectrogram is an image
@@ -818,11 +891,10 @@ def save_spectrogram_figure(waves, spectrograms, labels, out_dir: Path):
     axes[1, 0].set_ylabel("mel band")
     fig.suptitle("Synthesised notes: 25 ms of waveform (top) and the log-mel spectrogram the CNN sees (bottom)")
     fig.tight_layout()
-    fig.savefig(out_dir / "timbre_spectrograms.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "timbre_spectrograms.png", dpi=100)
 
 
-def train_timbre_cnn(n_train, n_test, epochs, device, generator, out_dir: Path):
+def train_timbre_cnn(n_train, n_test, epochs, device, generator, out_dir: Path, dtype=None):
     start = time.perf_counter()
     waves, labels = synthesize_notes(n_train + n_test, generator)
     spectrograms = log_mel(waves)
@@ -836,18 +908,26 @@ def train_timbre_cnn(n_train, n_test, epochs, device, generator, out_dir: Path):
     batch_size = 64
     steps = epochs * math.ceil(n_train / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    scaler = grad_scaler(device, dtype)
+    first_bad = torch.full((), -1, device=device)           # read once per epoch, like the CIFAR loop
+    step = 0
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(n_train, generator=generator).to(device)
         for i in range(0, n_train, batch_size):
             index = order[i:i + batch_size]
-            loss = F.cross_entropy(model(train_x[index]), train_y[index])
-            if not torch.isfinite(loss):
-                raise LabError(f"the timbre CNN's loss became {loss.item()} in epoch {epoch}")
+            with autocast(device, dtype):
+                logits = model(train_x[index])
+            loss = F.cross_entropy(logits.float(), train_y[index])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
+            step += 1
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
+        if first_bad >= 0:
+            raise LabError(f"the timbre CNN's loss became NaN or infinite at step {int(first_bad)} (epoch {epoch})")
         model.eval()
         with torch.no_grad():
             predictions = model(test_x).argmax(1)
@@ -883,15 +963,34 @@ def save_checkpoint(path: Path, model: nn.Module, config: dict, sample_inputs: t
     os.replace(temporary, path)                    # an interrupted save never leaves a half-written file
 
 
+MODEL_KINDS = ("cifar", "timbre")
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """PyTorch's own messages can span lines; a LabError is one line."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def load_checkpoint(path: Path) -> nn.Module:
+    """Rebuild a saved network on the CPU and check it still gives the predictions stored with it."""
     if not path.is_file():
         raise LabError(f"checkpoint {path} does not exist")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(saved["config"])
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise LabError(f"checkpoint {path} is truncated or corrupt: it does not load as a torch file "
+                       f"({one_line(err)})") from None
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or config.get("kind") not in MODEL_KINDS or "model" not in saved:
+        raise LabError(f"checkpoint {path} loads, but it was not written by this lab (lab 04 saves a CIFAR-10 "
+                       "or timbre CNN with config['kind']); it belongs to another lab or program")
+    try:
+        model = build_model(config)
         model.load_state_dict(saved["model"])
-    except (RuntimeError, KeyError, pickle.UnpicklingError, EOFError) as err:
-        raise LabError(f"checkpoint {path} is truncated, corrupt or from another architecture ({err})") from None
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise LabError(f"checkpoint {path} holds weights of another architecture than its config "
+                       f"describes (edited or damaged): {one_line(err)}") from None
     model.eval()
     with torch.no_grad():
         if not torch.allclose(model(saved["sample_inputs"]), saved["sample_outputs"], rtol=1e-4, atol=1e-5):
@@ -900,59 +999,97 @@ def load_checkpoint(path: Path) -> nn.Module:
 
 
 # %% 10. Putting it together
+# The command line. Every flag has a default and a help string; a value out of range is refused by
+# its type= function before anything runs, as a one-line LabError (see ArgumentParser below).
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def whole_number(minimum: int, why: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}{why}")
+        return value
+    return parse
+
+
+def number_in(low: float, high: float, high_included: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < value <= high if high_included else low <= value < high):
+            interval = f"({low:g}, {high:g}]" if high_included else f"[{low:g}, {high:g})"
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {interval}")
+        return value
+    return parse
+
+
+def channel_widths(text: str) -> tuple:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants three whole numbers like 32,64,128, got {text!r}") from None
+    if len(widths) != 3 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"wants three positive channel counts like 32,64,128, got {text!r}")
+    return widths
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = CifarConfig()
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to train; auto picks the accelerator if there is one")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="autocast dtype on CUDA: auto = bf16 where the GPU has it natively, else fp16 "
+                             "with loss scaling; CPU and MPS train in fp32")
     parser.add_argument("--seed", type=int, default=0, help="random seed for weights, data order and augmentation")
-    parser.add_argument("--data-dir", type=Path, default=Path("./data"),
+    parser.add_argument("--data-dir", default="./data",
                         help="folder holding (or receiving) cifar-10-batches-py/")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/04_cnn_basics"),
+    parser.add_argument("--out-dir", default="runs/04_cnn_basics",
                         help="where metrics.json, figures and checkpoints go")
     parser.add_argument("--smoke", action="store_true",
                         help="a 10-second run of every code path on small synthetic data (numbers are not results)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="CIFAR-10 training epochs")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per SGD step")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the one-cycle schedule")
-    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
-                        help="share of the target probability spread over all classes")
-    parser.add_argument("--widths", default=",".join(map(str, defaults.widths)),
+    parser.add_argument("--epochs", type=whole_number(1), default=defaults.epochs, help="CIFAR-10 training epochs")
+    parser.add_argument("--batch-size", type=whole_number(2, " (batch norm needs more than one image)"),
+                        default=defaults.batch_size, help="images per SGD step")
+    parser.add_argument("--lr", type=number_in(0, 10, high_included=True), default=defaults.lr,
+                        help="peak learning rate of the one-cycle schedule, in (0, 10]")
+    parser.add_argument("--label-smoothing", type=number_in(0, 1, high_included=False),
+                        default=defaults.label_smoothing, help="share of the target probability spread over all "
+                                                               "classes, in [0, 1)")
+    parser.add_argument("--widths", type=channel_widths, default=defaults.widths,
                         help="channels of the three blocks, comma-separated")
     parser.add_argument("--no-test-time-flip", action="store_true",
                         help="evaluate on the images alone, without averaging in their mirror images")
-    parser.add_argument("--timbre-epochs", type=int, default=4, help="epochs for the spectrogram CNN")
+    parser.add_argument("--timbre-epochs", type=whole_number(1), default=4, help="epochs for the spectrogram CNN")
     parser.add_argument("--compile", action="store_true", help="torch.compile the CIFAR network (worth it on a GPU)")
-    args, _ = parser.parse_known_args(argv)       # Colab adds -f kernel.json: ignore what we do not know
-    try:
-        args.widths = tuple(int(w) for w in args.widths.split(","))
-    except ValueError:
-        parser.error(f"--widths wants three whole numbers like 32,64,128, got {args.widths!r}")
-    if len(args.widths) != 3 or min(args.widths) < 1:
-        parser.error(f"--widths wants three positive channel counts, got {args.widths}")
-    if args.epochs < 1 or args.timbre_epochs < 1:
-        parser.error("--epochs and --timbre-epochs must be at least 1")
-    if args.batch_size < 2:
-        parser.error("--batch-size must be at least 2 (batch norm needs more than one image)")
-    if not 0 < args.lr <= 10:
-        parser.error(f"--lr must be in (0, 10], got {args.lr}")
-    if not 0 <= args.label_smoothing < 1:
-        parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    return args
+    return parser
 
 
 def run(args):
     wall_start = time.perf_counter()
+    data_dir, out_dir = folder(args.data_dir, "--data-dir"), folder(args.out_dir, "--out-dir")
     device = pick_device(args.device)
+    dtype = pick_precision(args.precision, device)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    use_amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    out_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # pick the fastest conv algorithm for these fixed shapes
-    print(f"Lab 04 on {device} (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"   # fp32 matmuls on tensor cores (Ampere and newer)
+    precision = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
+    print(f"Lab 04 on {device} in {precision} (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)"
           + ("  [SMOKE: synthetic data, numbers are not results]" if args.smoke else ""))
 
     conv_errors = demo_convolution(generator)
@@ -968,18 +1105,16 @@ def run(args):
         config.epochs, config.batch_size = 2, min(config.batch_size, 64)   # 16 steps: lookahead runs too
     else:
         load_start = time.perf_counter()
-        data = load_cifar10(args.data_dir)
+        data = load_cifar10(data_dir)
         print(f"  CIFAR-10 loaded: {len(data[0]):,} training and {len(data[2]):,} test images as uint8 tensors "
               f"({time.perf_counter() - load_start:.1f}s)")
-    train_x, train_y, test_x, test_y = (t.to(device) for t in data)
-    model = CifarNet(widths=config.widths)
-    model.init_whitening(train_x[:5000].float() / 255)   # 5,000 images pin down a 12x12 covariance well
-    model = model.to(device).to(memory_format=torch.channels_last)
+    train_x, train_y, test_x, test_y = (t.to(device) for t in data)   # once: the whole set lives there
+    model = build_cifar_net(config.widths, train_x, device)
     macs = count_macs(model, test_x[:1].float() / 255)
     print(f"  CifarNet{config.widths}: {count_parameters(model):,} parameters, {macs / 1e6:.1f} M multiply-adds "
           "per image forward (training costs about 3x that: forward, and backward for inputs and weights)")
     trained = torch.compile(model) if args.compile else model
-    history, train_time = train_cifar(trained, (train_x, train_y, test_x, test_y), config, device, generator, use_amp)
+    history, train_time = train_cifar(trained, (train_x, train_y, test_x, test_y), config, device, generator, dtype)
 
     eval_start = time.perf_counter()
     logits = predict(trained, test_x, flip=config.test_time_flip)
@@ -989,16 +1124,16 @@ def run(args):
     print(f"  test accuracy {test_accuracy:.4f} on {len(test_y):,} images "
           f"({plain_accuracy:.4f} without the test-time flip), evaluated in {time.perf_counter() - eval_start:.1f}s")
     matrix = confusion_matrix(predictions, test_y, 10)
-    per_class = save_confusion_figures(matrix, CIFAR10_CLASSES, args.out_dir, "cifar", "CIFAR-10")
+    per_class = save_confusion_figures(matrix, CIFAR10_CLASSES, out_dir, "cifar", "CIFAR-10")
     worst = per_class.argmin().item()
     confused = (matrix - torch.diag(matrix.diag())).flatten().argmax().item()
     print(f"  hardest class: {CIFAR10_CLASSES[worst]} ({per_class[worst]:.1%}); most common mistake: "
           f"{CIFAR10_CLASSES[confused // 10]} taken for {CIFAR10_CLASSES[confused % 10]} "
           f"({matrix.flatten()[confused].item()} times)")
-    save_filters_and_feature_maps(model, test_x[:4], test_y[:4].tolist(), args.out_dir)
-    save_training_curves(history, args.out_dir)
+    save_filters_and_feature_maps(model, test_x[:4], test_y[:4].tolist(), out_dir)
+    save_training_curves(history, out_dir)
     cifar_config = {"kind": "cifar", "widths": list(config.widths), "logit_scale": model.logit_scale}
-    cifar_path = args.out_dir / "cifar_cnn.pt"
+    cifar_path = out_dir / "cifar_cnn.pt"
     save_checkpoint(cifar_path, model, cifar_config, test_x[:4].float().cpu() / 255,
                     {"train_config": {k: v if not isinstance(v, tuple) else list(v) for k, v in asdict(config).items()},
                      "test_accuracy": test_accuracy})
@@ -1008,8 +1143,8 @@ def run(args):
     print("\n== 8. Music-AI: telling timbres apart from log-mel spectrograms ==")
     n_train, n_test = (200, 100) if args.smoke else (2000, 500)
     timbre_model, timbre_samples, timbre_accuracy, timbre_time = train_timbre_cnn(
-        n_train, n_test, 1 if args.smoke else args.timbre_epochs, device, generator, args.out_dir)
-    timbre_path = args.out_dir / "timbre_cnn.pt"
+        n_train, n_test, 1 if args.smoke else args.timbre_epochs, device, generator, out_dir, dtype)
+    timbre_path = out_dir / "timbre_cnn.pt"
     save_checkpoint(timbre_path, timbre_model, {"kind": "timbre", "num_classes": len(TIMBRES), "width": 16},
                     timbre_samples, {"timbres": list(TIMBRES)})
     load_checkpoint(timbre_path)
@@ -1017,7 +1152,8 @@ def run(args):
 
     wall_time = time.perf_counter() - wall_start
     metrics = {
-        "lab": "04_cnn_basics", "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
+        "lab": "04_cnn_basics", "smoke": args.smoke, "device": str(device), "precision": precision,
+        "torch_version": torch.__version__,
         "wall_time_s": wall_time, "train_time_s": train_time, "epochs": config.epochs,
         "test_accuracy": test_accuracy, "test_accuracy_without_flip": plain_accuracy,
         "per_class_accuracy": dict(zip(CIFAR10_CLASSES, per_class.tolist())),
@@ -1027,20 +1163,22 @@ def run(args):
         "conv_max_error": max(conv_errors.values()), "block_max_error": max(block_errors.values()),
         "final_receptive_field_px": trace[-1][1],
     }
-    (args.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\nSummary: CifarNet{config.widths} trained {config.epochs} epochs in {train_time:.0f}s "
           f"-> CIFAR-10 test accuracy {test_accuracy:.2%}; timbre CNN {timbre_accuracy:.1%} on held-out notes. "
-          f"Wall time {wall_time:.0f}s.\n  Outputs in {args.out_dir}/ (metrics.json, *.png, *.pt). "
+          f"Wall time {wall_time:.0f}s.\n  Outputs in {out_dir}/ (metrics.json, *.png, *.pt). "
           "Try --epochs 5 or --widths 64,128,256 to trade time for accuracy.")
     return metrics
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> None:
     try:
-        return run(args)
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
