@@ -421,6 +421,10 @@ def install() -> None:
     torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
     torch.Tensor.is_pinned = lambda self, *args, **kwargs: False
     torch._has_compatible_shallow_copy_type = compatible_shallow_copy_type(torch._has_compatible_shallow_copy_type)
+    # `with torch.device("meta")` (transformers' from_pretrained) finds factories in a cached set of
+    # torch's own functions: fill that cache before they are replaced, or the context is ignored.
+    from torch.utils._device import _device_constructors
+    _device_constructors()
     for name in FACTORIES:
         setattr(torch, name, simulated_factory(getattr(torch, name)))
     torch.Generator = SimulatedGenerator
