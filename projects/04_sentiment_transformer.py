@@ -13,17 +13,22 @@ What this capstone teaches (week 4's Transformer and the Hugging Face ecosystem 
   * looking inside: which words the [CLS] token attends to, per layer and head, as a PNG heatmap
     and as shaded text in the terminal;
   * transfer learning the Hugging Face way: texts in a `datasets.Dataset`, tokenised with
-    `map(batched=True)`, `AutoModelForSequenceClassification` fine-tuned with a plain PyTorch loop
-    (mixed precision on CUDA); both models' test accuracy side by side.
+    `map(batched=True)`, `AutoModelForSequenceClassification` fine-tuned with a plain PyTorch loop;
+    both models' test accuracy side by side;
+  * written for a GPU as much as a CPU: mixed precision on CUDA for both models (--precision: bf16
+    where the GPU has it natively, fp16 with a GradScaler on a T4), no step that waits for the GPU.
 
 Run it
   terminal:  python projects/04_sentiment_transformer.py --stage scratch   (from scratch only; downloads
                                                                            IMDB, 84 MB, to ./data)
              python projects/04_sentiment_transformer.py                   (from scratch, then fine-tune
-                                                                           distilbert-base-uncased)
+                                                                           distilbert-base-uncased: on a
+                                                                           CPU or MPS 2,000 training and
+                                                                           2,000 test reviews, on CUDA all)
              python projects/04_sentiment_transformer.py --stage finetune --hf-model path/to/a/bert
              python projects/04_sentiment_transformer.py --eval-only --checkpoint runs/04_sentiment_transformer/best.pt
              python projects/04_sentiment_transformer.py --smoke           (generated reviews, seconds)
+             python projects/04_sentiment_transformer.py --device cuda --precision fp16   (a T4's choice)
   Colab:     Runtime > Change runtime type > GPU, then paste the file into a cell (or cell by cell
              at the `# %%` marks); the `-f kernel.json` Colab adds is ignored.
   Data:      https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz, unpacked to
@@ -61,9 +66,9 @@ What the default run reaches (measured on the real data in /tmp/labdata, torch 2
       --hf-train-size 5000 --hf-test-size 5000: 89.44% on a random 5,000 test reviews, 14 min 21 s;
       --hf-train-size 3000 --hf-test-size 4000: 89.15% on a random 4,000, 9 min 02 s; the same
         run keeping only the first 256 tokens of each review (as `truncation=True` does): 87.42%.
-    On a CPU the fine-tuning defaults are 2,000 training and 2,000 test reviews
-    (--hf-train-size, --hf-test-size).
-  GPU: not measured.
+    On a CPU (or MPS) the fine-tuning defaults are 2,000 training and 2,000 test reviews
+    (--hf-train-size, --hf-test-size; 0 = all); on CUDA, all of them.
+  GPU: not measured yet.
   `--smoke`: 5.4-5.8 s for the whole process (generated reviews, a tiny BERT; its numbers are not results).
 """
 # %%
@@ -80,7 +85,7 @@ import tarfile
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -96,6 +101,23 @@ LABEL_NAMES = ("negative", "positive")
 
 class LabError(Exception):
     """A problem the learner can fix (bad flag, missing data or model, broken checkpoint)."""
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+def brief(err: Exception, limit: int = 200) -> str:
+    """An exception's message on one line, cut to `limit` characters (error messages stay one line)."""
+    return " ".join(str(err).split())[:limit]
 
 
 # %%
@@ -132,7 +154,7 @@ def imdb_root(data_dir: Path) -> Path:
         missing = [f"{split}/{label}" for split in ("train", "test") for label in ("pos", "neg")
                    if not (root / split / label).is_dir() or not any((root / split / label).glob("*.txt"))]
         if missing:
-            raise LabError(f"{root} is incomplete: no reviews in {', '.join(missing)}.\n{layout}. "
+            raise LabError(f"{root} is incomplete: no reviews in {', '.join(missing)}; {layout}. "
                            f"Delete the folder to download it again from {IMDB_URL}, or run with --smoke.")
         return root
     archive_path = data_dir / "aclImdb_v1.tar.gz"
@@ -141,7 +163,7 @@ def imdb_root(data_dir: Path) -> Path:
         try:
             fetch_to_file(IMDB_URL, archive_path)
         except OSError as err:  # URLError, timeouts and refused connections are OSErrors
-            raise LabError(f"IMDB is not in {root} and the download failed ({err}).\n"
+            raise LabError(f"IMDB is not in {root} and the download failed ({brief(err)}). "
                            f"Download {IMDB_URL} and unpack it into {data_dir}/; {layout}. "
                            "Or run with --smoke to try the lab on generated reviews without any download.") from None
     print(f"unpacking {archive_path} ...")
@@ -149,16 +171,20 @@ def imdb_root(data_dir: Path) -> Path:
         with tarfile.open(archive_path) as archive:
             archive.extractall(data_dir, members=review_members(archive), filter="data")
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise LabError(f"{archive_path} is not a valid archive ({err}); delete it to download it again") from None
+        raise LabError(f"{archive_path} is not a valid archive ({brief(err)}); delete it to download it again") from None
     return imdb_root(data_dir)
 
 
 def read_split(root: Path, split: str):
     """Texts and labels (1 = positive) of one split, in a fixed order (sorted file names)."""
     texts, labels = [], []
-    for label, folder in enumerate(("neg", "pos")):
-        for path in sorted((root / split / folder).glob("*.txt")):
-            texts.append(path.read_text(encoding="utf-8"))
+    for label, name in enumerate(("neg", "pos")):
+        for path in sorted((root / split / name).glob("*.txt")):
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as err:
+                raise LabError(f"{path} is not UTF-8 text ({brief(err, 80)}); the IMDB reviews are UTF-8: "
+                               f"delete {root} to download them again from {IMDB_URL}") from None
             labels.append(label)
     return texts, labels
 
@@ -399,28 +425,62 @@ def build_model(config: dict) -> SentimentTransformer:
 
 
 # %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# %%
 # Evaluation and checkpoints. Evaluation sorts the reviews by length (batches with almost no
-# padding) under inference_mode. A checkpoint holds the weights, the config, the vocabulary (a
-# model is useless without the word -> id table it was trained with) and a few sample inputs and
-# outputs; it is written to a temporary file and renamed, and loaded with weights_only=True.
+# padding) under inference_mode; the loss and the predictions stay on the device and are read
+# once, at the end. A checkpoint holds the weights, the config, the vocabulary (a model is
+# useless without the word -> id table it was trained with) and a few sample inputs and outputs;
+# it is written to a temporary file and renamed, and loaded with weights_only=True.
 @torch.inference_mode()
-def evaluate(model, ids, lengths, labels, device, batch_size=64):
+def evaluate(model, ids, lengths, labels, device, dtype=None, batch_size=64):
     """Accuracy (0-1), mean cross-entropy and the (N,) predictions over a whole split."""
     model.eval()
     order = lengths.argsort(descending=True)
-    predictions = torch.empty(len(ids), dtype=torch.long)
-    total_loss = 0.0
+    labels_here = labels.to(device)
+    predictions = torch.empty(len(ids), dtype=torch.long, device=device)
+    total_loss = torch.zeros((), device=device)
     for index in order.split(batch_size):
-        logits = model(trim(ids, lengths, index).to(device)).float().cpu()
-        total_loss += F.cross_entropy(logits, labels[index], reduction="sum").item()
+        with autocast(device, dtype):
+            logits = model(trim(ids, lengths, index).to(device)).float()  # (B, 2)
+        total_loss += F.cross_entropy(logits, labels_here[index], reduction="sum")
         predictions[index] = logits.argmax(dim=1)
-    return (predictions == labels).float().mean().item(), total_loss / len(ids), predictions
+    predictions = predictions.cpu()
+    return (predictions == labels).float().mean().item(), total_loss.item() / len(ids), predictions
 
 
 def save_checkpoint(path: Path, model, vocab: list, sample_inputs, extra: dict):
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        sample_outputs = model(sample_inputs)
+        sample_outputs = model(sample_inputs.to(device))  # the samples go where the model is
     state = {"model": {k: v.contiguous().cpu() for k, v in model.state_dict().items()},
              "config": asdict(model.cfg), "vocab": vocab, "sample_inputs": sample_inputs.cpu(),
              "sample_outputs": sample_outputs.cpu(), **extra}
@@ -430,18 +490,29 @@ def save_checkpoint(path: Path, model, vocab: list, sample_inputs, extra: dict):
 
 
 def load_checkpoint(path: Path, device):
-    """Model and saved dict from a checkpoint, or a LabError saying what is wrong with it."""
+    """Model and saved dict from a checkpoint, or a LabError saying what is wrong with it: missing,
+    unreadable (truncated, not a PyTorch file), another lab's, or weights that do not fit."""
     if not path.is_file():
         raise LabError(f"checkpoint {path} does not exist (a training run saves <out-dir>/best.pt)")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(saved["config"])
+    except Exception as err:  # zip, pickle and I/O errors: whatever the bytes are, they are no checkpoint
+        raise LabError(f"checkpoint {path} cannot be read ({type(err).__name__}): it is truncated or not a "
+                       "PyTorch checkpoint; train again to write a new one") from None
+    expected = {f.name for f in fields(ModelConfig)}
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or set(config) != expected or not {"model", "vocab"} <= saved.keys():
+        found = (f"a config with {sorted(config)[:8]}" if isinstance(config, dict) else
+                 f"the keys {sorted(map(str, saved))[:8]}" if isinstance(saved, dict) else f"a {type(saved).__name__}")
+        raise LabError(f"{path} is a PyTorch file from another lab, not a checkpoint of this capstone: it holds "
+                       f"{found}, where this capstone saves 'model', 'vocab' and a config with {sorted(expected)}")
+    try:
+        model = build_model(config)
         model.load_state_dict(saved["model"])
         if len(saved["vocab"]) != model.cfg.vocab_size:
             raise ValueError("vocabulary and embedding sizes differ")
-    except Exception as err:  # truncated file, another lab's checkpoint, wrong architecture
-        raise LabError(f"checkpoint {path} cannot be loaded as a sentiment transformer: "
-                       f"{type(err).__name__}: {str(err)[:200]}") from None
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise LabError(f"the weights in {path} do not fit the model its config describes ({brief(err)})") from None
     return model.to(device), saved
 
 
@@ -454,7 +525,7 @@ def pyplot():
     """matplotlib's pyplot drawing to files (Agg) outside notebooks, or None when not installed."""
     try:
         import matplotlib
-        if "ipykernel" not in sys.modules:
+        if not in_notebook():  # a notebook keeps its own (inline) backend
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -464,7 +535,7 @@ def pyplot():
 
 def save_figure(plt, fig, path: Path):
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    if "ipykernel" in sys.modules:
+    if in_notebook():
         plt.show()
     plt.close(fig)
 
@@ -563,6 +634,9 @@ def show_attention(model, vocab: list, test_ids, test_lengths, test_labels, devi
 # larger of "steps done / steps planned" and "seconds spent / --time-budget": on a slow machine
 # the budget ends training with the learning rate already annealed, not cut off at its peak.
 # After every epoch the validation slice is scored and the best model so far is saved.
+# On a GPU nothing in a step waits for it: the loss is summed on the device, the NaN guard keeps
+# the first bad step there (read every 50 steps), and each batch is copied from pinned memory
+# while the GPU still works on the previous one.
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.accelerator.is_available():
@@ -589,14 +663,24 @@ def make_optimizer(model, lr: float, weight_decay: float):
                               {"params": others, "weight_decay": 0.0}], lr=lr)
 
 
-def train(args, model, data, vocab, device, out_dir: Path, autocast_dtype):
+def stop_if_not_finite(first_bad: torch.Tensor, when: str) -> None:
+    """Raise if a step's loss was NaN or infinite (first_bad >= 0): this reads from the GPU, so the
+    loop calls it every 50 steps, not every step."""
+    if first_bad >= 0:
+        raise LabError(f"the loss became NaN or infinite at step {int(first_bad)} ({when}); lower --lr")
+
+
+def train(args, model, data, vocab, device, out_dir: Path, dtype):
     train_ids, train_len, train_y, val_ids, val_len, val_y = data
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scaler = grad_scaler(device, dtype)
     generator = torch.Generator().manual_seed(args.seed)
+    train_y = train_y.to(device)  # labels on the device once; a batch's are picked there
     steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
     planned_steps = args.epochs * steps_per_epoch
-    sample_inputs = trim(val_ids, val_len, torch.arange(8))
+    sample_inputs = trim(val_ids, val_len, torch.arange(min(8, len(val_ids))))  # saved with each checkpoint
     history, train_seconds, best_val, step, out_of_time = [], 0.0, -1.0, 0, False
+    first_bad = torch.full((), -1, device=device)  # the first step whose loss is not finite
     for epoch in range(1, args.epochs + 1):
         model.train()
         tic = time.perf_counter()
@@ -613,28 +697,31 @@ def train(args, model, data, vocab, device, out_dir: Path, autocast_dtype):
             if args.word_dropout > 0:  # hide random words behind [UNK]: no single word can be relied on
                 hidden = (torch.rand(ids.shape, generator=generator) < args.word_dropout) & (ids > CLS_ID)
                 ids = ids.masked_fill(hidden, UNK_ID)
+            if device.type == "cuda":
+                ids = ids.pin_memory()  # page-locked: the copy below does not make the CPU wait
             ids = ids.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with autocast(device, dtype):
                 logits = model(ids)  # (B, 2)
-            loss = F.cross_entropy(logits.float(), train_y[index].to(device), label_smoothing=args.label_smoothing)
+            loss = F.cross_entropy(logits.float(), train_y[index], label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
             loss_sum += loss.detach() * len(index)
             seen += len(index)
-            if step % 50 == 0 and not math.isfinite(loss.item()):
-                raise LabError(f"the loss became {loss.item()} at step {step}; lower --lr")
+            if step % 50 == 0:
+                stop_if_not_finite(first_bad, f"epoch {epoch}")
+        stop_if_not_finite(first_bad, f"epoch {epoch}")  # waits for the GPU, so the epoch's time is true
         epoch_seconds = time.perf_counter() - tic
         train_seconds += epoch_seconds
         if seen == 0:
             break
         train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            raise LabError(f"the loss became {train_loss} during epoch {epoch} (by step {step}); lower --lr")
-
-        val_acc, val_loss, _ = evaluate(model, val_ids, val_len, val_y, device)
+        val_acc, val_loss, _ = evaluate(model, val_ids, val_len, val_y, device, dtype)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_accuracy": val_acc, "train_seconds": round(train_seconds, 2),
                         "reviews_per_s": round(seen / epoch_seconds, 1)})
@@ -697,7 +784,7 @@ def resolve_hf_model(transformers, name: str):
     except (OSError, ValueError) as err:
         local_error = err
     if looks_local:
-        raise LabError(f"--hf-model {name}: the folder is not a usable model ({str(local_error)[:200]})")
+        raise LabError(f"--hf-model {name}: the folder is not a usable model ({brief(local_error)})")
     if not hub_reachable():
         raise LabError(f"--hf-model {name}: not a local folder, not in the Hugging Face cache, and "
                        "huggingface.co cannot be reached. Give the path of a downloaded model folder "
@@ -706,7 +793,7 @@ def resolve_hf_model(transformers, name: str):
         transformers.AutoConfig.from_pretrained(name)
         return name, transformers.AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise LabError(f"--hf-model {name}: cannot load it from the Hub ({str(err)[:200]})") from None
+        raise LabError(f"--hf-model {name}: cannot load it from the Hub ({brief(err)})") from None
 
 
 def write_tiny_bert(folder: Path, texts: list, transformers) -> Path:
@@ -732,11 +819,8 @@ def subsample(texts: list, labels: list, size: int, seed: int):
     return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
-def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_split, device) -> dict:
+def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_split, device, dtype) -> dict:
     transformers, datasets = libraries
-    autocast_dtype = None
-    if device.type == "cuda":
-        autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=2).to(device)
     print(f"\nfine-tuning {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters; "
           f"its classifier layer is new and starts random) on {len(train_split[0]):,} training reviews, "
@@ -755,53 +839,62 @@ def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_s
 
     train_set, test_set = to_dataset(*train_split), to_dataset(*test_split)
     collate = transformers.DataCollatorWithPadding(tokenizer)  # pads each batch to its longest review
+    # On a GPU, worker processes pad the next batches into pinned memory while the GPU trains; on a
+    # CPU they would only take cores from the model, so the main process pads.
+    workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
-    def batches(dataset, shuffle, generator=None):
+    def loader(dataset, shuffle, generator=None):
         columns = [c for c in dataset.column_names if c != "length"]
-        loader = torch.utils.data.DataLoader(dataset.select_columns(columns), batch_size=args.hf_batch_size,
-                                             shuffle=shuffle, generator=generator, collate_fn=collate,
-                                             pin_memory=device.type == "cuda")
-        for batch in loader:
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return torch.utils.data.DataLoader(dataset.select_columns(columns), batch_size=args.hf_batch_size,
+                                           shuffle=shuffle, generator=generator, collate_fn=collate,
+                                           num_workers=workers, persistent_workers=workers > 0,
+                                           pin_memory=device.type == "cuda")
+
+    def on_device(batch):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.hf_lr, weight_decay=0.01)
     total_steps = args.hf_epochs * math.ceil(len(train_set) / args.hf_batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # 10% linear warm-up, then linear decay to zero
         optimizer, lambda s: min((s + 1) / max(1, 0.1 * total_steps), max(0.0, (total_steps - s) / (0.9 * total_steps))))
-    scaler = torch.amp.GradScaler(enabled=autocast_dtype == torch.float16)
-    generator = torch.Generator().manual_seed(args.seed)
+    scaler = grad_scaler(device, dtype)
+    train_batches = loader(train_set, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
+    first_bad = torch.full((), -1, device=device)  # the first step whose loss is not finite
     tic, step = time.perf_counter(), 0
     for epoch in range(1, args.hf_epochs + 1):
         model.train()
-        for batch in batches(train_set, shuffle=True, generator=generator):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = model(**batch).loss  # the batch carries "labels": the model computes the loss
+        for batch in train_batches:
+            with autocast(device, dtype):
+                loss = model(**on_device(batch)).loss  # the batch carries "labels": the model computes the loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             step += 1
-            if step % 10 == 0 or step == total_steps:  # reading the loss waits for the GPU: every 10 steps
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
+            if step % 10 == 0 or step == total_steps:  # reading from the GPU waits for it: every 10 steps
+                if first_bad >= 0:
+                    raise LabError(f"the fine-tuning loss became NaN or infinite at step {int(first_bad)}; lower --hf-lr")
                 loss_value, elapsed = loss.item(), time.perf_counter() - tic
-                if not math.isfinite(loss_value):  # a NaN stays in the weights, so it is still seen here
-                    raise LabError(f"fine-tuning loss became {loss_value} by step {step}; lower --hf-lr")
                 print(f"  fine-tune step {step}/{total_steps}  loss {loss_value:.4f}  "
                       f"{step * args.hf_batch_size / elapsed:.1f} reviews/s  ~{elapsed / step * (total_steps - step):.0f}s left",
                       flush=True)
     train_seconds = time.perf_counter() - tic
 
     model.eval()
-    correct, tic = 0, time.perf_counter()
+    tic = time.perf_counter()
     with torch.inference_mode():  # longest first, so each batch is padded little
+        correct = torch.zeros((), dtype=torch.long, device=device)  # counted on the device, read once
         longest_first = torch.tensor(test_set["length"]).argsort(descending=True).tolist()
-        for batch in batches(test_set.select(longest_first), shuffle=False):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for batch in loader(test_set.select(longest_first), shuffle=False):
+            batch = on_device(batch)
+            with autocast(device, dtype):
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-    accuracy = correct / len(test_set)
+            correct += (logits.argmax(-1) == batch["labels"]).sum()
+    accuracy = correct.item() / len(test_set)
     print(f"  fine-tuned test accuracy {100 * accuracy:.2f}% on {len(test_set):,} test reviews "
           f"({train_seconds:.0f}s fine-tuning, {time.perf_counter() - tic:.0f}s testing)")
     return {"hf_test_accuracy": accuracy, "hf_train_time_s": round(train_seconds, 2),
@@ -816,11 +909,40 @@ DEFAULT_HF_MODEL = "distilbert-base-uncased"
 CPU_HF_TRAIN_SIZE, CPU_HF_TEST_SIZE = 2000, 2000  # fine-tuning subsets on a CPU (a GPU uses everything)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Capstone 4: IMDB sentiment with a Transformer from scratch "
-                                            "(87%+ target) and a fine-tuned Hugging Face model (90%+).")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def checked(kind, is_valid, wanted: str):
+    """An argparse type= that converts with `kind` and refuses values outside the range (`wanted`)."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    return convert
+
+
+AT_LEAST_1 = checked(int, lambda v: v >= 1, "at least 1")
+AT_LEAST_0 = checked(int, lambda v: v >= 0, "0 or more")
+POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Capstone 4: IMDB sentiment with a Transformer from scratch "
+                                   "(87%+ target) and a fine-tuned Hugging Face model (90%+).")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to train; auto = the available accelerator, else CPU")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="autocast dtype on CUDA: auto = bf16 where the GPU has it natively, else fp16 with a "
+                        "GradScaler; CPU and MPS train in fp32")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and subsets")
     p.add_argument("--data-dir", type=Path, default=Path("./data"),
                    help="IMDB is read from / downloaded to DATA_DIR/aclImdb/{train,test}/{pos,neg}/")
@@ -830,56 +952,63 @@ def parse_args(argv):
                    help="every code path on generated reviews and a tiny offline BERT (seconds)")
     p.add_argument("--stage", default="both", choices=["scratch", "finetune", "both"],
                    help="train from scratch, fine-tune the Hugging Face model, or both (default)")
-    p.add_argument("--epochs", type=int, default=4, help="passes over the training reviews (from scratch)")
-    p.add_argument("--batch-size", type=int, default=64, help="reviews per optimisation step (from scratch)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (from scratch)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the weight matrices")
-    p.add_argument("--dropout", type=float, default=0.3, help="dropout of embeddings and residual branches")
-    p.add_argument("--word-dropout", type=float, default=0.25,
+    p.add_argument("--epochs", type=AT_LEAST_1, default=4, help="passes over the training reviews (from scratch)")
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=64, help="reviews per optimisation step (from scratch)")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="peak learning rate of AdamW (from scratch)")
+    p.add_argument("--weight-decay", type=checked(float, lambda v: 0 <= v < math.inf, "0 or more"), default=0.1,
+                   help="AdamW weight decay of the weight matrices")
+    p.add_argument("--dropout", type=FRACTION, default=0.3, help="dropout of embeddings and residual branches")
+    p.add_argument("--word-dropout", type=FRACTION, default=0.25,
                    help="fraction of training words replaced by [UNK] each step (a regulariser)")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="probability spread over the wrong class")
-    p.add_argument("--max-len", type=int, default=400, help="ids per review, [CLS] included (longer: head + tail)")
-    p.add_argument("--vocab-size", type=int, default=25_000, help="words in the vocabulary, the 3 specials included")
-    p.add_argument("--d-model", type=int, default=64, help="width of the Transformer")
-    p.add_argument("--heads", type=int, default=4, help="attention heads per layer (must divide --d-model)")
-    p.add_argument("--layers", type=int, default=2, help="encoder blocks")
-    p.add_argument("--d-ff", type=int, default=256, help="width of each feed-forward layer")
-    p.add_argument("--val-size", type=int, default=2500, help="training reviews held out to pick the best epoch")
-    p.add_argument("--time-budget", type=float, default=420.0,
+    p.add_argument("--label-smoothing", type=FRACTION, default=0.1, help="probability spread over the wrong class")
+    p.add_argument("--max-len", type=checked(int, lambda v: 8 <= v <= 4096, "in [8, 4096]"), default=400,
+                   help="ids per review, [CLS] included (longer: head + tail)")
+    p.add_argument("--vocab-size", type=checked(int, lambda v: v >= 10, "at least 10"), default=25_000,
+                   help="words in the vocabulary, the 3 specials included")
+    p.add_argument("--d-model", type=AT_LEAST_1, default=64, help="width of the Transformer")
+    p.add_argument("--heads", type=AT_LEAST_1, default=4, help="attention heads per layer (must divide --d-model)")
+    p.add_argument("--layers", type=AT_LEAST_1, default=2, help="encoder blocks")
+    p.add_argument("--d-ff", type=AT_LEAST_1, default=256, help="width of each feed-forward layer")
+    p.add_argument("--val-size", type=AT_LEAST_1, default=2500, help="training reviews held out to pick the best epoch")
+    p.add_argument("--time-budget", type=POSITIVE, default=420.0,
                    help="seconds of from-scratch training at most; the schedule anneals within it")
-    p.add_argument("--target", type=float, default=0.87, help="test accuracy whose time is seconds_to_target")
+    p.add_argument("--target", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=0.87,
+                   help="test accuracy whose time is seconds_to_target")
     p.add_argument("--eval-only", action="store_true", help="only score --checkpoint on the test reviews")
     p.add_argument("--checkpoint", type=Path, help="checkpoint for --eval-only (e.g. runs/04_sentiment_transformer/best.pt)")
     p.add_argument("--hf-model", default=DEFAULT_HF_MODEL,
                    help="Hugging Face model name or local folder to fine-tune (default distilbert-base-uncased)")
-    p.add_argument("--hf-train-size", type=int, default=None,
-                   help=f"training reviews to fine-tune on; 0 = all (default: all on a GPU, {CPU_HF_TRAIN_SIZE} on a CPU)")
-    p.add_argument("--hf-test-size", type=int, default=None,
-                   help=f"test reviews to score the fine-tuned model on; 0 = all 25,000 (default: all on a GPU, {CPU_HF_TEST_SIZE} on a CPU)")
-    p.add_argument("--hf-max-length", type=int, default=256, help="tokens per review for the pretrained model")
-    p.add_argument("--hf-epochs", type=int, default=1, help="fine-tuning passes over its training reviews")
-    p.add_argument("--hf-batch-size", type=int, default=16, help="reviews per fine-tuning step")
-    p.add_argument("--hf-lr", type=float, default=5e-5, help="peak fine-tuning learning rate")
-    args, _ = p.parse_known_args(argv)
+    p.add_argument("--hf-train-size", type=AT_LEAST_0, default=None,
+                   help=f"training reviews to fine-tune on; 0 = all (default: all on a CUDA GPU, {CPU_HF_TRAIN_SIZE:,} "
+                        "on a CPU or MPS)")
+    p.add_argument("--hf-test-size", type=AT_LEAST_0, default=None,
+                   help=f"test reviews to score the fine-tuned model on; 0 = all 25,000 (default: all on a CUDA GPU, "
+                        f"{CPU_HF_TEST_SIZE:,} on a CPU or MPS)")
+    p.add_argument("--hf-max-length", type=checked(int, lambda v: 8 <= v <= 512, "in [8, 512]"), default=256,
+                   help="tokens per review for the pretrained model")
+    p.add_argument("--hf-epochs", type=AT_LEAST_1, default=1, help="fine-tuning passes over its training reviews")
+    p.add_argument("--hf-batch-size", type=AT_LEAST_1, default=16, help="reviews per fine-tuning step")
+    p.add_argument("--hf-lr", type=POSITIVE, default=5e-5, help="peak fine-tuning learning rate")
+    return p
+
+
+def check_combinations(args) -> None:
+    """What one flag's type= cannot see: flags that must agree."""
     if args.eval_only and args.checkpoint is None:
-        p.error("--eval-only needs --checkpoint PATH (a best.pt written by a training run)")
-    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0 or not args.time_budget > 0:
-        p.error("--epochs and --batch-size must be at least 1, --lr and --time-budget positive")
-    if not 0 <= args.dropout < 1 or not 0 <= args.word_dropout < 1 or not 0 <= args.label_smoothing < 1:
-        p.error("--dropout, --word-dropout and --label-smoothing must be in [0, 1)")
-    if args.weight_decay < 0:
-        p.error("--weight-decay must be >= 0")
-    if not 8 <= args.max_len <= 4096 or args.vocab_size < 10:
-        p.error("--max-len must be in [8, 4096] and --vocab-size at least 10")
-    if min(args.d_model, args.heads, args.layers, args.d_ff) < 1 or args.d_model % args.heads:
-        p.error("--d-model, --heads, --layers, --d-ff must be at least 1 and --heads must divide --d-model")
-    if not 0 < args.target <= 1 or args.val_size < 1:
-        p.error("--target must be in (0, 1] and --val-size at least 1")
-    if min(args.hf_train_size or 0, args.hf_test_size or 0) < 0 or not 8 <= args.hf_max_length <= 512:
-        p.error("--hf-train-size and --hf-test-size must be >= 0 (0 = all), --hf-max-length in [8, 512]")
-    if args.hf_epochs < 1 or args.hf_batch_size < 1 or not args.hf_lr > 0:
-        p.error("--hf-epochs and --hf-batch-size must be at least 1 and --hf-lr positive")
-    return args
+        raise LabError("--eval-only needs --checkpoint PATH (a best.pt written by a training run)")
+    if args.d_model % args.heads:
+        raise LabError(f"--heads ({args.heads}) must divide --d-model ({args.d_model})")
+
+
+def fine_tuning_sizes(train_size, test_size, device: torch.device) -> tuple:
+    """--hf-train-size and --hf-test-size (0 = all); when not given, all on a CUDA GPU and
+    CPU_HF_TRAIN_SIZE / CPU_HF_TEST_SIZE elsewhere, where the whole split takes over an hour."""
+    on_gpu = device.type == "cuda"
+    if train_size is None:
+        train_size = 0 if on_gpu else CPU_HF_TRAIN_SIZE
+    if test_size is None:
+        test_size = 0 if on_gpu else CPU_HF_TEST_SIZE
+    return train_size, test_size
 
 
 def shrink_for_smoke(args):
@@ -913,18 +1042,28 @@ def prepare_hf(args, train_texts):
         name = str(write_tiny_bert(args.out_dir / "tiny_bert", train_texts, libraries[0]))
     name, tokenizer = resolve_hf_model(libraries[0], name)
     print(f"Hugging Face model: {name} (tokenizer {type(tokenizer).__name__}, found before any training)")
+    reviews = lambda size: "all" if size == 0 else f"{size:,}"
+    print(f"fine-tuning sizes: {reviews(args.hf_train_size)} training reviews, {reviews(args.hf_test_size)} "
+          "test reviews (--hf-train-size, --hf-test-size; 0 = all)")
     return libraries, name, tokenizer
 
 
 def run(args):
     wall_start = time.perf_counter()
+    check_combinations(args)
+    folder(args.data_dir, "--data-dir")  # before anything is downloaded or written
+    folder(args.out_dir, "--out-dir")
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    dtype = pick_precision(args.precision, device)
+    if device.type == "cuda":  # (no cudnn.benchmark: the batch shapes change with the review lengths)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls on tensor cores (Ampere and newer)
+    args.hf_train_size, args.hf_test_size = fine_tuning_sizes(args.hf_train_size, args.hf_test_size, device)
     if args.smoke:
         shrink_for_smoke(args)
     if args.eval_only:
-        return evaluate_checkpoint(args, device, wall_start)
+        evaluate_checkpoint(args, device, wall_start, dtype)
+        return
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         (train_texts, train_labels), test_split = load_reviews(args)
@@ -937,11 +1076,11 @@ def run(args):
     perm = torch.randperm(len(train_texts), generator=torch.Generator().manual_seed(12345)).tolist()
     val_index, train_index = perm[:args.val_size], perm[args.val_size:]
     metrics = {"lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
-               "train_reviews": len(train_index), "val_reviews": len(val_index), "test_reviews": len(test_split[0]),
+               "precision": str(dtype).removeprefix("torch.") if dtype else "float32", "train_reviews": len(train_index), "val_reviews": len(val_index), "test_reviews": len(test_split[0]),
                "train_time_s": 0.0, "epochs": 0, "steps": 0, "test_accuracy": None,
                "target_accuracy": args.target, "seconds_to_target": None}
     if args.stage != "finetune":
-        metrics.update(train_from_scratch(args, device, autocast_dtype, train_texts, train_labels,
+        metrics.update(train_from_scratch(args, device, dtype, train_texts, train_labels,
                                           train_index, val_index, test_split, wall_start))
     if hf is not None:
         hf_train = subsample([train_texts[i] for i in train_index], [train_labels[i] for i in train_index],
@@ -952,15 +1091,14 @@ def run(args):
         if len(hf_test[0]) < len(test_split[0]):
             print(f"note: the fine-tuned model is scored on a random {len(hf_test[0]):,} of the "
                   f"{len(test_split[0]):,} test reviews, to keep a CPU run short (--hf-test-size 0 for all)")
-        metrics.update(finetune_hf(args, hf[0], hf[1], hf[2], hf_train, hf_test, device))
+        metrics.update(finetune_hf(args, hf[0], hf[1], hf[2], hf_train, hf_test, device, dtype))
     metrics["wall_time_s"] = round(time.perf_counter() - wall_start, 2)
     metrics["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print_summary(args, metrics)
-    return metrics
 
 
-def train_from_scratch(args, device, autocast_dtype, train_texts, train_labels, train_index, val_index,
+def train_from_scratch(args, device, dtype, train_texts, train_labels, train_index, val_index,
                        test_split, wall_start) -> dict:
     tic = time.perf_counter()
     train_tokens = [tokenize(train_texts[i]) for i in train_index]
@@ -987,11 +1125,11 @@ def train_from_scratch(args, device, autocast_dtype, train_texts, train_labels, 
           f"{n_params:,} parameters; {args.epochs} epochs of AdamW, peak lr {args.lr}, batch {args.batch_size}, "
           f"time budget {args.time_budget:.0f}s")
     history, train_seconds, steps = train(args, model, (train_ids, train_len, train_y, val_ids, val_len, val_y),
-                                          vocab, device, args.out_dir, autocast_dtype)
+                                          vocab, device, args.out_dir, dtype)
 
     # the best epoch, reloaded from disk as a user of the checkpoint would
     best, saved = load_checkpoint(args.out_dir / "best.pt", device)
-    test_acc, test_loss, predictions = evaluate(best, test_ids, test_len, test_y, device)
+    test_acc, test_loss, predictions = evaluate(best, test_ids, test_len, test_y, device, dtype)
     seconds_to_test = time.perf_counter() - wall_start
     print(f"\nbest checkpoint (epoch {saved['epoch']}, val {100 * saved['val_accuracy']:.2f}%): test accuracy "
           f"{100 * test_acc:.2f}% on {len(test_y):,} test reviews, {seconds_to_test:.0f}s after the start")
@@ -1025,7 +1163,7 @@ def print_summary(args, metrics):
         print("(smoke run on generated reviews: the numbers above are not results)")
 
 
-def evaluate_checkpoint(args, device, wall_start):
+def evaluate_checkpoint(args, device, wall_start, dtype):
     """--eval-only: score a saved model on the test reviews; writes eval_only_* files, keeps metrics.json."""
     model, saved = load_checkpoint(args.checkpoint, device)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -1033,7 +1171,7 @@ def evaluate_checkpoint(args, device, wall_start):
     word_to_id = {word: i for i, word in enumerate(saved["vocab"])}
     test_ids, test_len = encode_all([tokenize(t) for t in test_texts], word_to_id, model.cfg.max_len)
     test_y = torch.tensor(test_labels)
-    test_acc, test_loss, _ = evaluate(model, test_ids, test_len, test_y, device)
+    test_acc, test_loss, _ = evaluate(model, test_ids, test_len, test_y, device, dtype)
     show_attention(model, saved["vocab"], test_ids, test_len, test_y, device, args.out_dir / "eval_only_attention.png")
     metrics = {"lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
                "wall_time_s": round(time.perf_counter() - wall_start, 2), "train_time_s": 0.0,
@@ -1042,15 +1180,16 @@ def evaluate_checkpoint(args, device, wall_start):
     (args.out_dir / "eval_only_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{args.checkpoint}: test accuracy {100 * test_acc:.2f}% on {len(test_y):,} test reviews; "
           f"figure in {args.out_dir}/eval_only_attention.png")
-    return metrics
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> None:
     try:
-        return run(args)
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,19 @@
 """Capstone 4 (projects/04_sentiment_transformer.py): the tokenizer and vocabulary, the IMDB
 layout and download path, hand-written attention against PyTorch's, the padding-mask
-properties, checkpoints, the Hugging Face model check that must fail before any training, and
-bad input."""
-import io
+properties, checkpoints, the Hugging Face model check that must fail before any training, the
+default run's fine-tuning sizes, the mixed-precision policy, the training loop on a simulated
+CUDA GPU, and bad input."""
 import json
-import math
-import os
 import tarfile
 import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import assert_clean_failure, failure_of, load_lab, run_lab, run_on_simulated_cuda
 
 LAB = "projects/04_sentiment_transformer.py"
 
@@ -136,12 +135,8 @@ def test_missing_data_without_network_names_url_layout_and_smoke(lab, tmp_path, 
 
     monkeypatch.setattr(lab, "fetch_to_file", no_network)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--stage", "scratch", "--data-dir", str(tmp_path / "data"), "--out-dir", str(out)])
-    message = str(exit_info.value.code)
-    assert message.startswith("error:")
-    for fragment in (lab.IMDB_URL, "aclImdb/train/pos", "test/neg", "--smoke"):
-        assert fragment in message
+    result = failure_of(lab.main, ["--stage", "scratch", "--data-dir", tmp_path / "data", "--out-dir", out])
+    assert_clean_failure(result, lab.IMDB_URL, "aclImdb/train/pos", "test/neg", "--smoke")
     assert not list(out.glob("*.pt")) and not (out / "metrics.json").exists()
 
 
@@ -149,6 +144,31 @@ def test_missing_data_without_network_names_url_layout_and_smoke(lab, tmp_path, 
 
 def test_hand_attention_equals_nn_multiheadattention_on_a_padded_batch(lab):
     assert lab.check_attention_against_pytorch(seed=1) < 1e-5
+
+
+def test_attention_module_equals_nn_multiheadattention_with_the_same_weights(lab):
+    """The lab's SelfAttention against PyTorch's module directly (not through the lab's own check):
+    both paths, every real position, and each head's weights."""
+    torch.manual_seed(3)
+    mine = lab.SelfAttention(24, 3).eval()
+    theirs = nn.MultiheadAttention(24, 3, batch_first=True).eval()
+    with torch.no_grad():  # the same (3C, C) in_proj layout: q, k, v rows stacked
+        theirs.in_proj_weight.copy_(mine.qkv.weight)
+        theirs.in_proj_bias.copy_(mine.qkv.bias)
+        theirs.out_proj.weight.copy_(mine.out.weight)
+        theirs.out_proj.bias.copy_(mine.out.bias)
+    x = torch.randn(4, 9, 24)
+    lengths = torch.tensor([9, 7, 4, 1])
+    pad_mask = torch.arange(9)[None, :] >= lengths[:, None]  # (4, 9) True at [PAD]
+    with torch.no_grad():
+        expected, expected_weights = theirs(x, x, x, key_padding_mask=pad_mask, average_attn_weights=False)
+        by_hand, weights = mine(x, pad_mask, by_hand=True)
+        fused, _ = mine(x, pad_mask)
+    real = ~pad_mask
+    torch.testing.assert_close(by_hand[real], expected[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[real], expected[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
+    assert torch.all(weights[1, :, :, 7:] == 0), "a [PAD] key gets exactly zero weight"
 
 
 def test_hand_attention_equals_scaled_dot_product_attention(lab):
@@ -220,33 +240,49 @@ def test_checkpoint_round_trip_reproduces_the_logits(lab, tmp_path):
 
 def test_eval_only_reproduces_the_trained_test_accuracy(lab, tmp_path):
     out = tmp_path / "out"
-    trained = lab.main(["--smoke", "--stage", "scratch", "--out-dir", str(out)])
-    evaluated = lab.main(["--smoke", "--eval-only", "--checkpoint", str(out / "best.pt"), "--out-dir", str(out)])
+    lab.main(["--smoke", "--stage", "scratch", "--out-dir", str(out)])
+    trained = json.loads((out / "metrics.json").read_text())
+    lab.main(["--smoke", "--eval-only", "--checkpoint", str(out / "best.pt"), "--out-dir", str(out)])
+    evaluated = json.loads((out / "eval_only_metrics.json").read_text())
     assert evaluated["test_accuracy"] == pytest.approx(trained["test_accuracy"])
-    assert (out / "eval_only_metrics.json").is_file() and (out / "eval_only_attention.png").is_file()
-    assert json.loads((out / "metrics.json").read_text())["train_time_s"] > 0, "eval-only keeps metrics.json"
+    assert (out / "eval_only_attention.png").is_file()
+    assert json.loads((out / "metrics.json").read_text()) == trained, "eval-only keeps metrics.json"
 
 
-@pytest.mark.parametrize("content", [None, b"not a checkpoint"], ids=["missing", "corrupt"])
-def test_missing_or_corrupt_checkpoint_is_a_message(lab, tmp_path, content):
+def other_labs_checkpoint(path: Path) -> None:
+    """A valid torch file shaped like lab 08's model.pt: model, config, vocab, samples."""
+    config = {"vocab_size": 10, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 16,
+              "pos_encoding": "learned", "norm_first": True}
+    torch.save({"model": {"lm_head.weight": torch.zeros(10, 16)}, "config": config, "vocab": "abcdefghij",
+                "sample_inputs": torch.zeros(1, 8, dtype=torch.long), "sample_outputs": torch.zeros(1, 8, 10)}, path)
+
+
+@pytest.mark.parametrize("kind,expected", [("missing", "does not exist"),
+                                           ("corrupt", "truncated or not a PyTorch checkpoint"),
+                                           ("truncated", "truncated or not a PyTorch checkpoint"),
+                                           ("other lab", "from another lab")])
+def test_missing_corrupt_or_foreign_checkpoint_is_a_one_line_message(lab, tmp_path, kind, expected):
     path = tmp_path / "best.pt"
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--smoke", "--eval-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "out")])
-    message = str(exit_info.value.code)
-    assert message.startswith("error:") and str(path) in message
-    assert content is None or path.read_bytes() == content, "the file is left as it was"
+    if kind == "corrupt":
+        path.write_bytes(b"not a checkpoint")
+    elif kind == "truncated":
+        torch.save({"model": nn.Linear(64, 64).state_dict()}, path)
+        path.write_bytes(path.read_bytes()[:400])
+    elif kind == "other lab":
+        other_labs_checkpoint(path)
+    before = path.read_bytes() if path.exists() else None
+    result = failure_of(lab.main, ["--smoke", "--eval-only", "--checkpoint", path, "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, expected, str(path))
+    assert (path.read_bytes() if path.exists() else None) == before, "the file is left as it was"
+    assert not (tmp_path / "out").exists()
 
 
 # --- the Hugging Face model is checked before anything is trained --------------------------------
 
 def test_missing_local_hf_model_fails_before_training(lab, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--smoke", "--hf-model", str(tmp_path / "no-such-model"), "--out-dir", str(out)])
-    message = str(exit_info.value.code)
-    assert "--hf-model" in message and "no such folder" in message
+    result = failure_of(lab.main, ["--smoke", "--hf-model", tmp_path / "no-such-model", "--out-dir", out])
+    assert_clean_failure(result, "--hf-model", "no such folder")
     assert not (out / "best.pt").exists() and not (out / "metrics.json").exists()
 
 
@@ -254,11 +290,105 @@ def test_unreachable_hub_name_fails_in_seconds_before_the_data_is_loaded(lab, tm
     pytest.importorskip("transformers")
     monkeypatch.setattr(lab, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(lab, "imdb_root", lambda data_dir: pytest.fail("the model is checked before the data"))
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--hf-model", "no-such-org/no-such-model-4f2a", "--data-dir", str(tmp_path),
-                  "--out-dir", str(tmp_path / "out")])
-    message = str(exit_info.value.code)
-    assert "huggingface.co cannot be reached" in message and "--stage scratch" in message
+    result = failure_of(lab.main, ["--hf-model", "no-such-org/no-such-model-4f2a", "--data-dir", tmp_path,
+                                   "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "huggingface.co cannot be reached", "--stage scratch")
+
+
+# --- the default run: fine-tuning sizes ---------------------------------------------------------
+
+def test_fine_tuning_sizes_default_to_cpu_subsets_and_to_everything_on_cuda(lab):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert lab.fine_tuning_sizes(None, None, cpu) == (lab.CPU_HF_TRAIN_SIZE, lab.CPU_HF_TEST_SIZE)
+    assert lab.fine_tuning_sizes(None, None, mps) == (lab.CPU_HF_TRAIN_SIZE, lab.CPU_HF_TEST_SIZE)
+    assert lab.fine_tuning_sizes(None, None, cuda) == (0, 0)  # 0 = all
+    assert lab.fine_tuning_sizes(0, 300, cpu) == (0, 300)  # what the learner asks for wins
+    texts, labels = [f"review {i}" for i in range(10)], [i % 2 for i in range(10)]
+    assert len(lab.subsample(texts, labels, 4, seed=0)[0]) == 4
+    assert lab.subsample(texts, labels, 0, seed=0) == (texts, labels)
+
+
+def test_default_stage_both_runs_to_the_end_with_a_local_model(lab, tmp_path, capsys):
+    """The default run (--stage both, no --hf-*-size) on a miniature IMDB folder and a tiny local
+    BERT: it once trained from scratch and then died in subsample() on `0 < None`."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("datasets")
+    data = tmp_path / "data"
+    write_reviews(data, per_folder=6)
+    texts = lab.read_split(data / "aclImdb", "train")[0]
+    model_dir = lab.write_tiny_bert(tmp_path / "tiny_bert", texts, transformers)
+    out = tmp_path / "out"
+    tiny = ["--epochs", "1", "--batch-size", "4", "--val-size", "8", "--vocab-size", "10", "--max-len", "16",
+            "--d-model", "8", "--heads", "2", "--layers", "1", "--d-ff", "8", "--hf-batch-size", "4",
+            "--hf-max-length", "16"]
+    lab.main(["--device", "cpu", "--data-dir", str(data), "--out-dir", str(out), "--hf-model", str(model_dir)] + tiny)
+    printed = capsys.readouterr().out
+    assert f"fine-tuning sizes: {lab.CPU_HF_TRAIN_SIZE:,} training reviews, {lab.CPU_HF_TEST_SIZE:,} test reviews" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["hf_train_size"] == 4 and metrics["hf_test_size"] == 12  # fewer than 2,000: all of them
+    assert 0 <= metrics["hf_test_accuracy"] <= 1 and 0 <= metrics["test_accuracy"] <= 1
+    assert (out / "best.pt").is_file()
+
+
+# --- mixed precision and the simulated GPU --------------------------------------------------------
+
+def pretend_gpu(monkeypatch, native_bf16: bool) -> None:
+    """torch.cuda's bf16 answers of a T4 (emulated only) or of an A100/H200 (native)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+def test_precision_policy_fp16_on_a_t4_bf16_where_native_fp32_on_cpu(lab, monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    pretend_gpu(monkeypatch, native_bf16=False)
+    assert lab.pick_precision("auto", cuda) is torch.float16
+    assert lab.pick_precision("bf16", cuda) is torch.bfloat16  # asked for: given, even if emulated
+    assert lab.pick_precision("fp32", cuda) is None
+    pretend_gpu(monkeypatch, native_bf16=True)
+    assert lab.pick_precision("auto", cuda) is torch.bfloat16
+    assert lab.pick_precision("auto", cpu) is None and lab.pick_precision("fp32", cpu) is None
+    with pytest.raises(lab.LabError, match="--precision fp16 is for CUDA"):
+        lab.pick_precision("fp16", cpu)
+    assert lab.grad_scaler(cpu, torch.float16).is_enabled()
+    assert not lab.grad_scaler(cpu, torch.bfloat16).is_enabled() and not lab.grad_scaler(cpu, None).is_enabled()
+
+
+def test_fp16_on_a_cpu_is_a_one_line_message(lab, tmp_path):
+    result = failure_of(lab.main, ["--smoke", "--device", "cpu", "--precision", "fp16", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "--precision fp16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_epoch_checkpoint_and_reload_run_on_a_simulated_t4(tmp_path):
+    """On CUDA the first checkpoint save fed the CPU sample reviews to the GPU model. One epoch of
+    the real training loop (fp16 + GradScaler, as --precision auto picks on a T4), the save, the
+    reload and the evaluation, on the simulated T4 of tests/simulated_cuda.py."""
+    result = run_on_simulated_cuda(f"""
+import argparse, pathlib, torch
+lab = load_lab("projects/04_sentiment_transformer.py")
+device = torch.device("cuda")
+dtype = lab.pick_precision("auto", device)
+assert dtype is torch.float16, dtype
+args = argparse.Namespace(lr=1e-3, weight_decay=0.1, seed=0, batch_size=8, epochs=1, time_budget=60.0,
+                          word_dropout=0.25, label_smoothing=0.1)
+torch.manual_seed(0)
+ids = torch.randint(3, 30, (40, 12)); ids[:, 0] = lab.CLS_ID
+lengths = torch.randint(4, 13, (40,)); ids[torch.arange(12)[None, :] >= lengths[:, None]] = lab.PAD_ID
+labels = torch.randint(0, 2, (40,))
+model = lab.SentimentTransformer(lab.ModelConfig(vocab_size=30, max_len=12, d_model=8, n_heads=2, n_layers=1,
+                                                 d_ff=16)).to(device)
+vocab = ["[PAD]", "[UNK]", "[CLS]"] + [f"w{{i}}" for i in range(27)]
+out = pathlib.Path({str(tmp_path)!r})
+history, seconds, steps = lab.train(args, model, (ids[:32], lengths[:32], labels[:32], ids[32:], lengths[32:],
+                                    labels[32:]), vocab, device, out, dtype)
+assert steps == 4 and len(history) == 1
+best, saved = lab.load_checkpoint(out / "best.pt", device)
+accuracy, loss, predictions = lab.evaluate(best, ids, lengths, labels, device, dtype)
+assert 0 <= accuracy <= 1 and predictions.device.type == "cpu"
+print("ok")
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok" in result.stdout
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -266,12 +396,29 @@ def test_unreachable_hub_name_fails_in_seconds_before_the_data_is_loaded(lab, tm
 @pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "0"], ["--dropout", "1"], ["--word-dropout", "-0.1"],
                                    ["--heads", "3"], ["--max-len", "4"], ["--vocab-size", "5"],
                                    ["--target", "1.5"], ["--hf-train-size", "-1"], ["--hf-max-length", "1024"],
-                                   ["--time-budget", "0"], ["--eval-only"]])
-def test_out_of_range_flags_are_refused_before_anything_runs(lab, tmp_path, flags, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(flags + ["--smoke", "--out-dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+                                   ["--time-budget", "0"], ["--lr", "nan"], ["--eval-only"]])
+def test_out_of_range_flags_are_refused_before_anything_runs(lab, tmp_path, flags):
+    result = failure_of(lab.main, flags + ["--smoke", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, flags[0])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_a_one_line_message(lab, tmp_path, flag):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    argv = ["--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", flag, file]
+    result = failure_of(lab.main, argv + (["--smoke"] if flag == "--out-dir" else ["--stage", "scratch"]))
+    assert_clean_failure(result, flag, "not a folder")
+    assert file.read_text() == "keep me" and not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_review_that_is_not_utf8_is_a_one_line_message(lab, tmp_path):
+    write_reviews(tmp_path / "data")
+    (tmp_path / "data" / "aclImdb" / "train" / "pos" / "0_8.txt").write_bytes(b"caf\xe9 cr\xe8me, great film")
+    result = failure_of(lab.main, ["--stage", "scratch", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "0_8.txt", "not UTF-8")
+    assert not (tmp_path / "out" / "best.pt").exists()
 
 
 def test_incomplete_data_folder_fails_cleanly_in_a_real_process(tmp_path):
