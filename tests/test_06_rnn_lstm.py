@@ -1,12 +1,16 @@
-"""Lab 06: the hand-written cells against PyTorch's, the TBPTT pieces, bad input, and the real run."""
+"""Lab 06: the hand-written cells against PyTorch's, the TBPTT pieces, mixed precision and the
+simulated T4, bad input, and the real run."""
+import argparse
 import json
 import math
+import sys
+import types
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import assert_clean_failure, failure_of, load_lab, run_lab, run_on_simulated_cuda
 
 LAB = "week3_rnn/06_rnn_lstm.py"
 
@@ -101,15 +105,41 @@ def test_sample_from_checkpoint_notes_unknown_prompt_characters(lab, tmp_path, c
     assert "\nRMEO:" in out  # the sample starts from what is left of the prompt
 
 
-def test_missing_and_corrupt_checkpoints_fail_cleanly(lab, tmp_path, capsys):
-    with pytest.raises(SystemExit) as missing:
-        lab.main(["--sample-from", str(tmp_path / "nope.pt"), "--device", "cpu"])
-    assert "does not exist" in str(missing.value.code)
-    broken = tmp_path / "broken.pt"
-    broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit) as corrupt:
-        lab.main(["--sample-from", str(broken), "--device", "cpu"])
-    assert "cannot be loaded" in str(corrupt.value.code)
+def tiny_checkpoint(lab, path, chars="ab:\n"):
+    config = lab.CharConfig(vocab_size=len(chars), embed_dim=8, hidden_size=16)
+    lab.save_checkpoint(lab.CharLSTM(config), config, chars, torch.zeros(1, 4, dtype=torch.long), path)
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("missing", "does not exist"),
+    ("truncated", "truncated or corrupt"),
+    ("not a checkpoint", "truncated or corrupt"),
+    ("capstone 2", "from lab 02_text_generator"),
+    ("lab 02", "from another lab or program"),
+    ("other weights", "does not fit"),
+])
+def test_bad_checkpoints_say_what_is_wrong_and_stay_untouched(lab, tmp_path, kind, fragment):
+    path = tmp_path / "char_lstm.pt"
+    if kind == "truncated":
+        tiny_checkpoint(lab, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "not a checkpoint":
+        path.write_bytes(b"not a checkpoint")
+    elif kind == "capstone 2":  # the same CharLSTM class name, written by another lab
+        torch.save({"lab": "02_text_generator", "model": {}, "config": {"vocab_size": 4}}, path)
+    elif kind == "lab 02":  # an older checkpoint of another lab: no "lab" key, a config of its own
+        torch.save({"model": nn.Linear(784, 10).state_dict(), "config": {"hidden_sizes": [512]},
+                    "sample_inputs": torch.zeros(1, 784), "sample_outputs": torch.zeros(1, 10)}, path)
+    elif kind == "other weights":
+        tiny_checkpoint(lab, path)
+        saved = torch.load(path, weights_only=True)
+        saved["config"]["hidden_size"] = 32  # a config that does not match its weights
+        torch.save(saved, path)
+    before = path.read_bytes() if path.exists() else None
+    result = failure_of(lab.main, ["--sample-from", path, "--device", "cpu", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, fragment)
+    assert (path.read_bytes() if path.exists() else None) == before
+    assert not (tmp_path / "out").exists()
 
 
 def test_truncated_corpus_is_refused(lab, tmp_path):
@@ -119,19 +149,138 @@ def test_truncated_corpus_is_refused(lab, tmp_path):
         lab.load_shakespeare(tmp_path)
 
 
-def test_out_of_range_flags_are_refused(lab):
-    with pytest.raises(SystemExit) as err:
-        lab.main(["--lr", "-1"])
-    assert err.value.code == 2
+@pytest.mark.parametrize("flags, fragment", [
+    (["--lr", "-1"], "--lr: must be positive"), (["--lr", "nan"], "--lr: must be positive"),
+    (["--batch-size", "0"], "--batch-size: must be a positive"), (["--epochs", "-1"], "--epochs: must be 0 or more"),
+    (["--dropout", "1"], "--dropout: must be in [0, 1)"), (["--log-every", "0"], "--log-every"),
+    (["--temperature", "warm"], "invalid float value"), (["--precision", "fp8"], "invalid choice"),
+    (["--precision", "fp16", "--device", "cpu"], "--precision fp16 is for CUDA GPUs"),
+])
+def test_bad_flags_get_one_line_before_anything_runs(lab, tmp_path, flags, fragment):
+    result = failure_of(lab.main, [*flags, "--smoke", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, fragment)
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
 
 
-def test_shakespeare_absent_without_network_fails_cleanly(tmp_path):
-    unreachable = "http://127.0.0.1:9"  # nothing listens there: the download fails at once
-    result = run_lab(LAB, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--device", "cpu",
-                     env_extra={"https_proxy": unreachable, "HTTPS_PROXY": unreachable}, timeout=120)
-    assert_clean_failure(result, "raw.githubusercontent.com/karpathy/char-rnn",
-                         "tinyshakespeare/input.txt", "--smoke")
-    assert not (tmp_path / "out" / "metrics.json").exists()
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_refused_and_left_alone(lab, tmp_path, flag):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    other = {"--data-dir": ["--out-dir", tmp_path / "out"], "--out-dir": ["--data-dir", tmp_path / "data"]}[flag]
+    result = failure_of(lab.main, [flag, a_file, *other, "--device", "cpu"])  # not --smoke: no download either
+    assert_clean_failure(result, flag, "is a file, not a folder")
+    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_bad_flag_in_a_notebook_prints_one_line_without_raising(lab, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    lab.main(["--lr", "0", "--out-dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--lr" in lines[0]
+
+
+# --- mixed precision, the NaN guard, and the simulated T4 ----------------------------------------
+
+@pytest.mark.parametrize("gpu, precision, expected", [
+    ("T4", "auto", torch.float16), ("A100", "auto", torch.bfloat16), ("T4", "bf16", torch.bfloat16),
+    ("A100", "fp16", torch.float16), ("T4", "fp32", None),
+])
+def test_precision_policy_follows_native_bf16(lab, monkeypatch, gpu, precision, expected):
+    native = gpu == "A100"  # a T4 says True only when emulation counts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+    assert lab.pick_precision(precision, torch.device("cuda")) == expected
+
+
+def test_precision_on_the_cpu_is_fp32_and_the_scaler_only_serves_fp16(lab):
+    cpu = torch.device("cpu")
+    assert lab.pick_precision("auto", cpu) is None and lab.pick_precision("fp32", cpu) is None
+    for name in ("bf16", "fp16"):
+        with pytest.raises(lab.LabError, match=f"--precision {name} is for CUDA"):
+            lab.pick_precision(name, cpu)
+    assert lab.grad_scaler(cpu, torch.float16).is_enabled()
+    assert not lab.grad_scaler(cpu, torch.bfloat16).is_enabled() and not lab.grad_scaler(cpu, None).is_enabled()
+
+
+def test_under_bf16_autocast_the_lstm_runs_in_fp32(lab):
+    """The rule for recurrent layers: bf16 autocast must not reach nn.LSTM (cuDNN would make it fp16)."""
+    model = lab.CharLSTM(lab.CharConfig(vocab_size=5, embed_dim=8, hidden_size=16))
+    seen = []
+    model.lstm.register_forward_hook(lambda module, inputs, outputs: seen.append(outputs[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, state = model(torch.randint(0, 5, (2, 7)))
+        model(torch.randint(0, 5, (2, 3)), state)  # a carried state goes back in as well
+    assert seen == [torch.float32, torch.float32] and logits.dtype == torch.bfloat16  # the head still autocasts
+    logits.float().sum().backward()
+
+
+def tbptt_args(**overrides):
+    return argparse.Namespace(**{"lr": 1e-2, "weight_decay": 0.0, "batch_size": 4, "bptt": 16, "epochs": 1,
+                                 "time_budget": 600.0, "clip": 1.0, "eval_every": 1e9, "log_every": 10,
+                                 **overrides})
+
+
+def test_a_non_finite_loss_stops_training_naming_its_step(lab):
+    data = torch.randint(0, 5, (2000,))
+    model = lab.CharLSTM(lab.CharConfig(vocab_size=5, embed_dim=8, hidden_size=16))
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")  # every loss is NaN from the first step on
+    with pytest.raises(lab.LabError, match="NaN or infinite at step 1;"):
+        lab.train_char_lstm(model, data, data[:300], tbptt_args(), torch.device("cpu"), None)
+
+
+def test_checkpoint_reload_check_runs_on_a_simulated_t4():
+    """Issue 12 A: the reload check compared the CPU outputs with saved outputs loaded onto CUDA."""
+    result = run_on_simulated_cuda("""
+import pathlib, tempfile, torch
+torch.set_num_threads(1)
+lab = load_lab("week3_rnn/06_rnn_lstm.py")
+device = torch.device("cuda")
+config = lab.CharConfig(vocab_size=4, embed_dim=8, hidden_size=16)
+model = lab.CharLSTM(config).to(device)
+path = pathlib.Path(tempfile.mkdtemp()) / "char_lstm.pt"
+lab.save_checkpoint(model, config, "ab:\\n", torch.tensor([[0, 1, 2, 3, 1]], device=device), path)
+assert lab.checkpoint_reproduces(path, device)
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_tbptt_on_a_simulated_t4_reads_once_per_log_interval_in_both_precisions():
+    """fp16 (a T4's auto) runs the LSTM in fp16 with the GradScaler on; bf16 keeps it in fp32. No
+    lab line reads from the GPU more often than once per --log-every steps."""
+    result = run_on_simulated_cuda("""
+import argparse, simulated_cuda, torch
+torch.set_num_threads(1)  # tiny models: one thread is faster, and much faster on a busy machine
+lab = load_lab("week3_rnn/06_rnn_lstm.py")
+device = torch.device("cuda")
+data = torch.randint(0, 5, (800,))  # 4 streams of 200: 12 steps of 16 characters
+steps = 0
+for name, lstm_dtype in (("auto", torch.float16), ("bf16", torch.float32)):
+    dtype = lab.pick_precision(name, device)
+    model = lab.CharLSTM(lab.CharConfig(vocab_size=5, embed_dim=8, hidden_size=16)).to(device)
+    seen = set()
+    model.lstm.register_forward_hook(lambda module, inputs, outputs: seen.add(outputs[0].dtype))
+    args = argparse.Namespace(lr=1e-2, weight_decay=0.0, batch_size=4, bptt=16, epochs=1, time_budget=600.0,
+                              clip=1.0, eval_every=1e9, log_every=5)
+    history, done, _, _ = lab.train_char_lstm(model, data, data[:200], args, device, dtype)
+    assert seen == {lstm_dtype}, (name, seen)
+    assert all(loss == loss for loss in history["train_loss"]), history
+    steps += done
+reads = {line: n for line, n in simulated_cuda.REPORT.as_dict()["intervals_with_read_by_line"].items() if "GradScaler" not in line}
+assert steps == 24 and all(n <= 2 * 3 for n in reads.values()), reads  # after steps 5, 10 and 12 of each run
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+
+
+def test_shakespeare_absent_without_network_fails_cleanly(lab, tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise lab.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(lab.urllib.request, "urlopen", no_network)
+    result = failure_of(lab.main, ["--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--device", "cpu"])
+    assert_clean_failure(result, "raw.githubusercontent.com/karpathy/char-rnn", "tinyshakespeare/input.txt", "--smoke")
+    assert not (tmp_path / "out").exists()
     assert not list((tmp_path / "data").rglob("*.part"))
 
 

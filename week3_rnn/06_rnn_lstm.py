@@ -15,8 +15,15 @@ Run it
   terminal:  python week3_rnn/06_rnn_lstm.py                    (downloads tiny Shakespeare, ~1 MB)
              python week3_rnn/06_rnn_lstm.py --smoke            (every code path in seconds, no network)
              python week3_rnn/06_rnn_lstm.py --sample-from runs/06_rnn_lstm/char_lstm.pt --prompt "ROMEO:"
+             python week3_rnn/06_rnn_lstm.py --device cuda --precision fp16   (a T4's mixed precision on any GPU)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` markers) and run it; call
-             `main(["--time-budget", "300"])` to train longer.
+             `main(["--time-budget", "300"])` to train longer. As a notebook (jupytext), figures show
+             inline and a bad flag prints one line.
+
+On a GPU (part 6; parts 1-5 are tiny and stay on the CPU): `--precision auto` autocasts to bf16
+where the GPU runs it natively and to fp16 with a GradScaler elsewhere (a T4); under bf16 the LSTM
+itself runs in fp32, since cuDNN would run it in fp16 without a scaler. No training step waits for
+the GPU: the loss is summed there and read every `--log-every` steps, with the NaN check.
 
 The corpus is fetched on first use from the char-rnn repository
 (https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt)
@@ -39,6 +46,7 @@ The validation loss streams the held-out text through the LSTM with its state ca
 way the model is used when it writes; so most characters are predicted with a long context.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -60,6 +68,106 @@ TARGET_VAL_LOSS = 1.88  # nats per character, the lab's promise within 2 min 40 
 
 class LabError(Exception):
     """A problem the learner can fix (bad flag, missing data, broken checkpoint): message, no traceback."""
+
+
+# %%
+# Setup: the device, folders, figures that also show inline in a notebook. Asking for something
+# that is not there (a GPU, a folder that is a file) is a one-line message, not a traceback.
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu "
+                       "(in Colab: Runtime > Change runtime type > T4 GPU)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LabError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+def in_notebook() -> bool:
+    """True in a Jupyter or Colab kernel: figures then show inline, and errors print one line."""
+    return "ipykernel" in sys.modules
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a figure as PNG, show it inline in a notebook, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path)
+    if in_notebook():
+        from IPython.display import display
+        display(fig)
+    plt.close(fig)
+
+
+@contextlib.contextmanager
+def fast_cuda_kernels(device: torch.device):
+    """On CUDA: cuDNN autotuning (training shapes are fixed) and TF32 matmuls (Ampere and newer).
+    Both are put back afterwards, so a notebook kernel is left as the lab found it."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision = before
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# %%
+# Recurrent layers under mixed precision. PyTorch's cuDNN wrapper casts nn.LSTM/nn.GRU to fp16
+# under autocast, whatever dtype was asked (CONTRIBUTING.md, "Mixed precision"); fp16 needs the
+# GradScaler, which only the fp16 policy turns on. So under bf16 the layer runs in fp32 instead.
+def run_recurrent(layer: nn.Module, inputs, state=None):
+    """layer(inputs, state), outside autocast and in fp32 when autocast asks for bf16."""
+    kind = inputs.device.type
+    if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
+        return layer(inputs, state)
+    if state is not None:
+        state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
+    with torch.autocast(kind, enabled=False):
+        return layer(inputs.float(), state)
 
 
 # %%
@@ -149,8 +257,7 @@ def plot_gradient_curves(curves, path):
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # %%
@@ -278,8 +385,7 @@ def plot_forecasts(clean, noisy, forecasts, context, path):
     axes[0].set_title(f"Multi-step forecast: {horizon} steps after a {context}-step context")
     axes[-1].set_xlabel("time step")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # %%
@@ -364,10 +470,9 @@ def download(url: str, path: Path):
     except (urllib.error.URLError, OSError) as err:
         partial.unlink(missing_ok=True)
         raise LabError(
-            f"tiny Shakespeare is not in {path} and could not be downloaded ({err}).\n"
-            f"  Download it by hand from {url}\n"
-            f"  and put it at <data-dir>/tinyshakespeare/input.txt (here: {path}),\n"
-            f"  or run with --smoke to try the lab on generated text without the corpus."
+            f"tiny Shakespeare is not in {path} and could not be downloaded ({' '.join(str(err).split())}); "
+            f"download it by hand from {url} and put it at <data-dir>/tinyshakespeare/input.txt, "
+            "or run with --smoke to try the lab on generated text without the corpus"
         ) from None
     os.replace(partial, path)  # never leave a half-written file under the real name
 
@@ -447,7 +552,7 @@ class CharLSTM(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, tokens, state=None):  # tokens: (B, T)
-        outputs, state = self.lstm(self.embed(tokens), state)  # (B, T, H); state: 2 x (layers, B, H)
+        outputs, state = run_recurrent(self.lstm, self.embed(tokens), state)  # (B, T, H); state: 2 x (layers, B, H)
         return self.head(outputs), state  # logits (B, T, V)
 
 
@@ -469,37 +574,55 @@ def learning_rate(peak: float, progress: float, warmup: float = 0.05) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, data, device, streams=64, bptt=256, autocast=None):
+def evaluate(model, data, device, streams=64, bptt=256, dtype=None):
     """Mean cross-entropy in nats per character over all of `data`, the LSTM state carried along."""
     model.eval()
     rows = as_streams(data, streams).to(device)
-    state, total, count = None, 0.0, 0
+    state, total, count = None, torch.zeros((), device=device), 0
     for start in range(0, rows.shape[1] - 1, bptt):
         inputs = rows[:, start:start + bptt]
         targets = rows[:, start + 1:start + bptt + 1]
         inputs = inputs[:, : targets.shape[1]]
-        with autocast():
+        with autocast(device, dtype):
             logits, state = model(inputs, state)
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
         count += targets.numel()
     model.train()
-    return total / count
+    return total.item() / count  # one read from the device for the whole pass
 
 
-def train_char_lstm(model, train_data, val_data, args, device, autocast):
-    """TBPTT training under a time budget (or --epochs). Returns the history and step count."""
+def read_train_loss(loss_sum, first_bad, steps: int) -> float:
+    """The one read from the device per log interval: the mean loss over its `steps` steps, or a
+    LabError naming the first step whose loss was not finite (kept on the device until now)."""
+    total, bad = torch.stack([loss_sum.float(), first_bad.float()]).tolist()  # one wait for both
+    if bad >= 0:
+        raise LabError(f"the training loss became NaN or infinite at step {int(bad)}; try a lower --lr")
+    return total / steps
+
+
+def train_char_lstm(model, train_data, val_data, args, device, dtype):
+    """TBPTT training under a time budget (or --epochs). Returns the history and step count.
+
+    No step waits for the GPU: the loss is summed on the device and read every --log-every steps,
+    which is also when the clock is checked for a validation pass."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.99))
+    scaler = grad_scaler(device, dtype)
     streams = as_streams(train_data, args.batch_size).to(device)  # (B, L)
     chunks_per_epoch = (streams.shape[1] - 1) // args.bptt
+    if chunks_per_epoch < 1:
+        raise LabError(f"the training text is too short for --batch-size {args.batch_size} x --bptt {args.bptt}")
     total_steps = args.epochs * chunks_per_epoch if args.epochs else None
     print(f"training: {streams.shape[0]} streams x {streams.shape[1]:,} characters, "
           f"{args.bptt}-step TBPTT, {chunks_per_epoch} steps per epoch, "
-          + (f"{args.epochs} epochs" if total_steps else f"time budget {args.time_budget:.0f} s"))
+          + (f"{args.epochs} epochs" if total_steps else f"time budget {args.time_budget:.0f} s")
+          + ("" if dtype is None else f", {str(dtype).removeprefix('torch.')} autocast"))
     history = {"time_s": [], "train_loss": [], "val_time_s": [], "val_loss": []}
     start = time.perf_counter()
-    step, state, smoothed, next_report = 0, None, None, args.eval_every
-    seconds_to_target = None
+    step, state, next_report, seconds_to_target = 0, None, args.eval_every, None
+    loss_sum = torch.zeros((), device=device)  # summed on the device between two reads
+    first_bad = torch.full((), -1, device=device)  # the first step with a NaN/inf loss, -1 while none
+    read_at = 0  # the step of the last read
     while True:
         elapsed = time.perf_counter() - start
         progress = step / total_steps if total_steps else elapsed / args.time_budget
@@ -514,31 +637,39 @@ def train_char_lstm(model, train_data, val_data, args, device, autocast):
         targets = streams[:, column + 1:column + args.bptt + 1]  # (B, T), shifted by one character
         if state is not None:
             state = tuple(s.detach() for s in state)  # truncate: no gradient into previous chunks
-        with autocast():
+        with autocast(device, dtype):
             logits, state = model(inputs, state)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        if not torch.isfinite(loss):
-            raise LabError(f"the training loss became {loss.item()} at step {step}; try a lower --lr")
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         nn.utils.clip_grad_norm_(model.parameters(), args.clip)  # tames the occasional exploding step
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         step += 1
-        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        loss_sum += loss.detach()
+        first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0), first_bad, step)
+        if step % args.log_every:
+            continue  # nothing read from the GPU on this step
+        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at))
         history["time_s"].append(time.perf_counter() - start)
-        history["train_loss"].append(loss.item())
+        loss_sum.zero_()
+        read_at = step
         if history["time_s"][-1] >= next_report:
             next_report += args.eval_every
-            val_loss = evaluate(model, val_data, device, autocast=autocast)
+            val_loss = evaluate(model, val_data, device, dtype=dtype)
             now = time.perf_counter() - start
             history["val_time_s"].append(now)
             history["val_loss"].append(val_loss)
             if seconds_to_target is None and val_loss <= TARGET_VAL_LOSS:
                 seconds_to_target = now
             left = (total_steps - step) * now / step if total_steps else args.time_budget - now
-            print(f"  step {step:5d}  epoch {step / chunks_per_epoch:4.2f}  train {smoothed:.3f}  "
+            print(f"  step {step:5d}  epoch {step / chunks_per_epoch:4.2f}  train {history['train_loss'][-1]:.3f}  "
                   f"val {val_loss:.3f} nats/char  {step * inputs.numel() / now:,.0f} chars/s  "
                   f"lr {optimizer.param_groups[0]['lr']:.1e}  {left:4.0f} s left", flush=True)
+    if step > read_at:  # the steps since the last read: their loss, and the NaN guard
+        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at))
+        history["time_s"].append(time.perf_counter() - start)
     return history, step, step / chunks_per_epoch, seconds_to_target
 
 
@@ -560,7 +691,7 @@ def plot_char_history(history, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["time_s"], history["train_loss"], color="0.6", lw=0.8, label="train (one TBPTT chunk)")
+    ax.plot(history["time_s"], history["train_loss"], color="0.6", lw=0.8, label="train (mean over --log-every steps)")
     ax.plot(history["val_time_s"], history["val_loss"], "o-", color="C3", label="validation (all held-out text)")
     ax.axhline(TARGET_VAL_LOSS, color="k", ls="--", lw=0.8, label=f"target {TARGET_VAL_LOSS} nats/char")
     ax.set_xlabel("training time (s)")
@@ -570,8 +701,7 @@ def plot_char_history(history, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # %%
@@ -582,101 +712,118 @@ def save_checkpoint(model, config: CharConfig, chars: str, sample_inputs, path: 
     model.eval()
     with torch.no_grad():
         sample_outputs = model(sample_inputs)
-    payload = {"model": model.state_dict(), "config": {**asdict(config), "chars": chars},
-               "sample_inputs": sample_inputs.cpu(),
+    payload = {"lab": LAB_NAME, "model": {k: v.cpu() for k, v in model.state_dict().items()},
+               "config": {**asdict(config), "chars": chars}, "sample_inputs": sample_inputs.cpu(),
                "sample_outputs": (sample_outputs[0].cpu(), tuple(s.cpu() for s in sample_outputs[1]))}
-    payload["model"] = {k: v.cpu() for k, v in payload["model"].items()}
     temporary = path.with_suffix(".pt.tmp")
     torch.save(payload, temporary)
     os.replace(temporary, path)
 
 
+def one_line(err: Exception) -> str:
+    """An exception as one short line (PyTorch's messages span several)."""
+    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
 def load_checkpoint(path: Path, device):
-    """Returns (model, chars). Missing, unreadable or mismatched files raise LabError."""
+    """Returns (model, chars). A missing, corrupt or foreign file is a LabError that says which."""
     if not path.is_file():
         raise LabError(f"checkpoint {path} does not exist; train first (it is saved as "
                        f"<out-dir>/char_lstm.pt) or give the right path to --sample-from")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(saved["config"])
+    except Exception as err:  # a truncated download, not a torch file at all
+        raise LabError(f"checkpoint {path} cannot be read: the file is truncated or corrupt ({one_line(err)})") from None
+    needed = set(CharConfig.__dataclass_fields__) | {"chars"}
+    config = saved.get("config") if isinstance(saved, dict) else None
+    written_by = saved.get("lab", LAB_NAME) if isinstance(saved, dict) else LAB_NAME
+    if written_by != LAB_NAME or not isinstance(config, dict) or not needed <= config.keys() or "model" not in saved:
+        origin = f"lab {written_by}" if written_by != LAB_NAME else "another lab or program"
+        raise LabError(f"checkpoint {path} is from {origin}, not this lab's character LSTM "
+                       f"({LAB_NAME}: its config has {', '.join(sorted(needed))}); give --sample-from a "
+                       "char_lstm.pt written by this lab")
+    try:
+        model = build_model(config)
         model.load_state_dict(saved["model"])
-        chars = saved["config"]["chars"]
-    except Exception as err:  # a truncated file, another lab's checkpoint, a different architecture
-        raise LabError(f"checkpoint {path} cannot be loaded as this lab's character LSTM "
-                       f"({type(err).__name__}: {str(err)[:200]})") from None
-    return model.to(device), chars
+    except Exception as err:  # the right kind of file, but the weights do not fit the config
+        raise LabError(f"checkpoint {path} does not fit this lab's character LSTM ({one_line(err)})") from None
+    return model.to(device), config["chars"]
+
+
+def checkpoint_reproduces(path: Path, device) -> bool:
+    """Rebuild the model from the file alone, as a user of it would, and rerun its sample inputs.
+    The comparison happens on the CPU, where the saved outputs are."""
+    model, _ = load_checkpoint(path, device)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        logits, _ = model.eval()(saved["sample_inputs"].to(device))
+    return torch.allclose(logits.float().cpu(), saved["sample_outputs"][0].float(), atol=1e-5)
 
 
 # %%
 # Putting it together: flags, the seven parts in order, metrics.json and a summary.
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.accelerator.is_available():
-            return torch.accelerator.current_accelerator()
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
-    return torch.device(name)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
 
 
-def make_autocast(device: torch.device):
-    """bf16 mixed precision on CUDA where supported (cuDNN LSTMs run in it); plain fp32 elsewhere."""
-    import contextlib
+def checked(kind, is_valid, rule: str):
+    """A type= for argparse: kind(text), refused with "must be RULE" unless is_valid(value)."""
+    def parse(text):
+        value = kind(text)
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
+        return value
+    parse.__name__ = kind.__name__  # so argparse says "invalid float value: 'x'" for a non-number
+    return parse
 
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+
+positive_int = checked(int, lambda v: v > 0, "a positive whole number")
+positive_float = checked(float, lambda v: v > 0, "positive")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where the Shakespeare model trains (auto: the accelerator if any); "
                              "parts 1-5 are tiny and always run on the CPU")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="autocast dtype on CUDA (auto: bf16 where the GPU has it natively, else fp16 "
+                             "with a GradScaler); the CPU trains in fp32")
     parser.add_argument("--seed", type=int, default=0, help="random seed for weights, data order and sampling")
     parser.add_argument("--data-dir", type=Path, default=Path("./data"),
                         help="folder holding tinyshakespeare/input.txt (downloaded there on first use)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME, help="where outputs go")
     parser.add_argument("--smoke", action="store_true",
                         help="run every code path in seconds on generated text (no network); numbers are not results")
-    parser.add_argument("--time-budget", type=float, default=100.0,
+    parser.add_argument("--time-budget", type=positive_float, default=100.0,
                         help="seconds of Shakespeare training (the whole default run then takes ~2 min 20 s on 2 CPU cores)")
-    parser.add_argument("--epochs", type=int, default=0,
+    parser.add_argument("--epochs", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
                         help="train this many full passes over the text instead of the time budget (0: use the budget)")
-    parser.add_argument("--batch-size", type=int, default=32, help="parallel text streams per step")
-    parser.add_argument("--bptt", type=int, default=64, help="characters per step: how far gradients flow back")
-    parser.add_argument("--lr", type=float, default=6e-3, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping threshold")
-    parser.add_argument("--hidden-size", type=int, default=256, help="LSTM units per layer")
-    parser.add_argument("--layers", type=int, default=1, help="stacked LSTM layers")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout between LSTM layers (needs --layers > 1)")
-    parser.add_argument("--eval-every", type=float, default=30.0, help="seconds between validation passes")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="parallel text streams per step")
+    parser.add_argument("--bptt", type=positive_int, default=64, help="characters per step: how far gradients flow back")
+    parser.add_argument("--lr", type=positive_float, default=6e-3, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=checked(float, lambda v: v >= 0, "0 or more"), default=0.01,
+                        help="AdamW weight decay")
+    parser.add_argument("--clip", type=positive_float, default=1.0, help="gradient-norm clipping threshold")
+    parser.add_argument("--hidden-size", type=positive_int, default=256, help="LSTM units per layer")
+    parser.add_argument("--layers", type=positive_int, default=1, help="stacked LSTM layers")
+    parser.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
+                        default=0.0,
+                        help="dropout between LSTM layers (needs --layers > 1)")
+    parser.add_argument("--eval-every", type=positive_float, default=30.0, help="seconds between validation passes")
+    parser.add_argument("--log-every", type=positive_int, default=50,
+                        help="steps between reads of the training loss from the device (each read waits for a GPU)")
     parser.add_argument("--prompt", default="ROMEO:", help="text the samples start from")
-    parser.add_argument("--sample-chars", type=int, default=500, help="characters per sample")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (lower: safer text)")
+    parser.add_argument("--sample-chars", type=positive_int, default=500, help="characters per sample")
+    parser.add_argument("--temperature", type=positive_float, default=0.8,
+                        help="sampling temperature (lower: safer text)")
     parser.add_argument("--sample-from", type=Path, default=None,
                         help="skip training: load this checkpoint and only print samples")
     return parser
-
-
-def check_arguments(parser, args):
-    positive = {"--time-budget": args.time_budget, "--batch-size": args.batch_size, "--bptt": args.bptt,
-                "--lr": args.lr, "--clip": args.clip, "--hidden-size": args.hidden_size,
-                "--layers": args.layers, "--eval-every": args.eval_every, "--temperature": args.temperature,
-                "--sample-chars": args.sample_chars}
-    for flag, value in positive.items():
-        if not value > 0:
-            parser.error(f"{flag} must be positive (got {value})")
-    if args.epochs < 0:
-        parser.error(f"--epochs must be 0 (use the time budget) or positive (got {args.epochs})")
-    if not 0 <= args.dropout < 1:
-        parser.error(f"--dropout must be in [0, 1) (got {args.dropout})")
-    if args.weight_decay < 0:
-        parser.error(f"--weight-decay must not be negative (got {args.weight_decay})")
 
 
 def run_basics(args, out_dir):
@@ -731,35 +878,44 @@ def run_sampling_only(args, device):
     print(text)
 
 
-def main(argv=None):
-    parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    check_arguments(parser, args)
+def main(argv=None) -> None:
     try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
         run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 def run(args):
+    # Check every input before anything is downloaded, written or trained.
     wall_start = time.perf_counter()
+    data_dir, out_dir = folder(args.data_dir, "--data-dir"), folder(args.out_dir, "--out-dir")
     device = pick_device(args.device)
+    dtype = pick_precision(args.precision, device)
+    with fast_cuda_kernels(device):
+        lesson(args, device, dtype, data_dir, out_dir, wall_start)
+
+
+def lesson(args, device, dtype, data_dir, out_dir, wall_start):
+    """Everything after run() has checked the inputs: the six parts, or only sampling."""
     torch.manual_seed(args.seed)
     if args.sample_from is not None:
         run_sampling_only(args, device)
         return
 
-    # Check the inputs before spending minutes: the corpus and the prompt come first.
+    # The corpus and the prompt come before minutes of training.
     if args.smoke:
         text = generated_play(40_000, args.seed)
-        args.time_budget, args.eval_every, args.hidden_size, args.sample_chars = 2.0, 1.0, 64, 100
+        args.time_budget, args.eval_every, args.log_every = 2.0, 1.0, 5
+        args.hidden_size, args.sample_chars = 64, 100
     else:
-        text = load_shakespeare(args.data_dir)
+        text = load_shakespeare(data_dir)
     chars, stoi = build_vocabulary(text)
     prompt_ids, prompt_note = encode_prompt(args.prompt, stoi)
     if prompt_note:
         print(prompt_note)
-    out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"lab {LAB_NAME}: Shakespeare model on {device}, parts 1-5 on cpu"
           + ("  [SMOKE: generated text, a few steps, numbers are not results]" if args.smoke else ""))
@@ -774,14 +930,13 @@ def run(args):
                         dropout=args.dropout)
     torch.manual_seed(args.seed)
     model = CharLSTM(config).to(device)
-    autocast = make_autocast(device)
     print(f"  {len(text):,} characters, vocabulary of {len(chars)}; {len(train_data):,} train / "
           f"{len(val_data):,} validation; model {sum(p.numel() for p in model.parameters()):,} parameters")
     train_start = time.perf_counter()
     history, steps, epochs_done, seconds_to_target = train_char_lstm(model, train_data, val_data, args,
-                                                                     device, autocast)
+                                                                     device, dtype)
     train_time = time.perf_counter() - train_start
-    val_loss = evaluate(model, val_data, device, autocast=autocast)
+    val_loss = evaluate(model, val_data, device, dtype=dtype)
     history["val_time_s"].append(time.perf_counter() - train_start)
     history["val_loss"].append(val_loss)
     if seconds_to_target is None and val_loss <= TARGET_VAL_LOSS:
@@ -792,12 +947,7 @@ def run(args):
 
     checkpoint = out_dir / "char_lstm.pt"
     save_checkpoint(model, config, chars, val_data[:64].view(2, 32).to(device), checkpoint)
-    reloaded, _ = load_checkpoint(checkpoint, device)  # the reload check a learner would do
-    saved = torch.load(checkpoint, map_location=device, weights_only=True)
-    with torch.no_grad():
-        reloaded.eval()
-        same = torch.allclose(reloaded(saved["sample_inputs"].to(device))[0].float().cpu(),
-                              saved["sample_outputs"][0].float(), atol=1e-5)
+    same = checkpoint_reproduces(checkpoint, device)
     print(f"  checkpoint {checkpoint} reloads and reproduces its predictions: {same}")
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -816,7 +966,8 @@ def run(args):
         "target_val_loss": TARGET_VAL_LOSS, "reached_target": val_loss <= TARGET_VAL_LOSS,
         "chars_per_s": steps * args.batch_size * args.bptt / train_time,
         "config": asdict(config), "batch_size": args.batch_size, "bptt": args.bptt, "lr": args.lr,
-        "time_budget_s": args.time_budget, **basics,
+        "time_budget_s": args.time_budget, "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+        "checkpoint_reproduces": same, **basics,
     }
     if seconds_to_target is not None:
         metrics["seconds_to_target"] = seconds_to_target  # training seconds until a validation pass reached it
