@@ -139,6 +139,21 @@ def fast_cuda_kernels(device: torch.device):
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision = before
 
 
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """Run with `count` CPU threads (0: leave PyTorch's choice), then put the old count back.
+    A recurrent step is a chain of small matrix products, one per time step; split over threads,
+    each waits at a barrier per time step, and on a shared 2-core machine measured here an LSTM
+    step took 15-20 times longer with 2 threads than with 1. So the lab defaults to one thread."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # %%
 # Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
 # --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
@@ -437,6 +452,7 @@ def read_cache(path: Path, fingerprint: str):
         for record in cached["records"]:
             if not isinstance(record["events"], list) or not isinstance(record["tonic"], int):
                 raise ValueError("bad record")
+            record["events"] = [(int(pitch), float(quarters)) for pitch, quarters in record["events"]]
         return cached, None
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         return None, f"the cache is corrupt ({one_line(err)})"
@@ -462,6 +478,7 @@ def build_corpus(entries, cache_path: Path, fingerprint: str, progress=True):
         if len(record["events"]) < 4:
             skipped.append([name, "fewer than 4 notes"])
             continue
+        record["events"] = [(int(pitch), float(quarters)) for pitch, quarters in record["events"]]
         records.append(record)
     cached = {"version": CACHE_VERSION, "fingerprint": fingerprint, "records": records, "skipped": skipped,
               "parse_seconds": time.perf_counter() - start}
@@ -1211,6 +1228,8 @@ def build_parser():
     parser.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME, help="where outputs go")
     parser.add_argument("--smoke", action="store_true",
                         help="every code path in seconds on generated tunes (the corpus is never parsed)")
+    parser.add_argument("--threads", type=checked(int, lambda v: v >= 0, "0 or more"), default=1,
+                        help="CPU threads for PyTorch during the run (0: PyTorch's default; see cpu_threads)")
     parser.add_argument("--folk-tunes", type=checked(int, lambda v: v >= 0, "0 or more"), default=500,
                         help="how many O'Neill tunes are parsed into note events (about 0.25 s each, once)")
     parser.add_argument("--time-budget", type=positive_float, default=100.0,
@@ -1268,7 +1287,7 @@ def run(args):
         return
     music21 = import_music21()
     prime = read_prime(args.prime, music21) if args.prime is not None else None
-    with fast_cuda_kernels(device):
+    with fast_cuda_kernels(device), cpu_threads(args.threads):
         if args.generate_only is not None:
             generate_only(args, device, out_dir, music21, prime)
         else:

@@ -1,0 +1,370 @@
+"""Music bridge, week 3: the from-scratch pieces (n-grams, validity checker, tonic-relative histogram),
+the representation, the corpus cache, bad input, and the real run's targets."""
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_clean_failure, failure_of, load_lab, run_lab
+
+LAB = "week3_rnn/music_melody_lstm.py"
+
+VALID_WITH_PICKUP_AND_ENDINGS = """X:1
+M:6/8
+L:1/8
+K:G
+D|:GAB cBA|B2G G2D|GAB cBA|1 B2G G2D:|2 B2G G2z||
+|:d|gfe dcB|A3 A2d|gfe dcB|(3ABA G G2:|
+"""
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return load_lab(LAB)
+
+
+# %%
+# Part 2: n-grams with Witten-Bell smoothing.
+def small_ngram(lab, order):
+    sequences = [[lab.BOS, 2, 3, 4, 2, 3, lab.EOS], [lab.BOS, 2, 3, 5, lab.EOS], [lab.BOS, 4, 4, 2, lab.EOS]]
+    return lab.NGramModel(order, 8).fit(sequences)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("context", [[0], [0, 2], [0, 2, 3], [2, 3, 4], [7, 7, 7], [6], []])
+def test_ngram_probabilities_sum_to_one(lab, order, context):
+    model = small_ngram(lab, order)
+    probabilities = [model.prob(context, token) for token in range(8)]
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-12)
+    assert min(probabilities) > 0  # smoothing: nothing is impossible, not even a token never seen
+
+
+def test_unigram_is_add_one(lab):
+    model = small_ngram(lab, 1)
+    tokens = 6 + 4 + 4  # every token after BOS
+    assert model.prob([], 2) == pytest.approx((4 + 1) / (tokens + 8))
+    assert model.prob([], 7) == pytest.approx(1 / (tokens + 8))
+
+
+def test_unseen_context_falls_back_to_the_lower_order(lab):
+    bigram, unigram = small_ngram(lab, 2), small_ngram(lab, 1)
+    for token in range(8):
+        assert bigram.prob([7], token) == pytest.approx(unigram.prob([], token))  # 7 never seen as a context
+
+
+def test_witten_bell_trusts_a_deterministic_context(lab):
+    bigram, unigram = small_ngram(lab, 2), small_ngram(lab, 1)
+    # after 2 come 3, 3, 3 and EOS: 4 counts of 2 types, so Witten-Bell gives the unigram weight 2 / (4 + 2)
+    assert bigram.prob([2], 3) == pytest.approx((3 + 2 * unigram.prob([], 3)) / (4 + 2))
+    assert bigram.prob([2], 3) > unigram.prob([], 3)
+    assert bigram.nll([[lab.BOS, 2, 3, lab.EOS]]) < unigram.nll([[lab.BOS, 2, 3, lab.EOS]])
+
+
+def test_bigram_accuracy_on_a_predictable_progression(lab):
+    sequences = [[lab.BOS, 3, 4, 5, lab.EOS]] * 5
+    model = lab.NGramModel(2, 6).fit(sequences)
+    assert model.most_likely([3]) == 4
+    assert lab.bigram_accuracy(model, sequences) == pytest.approx(1.0)
+
+
+# %%
+# Part 1: representation.
+def test_event_tokens_round_trip(lab):
+    for pitch in (0, lab.PITCH_LOW, 67, lab.PITCH_HIGH):
+        for quarters in lab.DURATIONS:
+            assert lab.token_event(lab.event_token(pitch, quarters)) == (pitch, quarters)
+    assert lab.token_event(lab.event_token(67, 0.74)) == (67, 0.75)  # snapped to the nearest duration
+    assert max(lab.event_token(p, q) for p in (0, lab.PITCH_HIGH) for q in lab.DURATIONS) == lab.MELODY_VOCAB - 1
+    with pytest.raises(ValueError):
+        lab.event_token(lab.PITCH_HIGH + 1, 1.0)
+
+
+def test_transposition_moves_pitches_and_keeps_rests_and_rhythm(lab):
+    melody = [(60, 1.0), (0, 0.5), (64, 0.5), (67, 2.0)]
+    up = lab.transpose(melody, 5)
+    assert up == [(65, 1.0), (0, 0.5), (69, 0.5), (72, 2.0)]
+    assert lab.transpose(melody, lab.PITCH_HIGH - 66) is None  # would leave the pitch range
+    versions = lab.augment([melody])
+    assert len(versions) == 12 and melody in versions
+    intervals = lambda m: [b[0] - a[0] for a, b in zip(m, m[1:]) if a[0] and b[0]]  # noqa: E731
+    assert all(intervals(v) == intervals(melody) for v in versions)
+    assert len({v[0][0] % 12 for v in versions}) == 12  # all 12 keys
+
+
+def test_split_is_by_tune_and_stable(lab):
+    names = [f"oneills1850/x.abc#{i}" for i in range(500)]
+    splits = [lab.split_of(n) for n in names]
+    assert splits == [lab.split_of(n) for n in names]
+    assert 0.05 < splits.count("test") / 500 < 0.15 and 0.05 < splits.count("val") / 500 < 0.15
+
+
+def test_normalise_abc_keeps_the_music_and_drops_the_rest(lab):
+    raw = 'X: 7\nT: A title\nM: 6/8\nL: 1/8\nK:G\n"G"(3ABc ~d2{e}d .B|(GA)B !trill!c3|]\n'
+    text = lab.normalise_abc(raw)
+    assert text.startswith("M:6/8\nL:1/8\nK:G\n")
+    assert "T:" not in text and '"' not in text and "{" not in text and "~" not in text and "!" not in text
+    assert "(3ABc" in text and "GAB" in text  # the tuplet stays, the slur goes
+    assert lab.parse_key_field("Gm") == (7, "minor")
+    assert lab.parse_key_field("ADor") == (9, "dorian")
+    assert lab.parse_key_field("Bb") == (10, "major")
+    assert lab.parse_key_field("Hx") is None
+
+
+def test_chord_labels(lab):
+    assert lab.chord_label([48, 64, 67, 72], tonic=0) == "I"
+    assert lab.chord_label([43, 59, 65, 67], tonic=0) == "V7"
+    assert lab.chord_label([45, 60, 64, 69], tonic=0) == "vi"
+    assert lab.chord_label([47, 62, 65], tonic=0) == "viio"
+    assert lab.chord_label([55, 71, 74], tonic=7) == "I"  # G major in G
+    assert lab.chord_label([60], tonic=0) == "N"
+
+
+# %%
+# Part 6: the tonic-relative histogram (an exact property) and the statistics.
+def test_tonic_relative_histogram_is_invariant_under_transposition(lab):
+    melody = [(62, 1.0), (66, 0.5), (0, 0.5), (69, 1.0), (74, 2.0), (73, 0.5), (71, 0.5)]
+    original = lab.tonic_relative_histogram([(melody, 2)])
+    for shift in range(-5, 7):
+        moved = lab.transpose(melody, shift)
+        assert lab.tonic_relative_histogram([(moved, (2 + shift) % 12)]) == original
+    assert sum(original) == pytest.approx(1.0)
+    assert original[0] == pytest.approx(2 / 6)  # two D's out of six notes, the rest ignored
+    assert lab.histogram_intersection(original, original) == pytest.approx(1.0)
+
+
+def test_music_statistics_of_a_scale(lab):
+    scale = [(60 + step, 1.0) for step in (0, 2, 4, 5, 7, 9, 11, 12)]
+    reference = {"pitch_classes": lab.tonic_relative_histogram([(scale, 0)]),
+                 "durations": lab.duration_histogram([(scale, 0)])}
+    stats = lab.music_statistics([(scale, 0)], reference, ["major"])
+    assert stats["in_key_ratio"] == 1.0 and stats["mean_range_semitones"] == 12
+    assert stats["pitch_class_intersection"] == pytest.approx(1.0)
+    chromatic = [(60 + i, 1.0) for i in range(12)]
+    assert lab.music_statistics([(chromatic, 0)], reference, ["major"])["in_key_ratio"] == pytest.approx(7 / 12)
+
+
+# %%
+# Part 4: the validity checker on hand-written tunes.
+def test_validity_accepts_pickups_and_repeat_endings(lab):
+    assert lab.abc_validity(VALID_WITH_PICKUP_AND_ENDINGS) == (True, "valid")
+    no_x = VALID_WITH_PICKUP_AND_ENDINGS.split("\n", 1)[1]  # generated tunes start at M:
+    assert lab.abc_validity(no_x)[0]
+    reel = "M:C|\nL:1/8\nK:D\nA|dfaf gfed|cABc dAFA|dfaf gfed|1 cABc d3A:|2 cABc d2||\n"
+    assert lab.abc_validity(reel)[0]
+
+
+@pytest.mark.parametrize("tune, reason", [
+    ("M:6/8\nL:1/8\nK:G\nGAB cBA|B2G G2DD|GAB cBA|B2G G3|]\n", "lasts"),  # a bar too long
+    ("M:6/8\nL:1/8\nK:G\nGAB cBA|B2G G|GAB cBA|B2G G3|]\n", "lasts"),  # a short bar mid-tune
+    ("L:1/8\nK:G\nGAB cBA|B2G G2D|]\n", "metre"),
+    ("M:6/8\nL:1/8\nGAB cBA|B2G G2D|]\n", "key"),
+    ("M:6/8\nL:1/8\nK:G\nGAB cBA|]\n", "two bars"),
+])
+def test_validity_refuses_broken_tunes(lab, tune, reason):
+    valid, why = lab.abc_validity(tune)
+    assert not valid and reason in why, why
+
+
+def test_score_abc_reports_the_share(lab, tmp_path, capsys):
+    path = tmp_path / "tunes.txt"
+    path.write_text(VALID_WITH_PICKUP_AND_ENDINGS + "\n" + "X:2\nM:6/8\nL:1/8\nK:G\nGAB cBA|B2G G|GAB cBA|B2G G3|]\n")
+    lab.main(["--score-abc", str(path), "--device", "cpu", "--out-dir", str(tmp_path / "out")])
+    assert "1 of 2 tunes are valid" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_abc_tunes_by_x_or_blank_lines(lab):
+    assert len(lab.split_abc_tunes("X:1\nM:2/4\nK:G\nAB|\nX:2\nM:2/4\nK:G\ncd|\n")) == 2
+    assert len(lab.split_abc_tunes("M:2/4\nK:G\nAB|\n\nM:2/4\nK:G\ncd|\n\n\n")) == 2
+
+
+# %%
+# Part 1c: the corpus cache and skipped entries.
+def fake_entries(calls, broken=()):
+    def loader(name):
+        def load():
+            calls.append(name)
+            if name in broken:
+                raise ValueError("no bar line at all")
+            return {"name": name, "source": "folk", "tonic": 7, "mode": "major",
+                    "events": [(67, 1.0), (69, 1.0), (71, 1.0), (72, 1.0)]}
+        return load
+    return [("folk", name, loader(name)) for name in ("a", "b", "c")]
+
+
+def test_cache_is_written_then_reused(lab, tmp_path):
+    calls = []
+    path = tmp_path / "corpus.json"
+    first = lab.build_corpus(fake_entries(calls), path, "fp", progress=False)
+    assert len(first["records"]) == 3 and calls == ["a", "b", "c"]
+    again = lab.build_corpus(fake_entries(calls), path, "fp", progress=False)
+    assert calls == ["a", "b", "c"] and again["records"] == first["records"]  # read back, nothing parsed
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "old version", "other settings", "bad record"])
+def test_stale_or_corrupt_cache_is_rebuilt(lab, tmp_path, capsys, damage):
+    calls = []
+    path = tmp_path / "corpus.json"
+    lab.build_corpus(fake_entries(calls), path, "fp", progress=False)
+    fingerprint = "fp"
+    cached = json.loads(path.read_text())
+    if damage == "corrupt":
+        path.write_bytes(b"\x00\xffnot json")
+    elif damage == "truncated":
+        path.write_text(path.read_text()[:40])
+    elif damage == "old version":
+        path.write_text(json.dumps({**cached, "version": lab.CACHE_VERSION - 1}))
+    elif damage == "other settings":
+        fingerprint = "fp-with-more-tunes"
+    else:
+        cached["records"][0]["events"] = "nonsense"
+        path.write_text(json.dumps(cached))
+    rebuilt = lab.build_corpus(fake_entries(calls), path, fingerprint, progress=False)
+    assert calls == ["a", "b", "c"] * 2, "the damaged cache was not rebuilt"
+    assert len(rebuilt["records"]) == 3
+    assert "stale" in capsys.readouterr().out or damage not in ("old version", "other settings")
+    assert json.loads(path.read_text())["fingerprint"] == fingerprint
+
+
+def test_unparseable_entry_is_skipped_and_counted(lab, tmp_path):
+    calls = []
+    corpus = lab.build_corpus(fake_entries(calls, broken={"b"}), tmp_path / "c.json", "fp", progress=False)
+    assert [r["name"] for r in corpus["records"]] == ["a", "c"]
+    assert corpus["skipped"] == [["b", "ValueError: no bar line at all"]]
+
+
+def test_a_real_unparseable_abc_tune_is_skipped(lab, tmp_path):
+    music21 = lab.import_music21()
+    entries = [("folk", "broken", lambda: lab.folk_record("broken", "X:1\nM:6/8\nL:1/8\nK:Hx\nGAB|\n", music21)),
+               ("folk", "fine", lambda: lab.folk_record("fine", VALID_WITH_PICKUP_AND_ENDINGS, music21))]
+    corpus = lab.build_corpus(entries, tmp_path / "c.json", "fp", progress=False)
+    assert [r["name"] for r in corpus["records"]] == ["fine"]
+    assert corpus["skipped"][0][0] == "broken" and "key" in corpus["skipped"][0][1]
+    assert corpus["records"][0]["tonic"] == 7
+
+
+def test_duplicate_chorale_melodies_are_removed_even_when_transposed(lab):
+    melody = [(60, 1.0), (62, 1.0), (64, 2.0), (60, 1.0)]
+    records = [{"name": "bwv1", "source": "chorale", "events": melody},
+               {"name": "bwv2", "source": "chorale", "events": lab.transpose(melody, 2)},
+               {"name": "bwv3", "source": "chorale", "events": melody[:3]}]
+    kept, dropped = lab.dedupe_melodies(records)
+    assert [r["name"] for r in kept] == ["bwv1", "bwv3"] and dropped == 1
+
+
+# %%
+# Listening: the synthesiser and the WAV file.
+def test_synthesiser_writes_a_wav_of_the_right_length(lab, tmp_path):
+    import wave
+    events = [(69, 1.0), (0, 0.5), (72, 0.5)]
+    audio = lab.synthesise(events, sample_rate=8000, tempo_qpm=120)
+    assert audio.shape[0] == 8000 and audio.abs().max() <= 0.8 + 1e-6
+    assert audio[4000:6000].abs().max() == 0  # the rest is silent
+    lab.write_wav(audio, tmp_path / "a.wav", sample_rate=8000)
+    with wave.open(str(tmp_path / "a.wav")) as file:
+        assert file.getnframes() == 8000 and file.getsampwidth() == 2
+
+
+def test_sampling_respects_top_k_and_stop_token(lab):
+    torch.manual_seed(0)
+    model = lab.SequenceModel(lab.SeqConfig(vocab_size=12, embed_dim=8, hidden_size=16))
+    generator = torch.Generator().manual_seed(0)
+    drawn = lab.sample_batch(model, [[0, 3], [0]], 30, 1.0, 1, torch.device("cpu"), generator)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[0, 3]]))
+    assert drawn[0][0] == int(logits[0, -1].argmax())  # top-k 1 is greedy
+    stopped = lab.sample_batch(model, [[0]] * 3, 200, 5.0, 0, torch.device("cpu"), generator, stop_token=1)
+    assert all(1 not in row for row in stopped)
+
+
+# %%
+# Bad input: one line on stderr, a non-zero exit, nothing written.
+def test_music21_missing_says_how_to_install(lab, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "music21", None)  # `import music21` now raises ImportError
+    result = failure_of(lab.main, ["--smoke", "--device", "cpu", "--out-dir", tmp_path / "out",
+                                   "--data-dir", tmp_path / "data"])
+    assert_clean_failure(result, "pip install music21")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("content", [None, b"\x00\x01\x02 not music at all", b""])
+def test_unreadable_prime_gets_one_line(lab, tmp_path, content):
+    prime = tmp_path / "mine.abc"
+    if content is not None:
+        prime.write_bytes(content)
+    result = failure_of(lab.main, ["--smoke", "--device", "cpu", "--prime", prime, "--out-dir", tmp_path / "out",
+                                   "--data-dir", tmp_path / "data"])
+    assert_clean_failure(result, "--prime")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "does not exist"), (b"\xff\xfe\x00bad", "not UTF-8"), (b"", "no ABC tune"),
+    (b"just some words\nand more\n", "no ABC tune")])
+def test_bad_abc_file_for_scoring_gets_one_line(lab, tmp_path, content, fragment):
+    path = tmp_path / "generated.txt"
+    if content is not None:
+        path.write_bytes(content)
+    result = failure_of(lab.main, ["--score-abc", path, "--device", "cpu", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "--score-abc", fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, fragment", [(None, "does not exist"), (b"not a checkpoint", "cannot be loaded")])
+def test_bad_checkpoint_for_generate_only_gets_one_line(lab, tmp_path, content, fragment):
+    path = tmp_path / "melody_lstm.pt"
+    if content is not None:
+        path.write_bytes(content)
+    result = failure_of(lab.main, ["--generate-only", path, "--device", "cpu", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_of_range_flags_get_one_line(lab, tmp_path):
+    for flag, value in (("--lr", "-1"), ("--folk-tunes", "-3"), ("--dropout", "1.5"), ("--temperature", "0")):
+        result = failure_of(lab.main, [flag, value, "--out-dir", tmp_path / "out"])
+        assert_clean_failure(result, flag)
+
+
+def test_generate_only_from_a_checkpoint(lab, tmp_path):
+    config = lab.SeqConfig(vocab_size=lab.MELODY_VOCAB, embed_dim=8, hidden_size=16)
+    model = lab.SequenceModel(config)
+    path = tmp_path / "melody_lstm.pt"
+    lab.save_checkpoint(model, config, {"task": "melody"}, torch.tensor([[0, 300, 301]]), path)
+    prime = tmp_path / "mine.abc"
+    prime.write_text("X:1\nM:4/4\nL:1/4\nK:C\nC D E F|G A B c|\n")
+    result = failure_of(lab.main, ["--generate-only", path, "--prime", prime, "--device", "cpu",
+                                   "--out-dir", tmp_path / "out"])
+    assert result.returncode == 0, result.stderr
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"piano_roll.png", "melody_01.mid", "melody_01.wav"} <= written
+    abc = tmp_path / "abc.pt"
+    lab.save_checkpoint(model, config, {"task": "abc", "chars": "ab"}, torch.tensor([[0, 1]]), abc)
+    assert_clean_failure(failure_of(lab.main, ["--generate-only", abc, "--device", "cpu",
+                                               "--out-dir", tmp_path / "out2"]), "not this lab's melody")
+
+
+def test_export_abc_writes_the_training_tunes(lab, tmp_path):
+    path = tmp_path / "abc_train.txt"
+    result = failure_of(lab.main, ["--export-abc", path, "--device", "cpu", "--out-dir", tmp_path / "out"])
+    assert result.returncode == 0, result.stderr
+    tunes = lab.split_abc_tunes(path.read_text(encoding="utf-8"))
+    assert len(tunes) > 1000 and all(t.startswith("M:") and "\nK:" in t for t in tunes)
+
+
+# %%
+# The real run: the targets of the issue, on music21's corpus (it ships with the package, so no
+# LAB_DATA_DIR is needed; the parse cache goes to a temporary folder).
+@pytest.mark.full
+def test_default_run_reaches_the_targets(tmp_path):
+    result = run_lab(LAB, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert math.isfinite(metrics["val_loss"])
+    assert metrics["lstm_test_nll"] < metrics["best_ngram_test_nll"], metrics
+    assert metrics["abc_valid_share_generated"] >= 0.8 * metrics["abc_valid_share_real"], metrics
+    assert metrics["chord_accuracy_lstm"] > metrics["chord_accuracy_bigram"], metrics
+    assert metrics["pitch_class_intersection_lstm"] >= 0.9, metrics
+    assert metrics["pitch_class_intersection_random"] <= metrics["pitch_class_intersection_lstm"] - 0.1, metrics
