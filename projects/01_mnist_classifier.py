@@ -9,24 +9,32 @@ What this capstone teaches (weeks 1-2 brought together in one file):
     smoothing: the recipe that gets a small network far in few epochs;
   * the habits of a real project: a validation split that picks the best checkpoint (the test set
     is only reported, never used to choose), TensorBoard logs (loss, accuracy, learning rate,
-    misclassified digits), metrics.json, `--eval-only --checkpoint PATH`.
+    misclassified digits), metrics.json, `--eval-only --checkpoint PATH`;
+  * training on several GPUs (or CPU processes) with `torchrun` and DistributedDataParallel: each
+    process trains on its shard of every epoch, the gradients are averaged, rank 0 writes the files.
 
 Run it
   terminal:  python projects/01_mnist_classifier.py                  (downloads MNIST to ./data)
              python projects/01_mnist_classifier.py --data-dir /path/with/MNIST/raw
              python projects/01_mnist_classifier.py --eval-only --checkpoint runs/01_mnist_classifier/best.pt
              python projects/01_mnist_classifier.py --smoke          (synthetic digits, seconds)
+             python projects/01_mnist_classifier.py --device cuda --precision fp16
+                                            (the T4's fp16 + loss-scaling path on any CUDA GPU)
+             torchrun --nproc_per_node=2 projects/01_mnist_classifier.py --batch-size 64
+                                            (2 GPUs, or 2 CPU processes with --device cpu; batch 64 each)
              tensorboard --logdir runs/01_mnist_classifier
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it; the
-             `-f kernel.json` Colab adds is ignored.
+             `-f kernel.json` Colab adds is ignored, and a bad flag prints one line.
 
 What the default run reaches (measured, `python projects/01_mnist_classifier.py --data-dir /tmp/labdata`):
   2-core CPU (AMD EPYC, AVX2, torch 2.14.1): test accuracy 99.71% (29 errors in 10,000) from the
     best checkpoint (epoch 11 of 12, chosen on validation); 99.0% test accuracy first seen after
     43 s of training (end of epoch 2: 99.47%); 263 s of training at ~2,500 images/s, 282 s wall.
     The same recipe with `--epochs 10`: 99.60% test accuracy, 99.0% after 18 s, 202 s wall.
-  GPU: not measured.
+  GPU: not measured yet (one GPU or several under torchrun).
   `--smoke`: about 4 s of run time (synthetic digits; its numbers are not results).
+  On CUDA, `--precision auto` trains in bf16 where the GPU runs it natively (Ampere and newer)
+  and in fp16 with a GradScaler elsewhere (a Colab T4); CPU and MPS train in fp32.
 
 Why the data lives on the device: MNIST is 60,000 x 28 x 28 bytes (47 MB), so it fits as one
 tensor. Slicing a shuffled batch out of it and warping the whole batch at once with
@@ -42,6 +50,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 import urllib.request
@@ -50,14 +59,45 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 LAB_NAME = "01_mnist_classifier"
 
 
 class LabError(Exception):
     """A problem the learner can fix (bad flag, missing data, broken checkpoint): message, no traceback."""
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %%
@@ -141,8 +181,8 @@ def mnist_file(data_dir: Path, name: str) -> bytes:
         os.replace(partial, target)  # only a verified file takes the final name
         return data
     raise LabError(
-        f"could not get MNIST file {name}:\n  " + "\n  ".join(problems)
-        + f"\nPut the four MNIST files (gzipped or not) in {raw_dir}/ (the torchvision layout),"
+        f"could not get MNIST file {name}: " + "; ".join(" ".join(p.split()) for p in problems)
+        + f". Put the four MNIST files (gzipped or not) in {raw_dir}/ (the torchvision layout),"
         " or run with --smoke to try the lab on synthetic digits without any download.")
 
 
@@ -172,8 +212,12 @@ def synthetic_digits(count: int, seed: int):
 # %%
 # Augmentation on whole batches. `F.affine_grid` turns one 2x3 matrix per image into the
 # sampling position of every output pixel; `F.grid_sample` reads the input there (bilinear).
-# Coordinates run from -1 to 1 across the image, so one pixel is 2 / 28 of that range. The matrix
-# maps OUTPUT positions to INPUT positions: dividing by `scale` makes the digit `scale` times larger.
+# Coordinates run from -1 to 1 across the image (x to the right, y DOWN, as the picture is drawn),
+# so one pixel is 2 / 28 of that range. The matrix maps OUTPUT positions to INPUT positions, so the
+# digit moves by the inverse of the matrix: dividing by `scale` makes it `scale` times larger, and
+# a positive angle turns it counter-clockwise as you look at it. In order, a digit is shifted by
+# `shift_px`, then turned and scaled about the centre of the image; so the shift is scaled too (a
+# 2-pixel shift at scale 1.1 moves the digit 2.2 pixels). The tests pin each of these down.
 def affine_matrices(angle_rad: torch.Tensor, scale: torch.Tensor, shift_px: torch.Tensor, size: int = 28):
     """(B,) angles, (B,) scales, (B, 2) shifts in pixels -> (B, 2, 3) matrices for affine_grid."""
     cos, sin = angle_rad.cos() / scale, angle_rad.sin() / scale
@@ -189,10 +233,15 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def random_augment(images, generator, max_degrees=10.0, scale_range=(0.9, 1.1), max_shift_px=2.0):
-    """Random rotation, scaling and shift for every image of the batch, all on its device."""
+def random_augment(images, generator, max_degrees=10.0, scale_range=(0.9, 1.1), max_shift_px=2.0,
+                   rank=0, world_size=1):
+    """Random rotation, scaling and shift for every image of the batch, all on its device.
+
+    Under torchrun (see "Scale-out") every rank draws the numbers of the WHOLE global batch, so the
+    ranks' generators stay in step, and keeps every world_size-th row, as it keeps every
+    world_size-th image: each image gets the warp one process would have given it."""
     batch, device = images.shape[0], images.device
-    uniform = torch.rand(batch, 4, generator=generator, device=device)  # (B, 4) in [0, 1)
+    uniform = torch.rand(batch * world_size, 4, generator=generator, device=device)[rank::world_size]  # (B, 4)
     angle = (uniform[:, 0] * 2 - 1) * math.radians(max_degrees)
     scale = scale_range[0] + (scale_range[1] - scale_range[0]) * uniform[:, 1]
     shift = (uniform[:, 2:] * 2 - 1) * max_shift_px
@@ -242,18 +291,18 @@ def build_model(config: dict) -> nn.Module:
 # bookkeeping). Checkpoints are written to a temporary file and renamed, so an interrupted run
 # never leaves half a file; they are loaded with weights_only=True, which cannot run code.
 @torch.inference_mode()
-def evaluate(model, images, labels, batch_size=2000, autocast_dtype=None):
+def evaluate(model, images, labels, batch_size=2000, dtype=None):
     """Accuracy (0-1), mean cross-entropy and the predictions over a whole split."""
     model.eval()
-    predictions, total_loss = [], 0.0
+    predictions, total_loss = [], torch.zeros((), device=images.device)
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        with torch.autocast(batch.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(batch.device, dtype):
             logits = model(batch).float()
-        total_loss += F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum").item()
+        total_loss += F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum")
         predictions.append(logits.argmax(dim=1))
     predictions = torch.cat(predictions)
-    return (predictions == labels).float().mean().item(), total_loss / len(images), predictions
+    return (predictions == labels).float().mean().item(), total_loss.item() / len(images), predictions
 
 
 def save_checkpoint(path: Path, model, config: dict, sample_inputs, extra: dict):
@@ -269,16 +318,26 @@ def save_checkpoint(path: Path, model, config: dict, sample_inputs, extra: dict)
 
 
 def load_checkpoint(path: Path, device):
-    """Model and saved dict from a checkpoint, or a LabError that says what is wrong with it."""
+    """Model and saved dict from a checkpoint, or a LabError that says what is wrong with it:
+    a broken file, another lab's checkpoint, or weights that do not fit their config."""
     if not path.is_file():
         raise LabError(f"checkpoint {path} does not exist (train first: it is saved as <out-dir>/best.pt)")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
-        model = build_model(saved["config"])
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
+        raise LabError(f"checkpoint {path} could not be read ({type(err).__name__}): it is truncated or not a "
+                       "PyTorch checkpoint") from None
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or not {"widths", "num_classes"} <= set(config) or "model" not in saved:
+        found = f"its config has {sorted(config)}" if isinstance(config, dict) else "it has no config"
+        raise LabError(f"{path} is a checkpoint of another lab or program ({found}), not an MNIST classifier "
+                       f"of {LAB_NAME}: use the best.pt a training run of this capstone wrote")
+    model = build_model(config)
+    try:
         model.load_state_dict(saved["model"])
-    except Exception as err:  # truncated file, another lab's checkpoint, wrong architecture
-        raise LabError(f"checkpoint {path} cannot be loaded as an MNIST classifier: "
-                       f"{type(err).__name__}: {str(err)[:200]}") from None
+    except RuntimeError as err:
+        first = " ".join(str(err).split())[:200]
+        raise LabError(f"the weights in {path} do not fit the network its config describes: {first}") from None
     return model.to(device), saved
 
 
@@ -291,7 +350,7 @@ def save_digit_grid(path: Path, images, titles, columns: int, suptitle: str):
         return
     try:
         import matplotlib
-        if "ipykernel" not in sys.modules:
+        if not in_notebook():
             matplotlib.use("Agg")  # no display needed; a notebook keeps its inline backend
         import matplotlib.pyplot as plt
     except ImportError:
@@ -307,7 +366,7 @@ def save_digit_grid(path: Path, images, titles, columns: int, suptitle: str):
     fig.suptitle(suptitle)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    if "ipykernel" in sys.modules:
+    if in_notebook():
         plt.show()
     plt.close(fig)
 
@@ -315,7 +374,7 @@ def save_digit_grid(path: Path, images, titles, columns: int, suptitle: str):
 def save_curves(path: Path, history, target: float):
     try:
         import matplotlib
-        if "ipykernel" not in sys.modules:
+        if not in_notebook():
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -335,7 +394,7 @@ def save_curves(path: Path, history, target: float):
     ax_acc.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    if "ipykernel" in sys.modules:
+    if in_notebook():
         plt.show()
     plt.close(fig)
 
@@ -357,9 +416,75 @@ def misclassified(images, labels, predictions, limit=32):
 
 
 # %%
+# Scale-out with torchrun. `torchrun --nproc_per_node=N projects/01_mnist_classifier.py` starts N
+# copies of this script and tells each its RANK (0 to N-1), the WORLD_SIZE (N) and its LOCAL_RANK
+# (which GPU of this machine is its own). The copies join one process group: NCCL between CUDA
+# GPUs, gloo on CPUs. Each holds the whole data set on its device (47 MB), draws the same shuffled
+# order every epoch (same seed), and trains on its shard: every N-th image of that order, as
+# PyTorch's DistributedSampler would hand out. After backward(), DistributedDataParallel averages
+# the gradients of all copies, so every copy takes the same optimizer step: N processes at
+# --batch-size B train like one process at batch N * B, N times as fast when each has its own GPU.
+# Only rank 0 prints, evaluates, and writes checkpoints, figures, TensorBoard logs and metrics.
+# A plain `python` run is rank 0 of a world of 1, and none of this changes it.
+def start_distributed(device: torch.device):
+    """(rank, world_size, device) of this process; under torchrun, join the process group first."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type not in ("cuda", "cpu"):
+        raise LabError(f"under torchrun this capstone trains on CUDA GPUs or CPUs, not {device.type}; add --device cpu")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise LabError(f"torchrun started more processes on this machine than it has GPUs "
+                           f"({torch.cuda.device_count()}); lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def rank_zero_first(rank: int, world_size: int, load):
+    """load() on rank 0 first (it may download the data), then on the other ranks (they read its
+    files). If rank 0 fails, every rank stops, instead of the others waiting for it forever."""
+    if world_size == 1:
+        return load()
+    error, result = None, None
+    if rank == 0:
+        try:
+            result = load()
+        except LabError as err:
+            error = str(err)
+    message = [error]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise LabError(message[0] if rank == 0 else "rank 0 could not load the data (its message says why)")
+    return result if rank == 0 else load()
+
+
+def earliest_bad_step(first_bad: torch.Tensor, world_size: int) -> int:
+    """The first step whose loss was not finite, over all ranks (-1: none). One read from the device."""
+    if world_size > 1:
+        none = torch.iinfo(torch.int64).max
+        earliest = torch.where(first_bad < 0, none, first_bad)
+        dist.all_reduce(earliest, op=dist.ReduceOp.MIN)
+        first_bad = torch.where(earliest == none, -1, earliest)
+    return int(first_bad)
+
+
+# %%
 # Training: one-cycle learning rate (warm up, then anneal to almost zero, which lets a small
 # network converge in a handful of epochs), label smoothing (targets of 0.9 instead of 1:
 # a mild regulariser that keeps the logits from growing without bound), SGD with Nesterov momentum.
+# The step never waits for the GPU: the epoch's loss is summed on the device, and so is the NaN
+# guard (the first step whose loss was not finite); both are read once per epoch, and the loss
+# is read for TensorBoard every 50 steps.
+# --freeze-batchnorm keeps batch norm on its starting statistics (mean 0, variance 1) and never
+# updates them. It is there for one check: with batch norm frozen, no augmentation (--no-augment)
+# and fp32 (--precision fp32) nothing depends on how a batch is split, so 2 ranks at batch B end
+# with the same weights as 1 process at batch 2B (tests/test_p01_mnist_classifier.py checks it).
+# Trained normally, each rank's batch norm uses its own B images' statistics, a small difference
+# that DDP training accepts (nn.SyncBatchNorm shares them across GPUs, at a cost per layer).
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.accelerator.is_available():
@@ -377,59 +502,78 @@ def as_pixels(images_uint8, device):
     return (images_uint8.to(device).float() / 255).unsqueeze(1)
 
 
-def train(args, model, data, device, out_dir: Path, writer, autocast_dtype):
-    """Train with one-cycle; keep the checkpoint with the best validation accuracy."""
+def train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
+    model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()  # normalise with the running statistics and leave them as they are
+
+
+def train(args, model, data, device, out_dir: Path, writer, dtype, rank=0, world_size=1):
+    """Train with one-cycle; rank 0 keeps the checkpoint with the best validation accuracy."""
     train_x, train_y, val_x, val_y, test_x, test_y = data
-    steps_per_epoch = len(train_x) // args.batch_size  # drop the ragged last batch
+    main_process = rank == 0
+    steps_per_epoch = len(train_x) // (args.batch_size * world_size)  # drop the ragged last batch
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
                                                     steps_per_epoch=steps_per_epoch, pct_start=0.25)
-    forward = torch.compile(model) if args.compile else model
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    scaler = grad_scaler(device, dtype)
+    network = DistributedDataParallel(model) if world_size > 1 else model  # averages the ranks' gradients
+    forward = torch.compile(network) if args.compile else network
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # the same stream on every rank
     config = {"widths": list(model_widths(args)), "num_classes": 10}
     sample_inputs = test_x[:8]
     history, train_seconds, seconds_to_target, best_val = [], 0.0, None, -1.0
     step = 0
     for epoch in range(1, args.epochs + 1):
-        model.train()
+        train_mode(network, args.freeze_batchnorm)
         tic = time.perf_counter()
-        order = torch.randperm(len(train_x), generator=generator, device=device)
+        order = torch.randperm(len(train_x), generator=generator, device=device)  # the same on every rank
+        shard = order[rank::world_size]  # this rank's images: every world_size-th of the shuffled order
         loss_sum = torch.zeros((), device=device)
+        first_bad = torch.full((), -1, device=device)  # step of the first non-finite loss, -1 while none
         for i in range(steps_per_epoch):
-            index = order[i * args.batch_size:(i + 1) * args.batch_size]
-            batch = random_augment(train_x[index], generator) if args.augment else train_x[index]
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            index = shard[i * args.batch_size:(i + 1) * args.batch_size]
+            batch = train_x[index]
+            if args.augment:
+                batch = random_augment(batch, generator, rank=rank, world_size=world_size)
+            with autocast(device, dtype):
                 logits = forward(batch)
             loss = F.cross_entropy(logits.float(), train_y[index], label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             loss_sum += loss.detach()
-            if step % 50 == 0 or i == steps_per_epoch - 1:  # a TensorBoard point, a finite-loss check
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise LabError(f"the loss became {loss_value} at step {step}; lower --lr")
-                if writer:
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
-        train_loss = loss_sum.item() / steps_per_epoch
-        if not math.isfinite(train_loss):
-            raise LabError(f"the loss became {train_loss} during epoch {epoch} (by step {step}); lower --lr")
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
+            if writer and step % 50 == 0:  # a TensorBoard point: one read every 50 steps
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
+        if world_size > 1:
+            dist.all_reduce(loss_sum)  # summed over the ranks: the loss of every image of the epoch
+        bad_step = earliest_bad_step(first_bad, world_size)
+        if bad_step >= 0:
+            raise LabError(f"the loss was not finite at step {bad_step} (epoch {epoch}); lower --lr (now {args.lr:g})")
+        train_loss = loss_sum.item() / (steps_per_epoch * world_size)
         epoch_seconds = time.perf_counter() - tic
         train_seconds += epoch_seconds  # the clock of seconds_to_target: evaluation is not training
+        if not main_process:
+            continue  # rank 0 evaluates, logs and saves; the others go on to the next epoch
 
-        val_acc, val_loss, _ = evaluate(model, val_x, val_y, autocast_dtype=autocast_dtype)
+        val_acc, val_loss, _ = evaluate(model, val_x, val_y, dtype=dtype)
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
                   "train_seconds": train_seconds, "test_accuracy": None}
         if seconds_to_target is None:  # watch the test set only until the target is reached
-            record["test_accuracy"] = evaluate(model, test_x, test_y, autocast_dtype=autocast_dtype)[0]
+            record["test_accuracy"] = evaluate(model, test_x, test_y, dtype=dtype)[0]
             if record["test_accuracy"] >= args.target:
                 seconds_to_target = train_seconds
         history.append(record)
         if writer:
+            writer.add_scalar("train/epoch_loss", train_loss, step)
             writer.add_scalar("val/accuracy", val_acc, step)
             writer.add_scalar("val/loss", val_loss, step)
             if record["test_accuracy"] is not None:
@@ -442,103 +586,166 @@ def train(args, model, data, device, out_dir: Path, writer, autocast_dtype):
             saved_note = "  -> best.pt"
         test_note = "" if record["test_accuracy"] is None else f"  test acc {100 * record['test_accuracy']:.2f}%"
         left = (args.epochs - epoch) * train_seconds / epoch
+        images_per_s = steps_per_epoch * args.batch_size * world_size / epoch_seconds
         print(f"epoch {epoch:2d}/{args.epochs}  loss {train_loss:.4f}  val acc {100 * val_acc:.2f}%"
-              f"{test_note}  {steps_per_epoch * args.batch_size / epoch_seconds:.0f} img/s"
-              f"  train {train_seconds:.0f}s  ~{left:.0f}s left{saved_note}", flush=True)
+              f"{test_note}  {images_per_s:.0f} img/s  train {train_seconds:.0f}s  ~{left:.0f}s left{saved_note}",
+              flush=True)
     return history, train_seconds, seconds_to_target, step
-
-
-def model_widths(args):
-    return (4, 8, 8) if args.smoke else tuple(args.widths)
 
 
 # %%
 # The command line and the run: data, a look at the augmentation, training, then the best
 # checkpoint reloaded from disk and scored once on the test set.
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Capstone 1: MNIST classifier (99.5%+ target).")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+# Range checks live in the flags' types, so a bad value is refused before anything runs.
+def number(kind, low, high=math.inf, low_open=False, high_open=False):
+    """An argparse type: KIND (int or float) from LOW to HIGH, each end included unless *_open."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'' if kind is float else ' whole'} number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high or math.isnan(value):
+            if high == math.inf:
+                where = f"{'above' if low_open else 'at least'} {low:g}"
+            else:
+                where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Capstone 1: MNIST classifier (99.5%+ target).")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where to train; auto = the available accelerator, else CPU")
+                   help="where to train; auto = the available accelerator, else CPU (under torchrun: "
+                        "each process takes the GPU of its LOCAL_RANK)")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="autocast dtype of the forward passes: auto = bf16 on GPUs that run it natively, fp16 "
+                        "with loss scaling on other GPUs (a T4), fp32 on CPU and MPS")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     p.add_argument("--data-dir", type=Path, default=Path("./data"),
                    help="MNIST is read from / downloaded to DATA_DIR/MNIST/raw (torchvision layout)")
     p.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME,
                    help="where metrics.json, figures, best.pt and TensorBoard logs go")
-    p.add_argument("--smoke", action="store_true", help="tiny synthetic run of every code path (seconds)")
-    p.add_argument("--epochs", type=int, default=12, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty of SGD")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="probability spread over wrong classes")
-    p.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="channels of the three stages")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny synthetic run of every code path (seconds; 2 epochs at batch 64 unless given)")
+    p.add_argument("--epochs", type=number(int, 1), default=None, help="passes over the training set (default 12)")
+    p.add_argument("--batch-size", type=number(int, 1), default=None,
+                   help="images per optimisation step (default 128); under torchrun, per process")
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=0.1,
+                   help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=number(float, 0), default=5e-4, help="L2 penalty of SGD")
+    p.add_argument("--label-smoothing", type=number(float, 0, 1, high_open=True), default=0.1,
+                   help="probability spread over wrong classes")
+    p.add_argument("--widths", type=number(int, 1), nargs=3, default=[16, 32, 64],
+                   help="channels of the three stages")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="train on the plain images")
-    p.add_argument("--val-size", type=int, default=5000, help="training images held out to pick the best epoch")
-    p.add_argument("--target", type=float, default=0.99, help="test accuracy whose time is seconds_to_target")
+    p.add_argument("--freeze-batchnorm", action="store_true",
+                   help="batch norm keeps its starting statistics (for checking torchrun against one process)")
+    p.add_argument("--val-size", type=number(int, 1), default=None,
+                   help="training images held out to pick the best epoch (default 5000)")
+    p.add_argument("--target", type=number(float, 0, 1, low_open=True), default=0.99,
+                   help="test accuracy whose time is seconds_to_target")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
     p.add_argument("--eval-only", action="store_true", help="only score --checkpoint on the test set")
     p.add_argument("--checkpoint", type=Path, help="checkpoint for --eval-only (e.g. runs/01_mnist_classifier/best.pt)")
-    args, _ = p.parse_known_args(argv)
-    if args.eval_only and args.checkpoint is None:
-        p.error("--eval-only needs --checkpoint PATH (a best.pt written by a training run)")
-    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
-        p.error("--epochs and --batch-size must be at least 1 and --lr positive")
-    if not 0 <= args.label_smoothing < 1 or args.weight_decay < 0 or min(args.widths) < 1:
-        p.error("--label-smoothing must be in [0, 1), --weight-decay >= 0, --widths >= 1")
-    if not 0 < args.target <= 1 or args.val_size < 1:
-        p.error("--target must be in (0, 1] and --val-size at least 1")
-    return args
+    return p
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
 
 
 def run(args):
     wall_start = time.perf_counter()
+    out_dir = folder(args.out_dir, "--out-dir")  # both checked before anything is read or written
+    data_dir = folder(args.data_dir, "--data-dir")
+    if args.eval_only and args.checkpoint is None:
+        raise LabError("--eval-only needs --checkpoint PATH (a best.pt written by a training run)")
+    # flags left unset take their defaults; --smoke makes the run tiny where they were not given
+    args.epochs = args.epochs or (2 if args.smoke else 12)
+    args.batch_size = args.batch_size or (64 if args.smoke else 128)
+    args.val_size = args.val_size or (200 if args.smoke else 5000)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    dtype = pick_precision(args.precision, device)
+    precision = next(name for name, value in PRECISIONS.items() if value == dtype)  # what auto chose
+    threads = torch.get_num_threads()
+    try:
+        if args.smoke:
+            torch.set_num_threads(1)  # tiny tensors: one thread is faster than several sharing the work
+        rank, world_size, device = start_distributed(device)
+        return train_and_report(args, out_dir, data_dir, device, dtype, precision, rank, world_size, wall_start)
+    finally:
+        torch.set_num_threads(threads)  # leave a notebook's kernel as it was
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_and_report(args, out_dir, data_dir, device, dtype, precision, rank, world_size, wall_start):
+    main_process = rank == 0
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    out_dir = args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # TF32 matmuls where the GPU has them (Ampere+)
     if args.smoke:
         (train_images, train_labels), (test_images, test_labels) = synthetic_digits(1200, 1), synthetic_digits(300, 2)
-        args.epochs, args.batch_size, args.val_size = 2, 64, 200
     else:
-        (train_images, train_labels), (test_images, test_labels) = load_mnist(args.data_dir)
+        (train_images, train_labels), (test_images, test_labels) = rank_zero_first(
+            rank, world_size, lambda: load_mnist(data_dir))
     test_x, test_y = as_pixels(test_images, device), test_labels.to(device)
-
     if args.eval_only:
-        return evaluate_checkpoint(args, device, test_x, test_y, wall_start)
+        return evaluate_checkpoint(args, device, test_x, test_y, wall_start) if main_process else None
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     # hold out the last val_size training images (a fixed split) to choose the best epoch
     perm = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(12345))
     val_idx, train_idx = perm[:args.val_size], perm[args.val_size:]
     train_x, train_y = as_pixels(train_images[train_idx], device), train_labels[train_idx].to(device)
     val_x, val_y = as_pixels(train_images[val_idx], device), train_labels[val_idx].to(device)
-    print(f"data: {len(train_x)} train / {len(val_x)} validation / {len(test_x)} test images on {device}")
-
-    aug_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    originals = train_x[:8]
-    shown = torch.cat([originals] + [random_augment(originals, aug_gen) for _ in range(4)])
-    save_digit_grid(out_dir / "augmentation.png", shown,
-                    ["original"] * 8 + ["augmented"] * 32, columns=8,
-                    suptitle="top row: training digits; below: random rotation (+-10 deg), scale (0.9-1.1), shift (+-2 px)")
-
     model = DigitNet(ModelConfig(widths=model_widths(args))).to(device)
     if device.type != "mps":
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: DigitNet widths {model_widths(args)}, {n_params:,} parameters; "
-          f"{args.epochs} epochs of one-cycle SGD, peak lr {args.lr}, batch {args.batch_size}")
-
-    writer = open_tensorboard(out_dir / "tensorboard")
-    if writer:
-        writer.add_images("train/augmented_examples", shown, 0)
+    writer = None
+    if main_process:
+        print(f"data: {len(train_x)} train / {len(val_x)} validation / {len(test_x)} test images on {device}"
+              + (f", {world_size} processes (torchrun), each training on 1/{world_size} of every epoch"
+                 if world_size > 1 else ""))
+        shown = show_augmentation(args, train_x, device, out_dir)
+        print(f"model: DigitNet widths {model_widths(args)}, {n_params:,} parameters; {args.epochs} epochs of "
+              f"one-cycle SGD, peak lr {args.lr}, batch {args.batch_size}"
+              + (f" per process x {world_size} = {args.batch_size * world_size}" if world_size > 1 else "")
+              + f", precision {precision}")
+        writer = open_tensorboard(out_dir / "tensorboard")
+        if writer:
+            writer.add_images("train/augmented_examples", shown, 0)
     history, train_seconds, seconds_to_target, steps = train(
-        args, model, (train_x, train_y, val_x, val_y, test_x, test_y), device, out_dir, writer, autocast_dtype)
+        args, model, (train_x, train_y, val_x, val_y, test_x, test_y), device, out_dir, writer, dtype,
+        rank, world_size)
+    if not main_process:
+        return None
 
     # the best epoch, reloaded from disk as a user of the checkpoint would
     best, saved = load_checkpoint(out_dir / "best.pt", device)
-    test_acc, test_loss, predictions = evaluate(best, test_x, test_y, autocast_dtype=autocast_dtype)
+    test_acc, test_loss, predictions = evaluate(best, test_x, test_y, dtype=dtype)
     wrong_images, wrong_titles = misclassified(test_x, test_y, predictions)
     save_digit_grid(out_dir / "misclassified.png", wrong_images, wrong_titles, columns=8,
                     suptitle=f"test digits the best model gets wrong ({(predictions != test_y).sum().item()} of {len(test_y)})")
@@ -557,7 +764,8 @@ def run(args):
         "best_epoch": saved["epoch"], "best_val_accuracy": saved["val_accuracy"],
         "target_accuracy": args.target,
         "seconds_to_target": None if seconds_to_target is None else round(seconds_to_target, 2),
-        "train_images_per_s": round(len(history) * (len(train_x) // args.batch_size) * args.batch_size / train_seconds),
+        "train_images_per_s": round(steps * args.batch_size * world_size / train_seconds),
+        "precision": precision, "world_size": world_size, "global_batch_size": args.batch_size * world_size,
         "parameters": n_params, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "history": history,
     }
@@ -573,9 +781,25 @@ def run(args):
     return metrics
 
 
+def model_widths(args):
+    return (4, 8, 8) if args.smoke else tuple(args.widths)
+
+
+def show_augmentation(args, train_x, device, out_dir):
+    """Eight training digits and four random warps of each: augmentation.png; returns the images."""
+    aug_gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # not the training stream
+    originals = train_x[:8]
+    shown = torch.cat([originals] + [random_augment(originals, aug_gen) for _ in range(4)])
+    save_digit_grid(out_dir / "augmentation.png", shown, ["original"] * 8 + ["augmented"] * 32, columns=8,
+                    suptitle="top row: training digits; below: random rotation (+-10 deg), scale (0.9-1.1), "
+                             "shift (+-2 px)")
+    return shown
+
+
 def evaluate_checkpoint(args, device, test_x, test_y, wall_start):
     """--eval-only: score a saved model on the test set; writes eval_only_* files, keeps metrics.json."""
     model, saved = load_checkpoint(args.checkpoint, device)
+    args.out_dir.mkdir(parents=True, exist_ok=True)  # only once the checkpoint has loaded
     test_acc, test_loss, predictions = evaluate(model, test_x, test_y)
     wrong_images, wrong_titles = misclassified(test_x, test_y, predictions)
     save_digit_grid(args.out_dir / "eval_only_misclassified.png", wrong_images, wrong_titles, columns=8,
@@ -591,12 +815,14 @@ def evaluate_checkpoint(args, device, test_x, test_y, wall_start):
     return metrics
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> None:
     try:
-        return run(args)
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """Capstone 1 (projects/01_mnist_classifier.py): the torch-only MNIST loader, the batched
-augmentation checked against exact pixel operations, the checkpoint round trip, and bad input."""
+augmentation checked against exact pixel operations (rotation direction, where the scale and the
+shift apply), the mixed-precision policy, torchrun against one process, the checkpoint round trip,
+and bad input."""
 import gzip
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import REPO, assert_clean_failure, failure_of, lab_path, load_lab, run_lab
 
 LAB = "projects/01_mnist_classifier.py"
 
@@ -84,11 +90,9 @@ def test_wrong_checksum_deletes_the_file_exits_with_a_message_and_keeps_the_rest
     (out_dir / "metrics.json").write_text('{"from": "an earlier run"}')
     # every mirror serves a file with the wrong checksum too
     monkeypatch.setattr(lab, "fetch_url", lambda url: gzip.compress(b"\x00\x00\x08\x01 tampered"))
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--data-dir", str(data_dir), "--out-dir", str(out_dir)])
-    message = str(exit_info.value.code)
-    assert message.startswith("error:") and "checksum mismatch" in message and "--smoke" in message
-    assert "deleted" in message
+    result = failure_of(lab.main, ["--data-dir", data_dir, "--out-dir", out_dir])
+    assert_clean_failure(result, "checksum mismatch", "deleted", "--smoke")
+    assert result.stderr.startswith("error:")
     assert not corrupt.exists(), "the file that failed its checksum is deleted"
     assert not list(raw.glob("*.part")), "no half-downloaded file is left behind"
     assert keep.read_text() == "mine"
@@ -116,18 +120,44 @@ def test_integer_shift_equals_a_zero_filled_roll(lab):
     torch.testing.assert_close(shifted, expected, atol=1e-5, rtol=0)
 
 
-def test_quarter_turn_equals_rot90(lab):
+def test_a_positive_angle_turns_the_digit_counter_clockwise(lab):
+    # torch.rot90(k=1) over (rows, columns) is a quarter turn counter-clockwise as the image is
+    # drawn (row 0 at the top): a dot right of the centre ends up above it.
     image = torch.rand(1, 1, 28, 28)
-    turned = lab.warp(image, one_image_theta(lab, degrees=90.0))
-    candidates = [torch.rot90(image, k, dims=(2, 3)) for k in (1, 3)]
-    assert any(torch.allclose(turned, c, atol=1e-5) for c in candidates)
+    torch.testing.assert_close(lab.warp(image, one_image_theta(lab, degrees=90.0)),
+                               torch.rot90(image, 1, dims=(2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lab.warp(image, one_image_theta(lab, degrees=-90.0)),
+                               torch.rot90(image, -1, dims=(2, 3)), atol=1e-5, rtol=0)
+    dot = torch.zeros(1, 1, 28, 28)
+    dot[..., 13:15, 20:22] = 1.0  # right of the centre (13.5, 13.5)
+    turned = lab.warp(dot, one_image_theta(lab, degrees=90.0))[0, 0]
+    rows, cols = (turned > 0.5).nonzero(as_tuple=True)
+    assert rows.float().mean() == pytest.approx(13.5 - 7) and cols.float().mean() == pytest.approx(13.5)
 
 
-def test_scale_two_magnifies_the_centre(lab):
+def digit_in_the_middle():
+    """A random 'digit' with a black border of 9 pixels: a scale of 2 keeps it inside the frame."""
     image = torch.zeros(1, 1, 28, 28)
-    image[..., 13:15, 13:15] = 1.0  # a 2x2 dot in the centre becomes about 4x4
+    image[..., 9:19, 9:19] = torch.rand(10, 10)
+    return image
+
+
+def test_scale_two_is_the_centre_magnified_about_the_image_centre(lab):
+    # Scale 2 about the centre shows the middle 14 x 14 pixels at twice the size: exactly bilinear
+    # upsampling of that crop (the same sampling positions, align_corners=False in both).
+    image = digit_in_the_middle()
     grown = lab.warp(image, one_image_theta(lab, scale=2.0))
-    assert grown.sum().item() == pytest.approx(4 * image.sum().item(), rel=0.05)
+    expected = F.interpolate(image[..., 7:21, 7:21], scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(grown, expected, atol=1e-5, rtol=0)
+
+
+def test_the_shift_comes_before_the_scale(lab):
+    # A digit is shifted, then scaled about the centre: at scale 2 a 2-pixel shift moves it 4 pixels.
+    image = digit_in_the_middle()
+    scaled = lab.warp(image, one_image_theta(lab, scale=2.0))
+    shifted_then_scaled = lab.warp(image, one_image_theta(lab, scale=2.0, shift=(2.0, 0.0)))
+    torch.testing.assert_close(shifted_then_scaled[..., 4:], scaled[..., :-4], atol=1e-5, rtol=0)
+    assert shifted_then_scaled[..., :4].abs().max() < 1e-6
 
 
 def test_random_augment_keeps_shapes_range_and_is_reproducible(lab):
@@ -136,6 +166,19 @@ def test_random_augment_keeps_shapes_range_and_is_reproducible(lab):
     b = lab.random_augment(images, torch.Generator().manual_seed(1))
     assert a.shape == images.shape and torch.equal(a, b)
     assert a.min() >= 0 and a.max() <= 1 + 1e-6
+
+
+def test_each_rank_warps_its_images_as_one_process_would(lab):
+    # Under torchrun rank r trains on images r, r + N, r + 2N, ... of the global batch; it must give
+    # each the warp one process gives it, and its generator must end where the others' do.
+    images = torch.rand(12, 1, 28, 28)
+    reference = torch.Generator().manual_seed(3)
+    one_process = lab.random_augment(images, reference)
+    for rank in range(3):
+        generator = torch.Generator().manual_seed(3)
+        mine = lab.random_augment(images[rank::3], generator, rank=rank, world_size=3)
+        torch.testing.assert_close(mine, one_process[rank::3], atol=0, rtol=0)
+        assert torch.equal(generator.get_state(), reference.get_state())
 
 
 # --- model and checkpoints ----------------------------------------------------------------------
@@ -147,15 +190,91 @@ def test_model_outputs_logits_and_rebuilds_from_config(lab):
 
 def test_eval_only_reproduces_the_trained_test_accuracy(lab, tmp_path):
     out = tmp_path / "out"
-    trained = lab.main(["--smoke", "--out-dir", str(out), "--data-dir", str(tmp_path / "none")])
-    evaluated = lab.main(["--smoke", "--eval-only", "--checkpoint", str(out / "best.pt"),
-                          "--out-dir", str(out), "--data-dir", str(tmp_path / "none")])
+    lab.main(["--smoke", "--out-dir", str(out), "--data-dir", str(tmp_path / "none")])
+    trained = json.loads((out / "metrics.json").read_text())
+    lab.main(["--smoke", "--eval-only", "--checkpoint", str(out / "best.pt"),
+              "--out-dir", str(out), "--data-dir", str(tmp_path / "none")])
+    evaluated = json.loads((out / "eval_only_metrics.json").read_text())
     assert evaluated["test_accuracy"] == pytest.approx(trained["test_accuracy"])
-    assert (out / "eval_only_metrics.json").is_file()
-    assert json.loads((out / "metrics.json").read_text())["train_time_s"] > 0, "eval-only keeps metrics.json"
+    assert json.loads((out / "metrics.json").read_text()) == trained, "eval-only keeps metrics.json"
 
 
-# --- bad input ----------------------------------------------------------------------------------
+# --- mixed precision: one policy (CONTRIBUTING.md), checked by faking the GPU's answers --------------
+
+def fake_gpu(monkeypatch, native_bf16: bool):
+    """torch.cuda answers like a T4 (bf16 only by emulation) or like an A100/H200 (native bf16)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+def test_precision_auto_is_fp16_on_a_t4_bf16_on_newer_gpus_and_fp32_on_cpu(lab, monkeypatch):
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch, native_bf16=False)
+    assert lab.pick_precision("auto", cuda) is torch.float16  # a T4 only emulates bf16
+    fake_gpu(monkeypatch, native_bf16=True)
+    assert lab.pick_precision("auto", cuda) is torch.bfloat16
+    assert lab.pick_precision("fp16", cuda) is torch.float16 and lab.pick_precision("fp32", cuda) is None
+    assert lab.pick_precision("auto", torch.device("cpu")) is None
+    assert not lab.grad_scaler(torch.device("cpu"), None).is_enabled()
+    with pytest.raises(lab.LabError, match="--precision fp16 is for CUDA"):
+        lab.pick_precision("fp16", torch.device("cpu"))
+
+
+# --- torchrun: 2 processes at batch B train exactly like 1 process at batch 2B -------------------------
+
+def test_two_ranks_at_batch_b_end_with_the_weights_of_one_process_at_2b(lab, tmp_path):
+    # What differs by design is switched off: augmentation (--no-augment), batch-norm statistics
+    # (--freeze-batchnorm) and low precision (--precision fp32); the model has no dropout.
+    same = ["--smoke", "--device", "cpu", "--epochs", "1", "--no-augment", "--freeze-batchnorm",
+            "--precision", "fp32", "--data-dir", tmp_path / "data"]
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(lab_path(LAB)), *map(str, same), "--batch-size", "16", "--out-dir", str(tmp_path / "ranks")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lab.main(list(map(str, same)) + ["--batch-size", "32", "--out-dir", str(tmp_path / "one")])  # meanwhile
+    stdout, stderr = torchrun.communicate(timeout=240)
+    assert torchrun.returncode == 0, stderr[-3000:]
+
+    ranks = torch.load(tmp_path / "ranks" / "best.pt", weights_only=True)["model"]
+    one = torch.load(tmp_path / "one" / "best.pt", weights_only=True)["model"]
+    torch.manual_seed(0)  # the lab's --seed: the weights both runs started from
+    start = lab.build_model({"widths": [4, 8, 8], "num_classes": 10}).state_dict()
+    moved = max((one[name] - start[name]).abs().max().item() for name in one)
+    assert moved > 1e-2, "training barely changed the weights: the comparison would prove nothing"
+    for name in one:
+        torch.testing.assert_close(ranks[name], one[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+    metrics = json.loads((tmp_path / "ranks" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 32
+    assert metrics["steps"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["steps"]
+    assert stdout.count("epoch  1/1") == 1, "only rank 0 prints"
+
+
+# --- checkpoints: a broken file and another lab's checkpoint get different messages -----------------
+
+@pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"not a checkpoint", "truncated or not")],
+                         ids=["missing", "corrupt"])
+def test_missing_or_corrupt_checkpoint_is_one_line(lab, tmp_path, content, message):
+    path = tmp_path / "best.pt"
+    if content is not None:
+        path.write_bytes(content)
+    result = failure_of(lab.main, ["--smoke", "--eval-only", "--checkpoint", path, "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, str(path), message)
+    assert "another lab" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_lab_says_so(lab, tmp_path):
+    path = tmp_path / "cvae.pt"  # lab 09's conditional VAE: a valid checkpoint, not a classifier
+    torch.save({"model": {}, "config": {"kind": "cvae", "latent_dim": 2, "hidden": 512, "num_classes": 10}}, path)
+    result = failure_of(lab.main, ["--smoke", "--eval-only", "--checkpoint", path, "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "another lab", "latent_dim")
+    assert "truncated" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- bad input: one line on stderr, exit status 1, nothing written --------------------------------
 
 def test_eval_only_without_checkpoint_fails_cleanly(tmp_path):
     result = run_lab(LAB, "--eval-only", "--out-dir", tmp_path / "out", timeout=60)
@@ -163,22 +282,34 @@ def test_eval_only_without_checkpoint_fails_cleanly(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content", [None, b"not a checkpoint"], ids=["missing", "corrupt"])
-def test_missing_or_corrupt_checkpoint_is_a_message(lab, tmp_path, content):
-    path = tmp_path / "best.pt"
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--smoke", "--eval-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "out")])
-    assert str(path) in str(exit_info.value.code)
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "0", "at least 1"), ("--label-smoothing", "1", "[0, 1)"), ("--lr", "nan", "above 0"),
+    ("--target", "1.5", "(0, 1]"), ("--precision", "bf16", "--precision bf16 is for CUDA"),
+])
+def test_bad_flags_fail_with_one_line_before_anything_is_written(lab, tmp_path, flag, value, message):
+    result = failure_of(lab.main, ["--smoke", "--device", "cpu", flag, value, "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, flag, message)
+    assert not (tmp_path / "out").exists()
 
 
-def test_unavailable_device_is_a_message(lab, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is present")
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--smoke", "--device", "cuda", "--out-dir", str(tmp_path)])
-    assert "no CUDA GPU" in str(exit_info.value.code)
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_one_line(lab, tmp_path, flag):
+    afile = tmp_path / "a_file"
+    afile.write_text("mine")
+    argv = {"--data-dir": ["--data-dir", afile, "--out-dir", tmp_path / "out"], "--out-dir": ["--smoke", "--out-dir", afile]}
+    result = failure_of(lab.main, argv[flag])
+    assert_clean_failure(result, flag, "is a file, not a folder")
+    assert afile.read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_an_absent_device_is_one_line(lab, tmp_path, device):
+    present = torch.cuda.is_available() if device == "cuda" else torch.backends.mps.is_available()
+    if present:
+        pytest.skip(f"this machine has {device}")
+    result = failure_of(lab.main, ["--smoke", "--device", device, "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, f"--device {device}")
+    assert not (tmp_path / "out").exists()
 
 
 # --- the real run -------------------------------------------------------------------------------
