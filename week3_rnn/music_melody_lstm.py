@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LAB_NAME = "music_melody_lstm"
-CACHE_VERSION = 1  # bump when the cached corpus format changes: an old cache is then rebuilt
+CACHE_VERSION = 2  # bump when the cached corpus format changes: an old cache is then rebuilt
 
 
 class LabError(Exception):
@@ -328,21 +328,21 @@ def normalise_abc(tune: str):
 # JSON. A cache from another version of this lab, or with other settings, or that does not read
 # back, is rebuilt; an entry music21 cannot parse is skipped and counted, never silently.
 def melody_events(stream):
-    """The top line of a music21 stream as [(pitch, quarters)]: ties merged, grace notes dropped,
-    the highest note of a chord, consecutive rests merged."""
+    """The top line of a music21 stream as [(pitch, quarters)]: tied notes merged, grace notes
+    dropped, the highest note of a chord, consecutive rests merged. (Ties are merged here rather than
+    with music21's stripTies(), which took about as long as parsing the score.)"""
     part = stream.parts[0] if getattr(stream, "parts", None) else stream
     events = []
-    for element in part.stripTies().flatten().notesAndRests:
+    for element in part.flatten().notesAndRests:
         quarters = float(element.quarterLength)
         if element.duration.isGrace or quarters <= 0:
             continue
-        if element.isRest:
-            if events and events[-1][0] == 0:
-                events[-1] = (0, events[-1][1] + quarters)
-            else:
-                events.append((0, quarters))
-            continue
-        events.append((max(p.midi for p in element.pitches), quarters))
+        pitch = 0 if element.isRest else max(p.midi for p in element.pitches)
+        tied = pitch and element.tie is not None and element.tie.type in ("stop", "continue")
+        if events and events[-1][0] == pitch and (pitch == 0 or tied):
+            events[-1] = (pitch, events[-1][1] + quarters)  # a held note (tie) or a longer rest
+        else:
+            events.append((pitch, quarters))
     while events and events[0][0] == 0:
         events.pop(0)  # leading and trailing rests say nothing about the melody
     while events and events[-1][0] == 0:
@@ -383,13 +383,12 @@ def chord_label(pitches, tonic: int) -> str:
 
 def chords_per_beat(score, tonic: int):
     """One chord label per quarter-note beat from all four voices of a chorale."""
-    sounding = []  # (start, end, midi) of every note of every voice
-    for part in score.parts:
-        for note in part.stripTies().flatten().notes:
-            if note.duration.isGrace:
-                continue
-            start = float(note.offset)
-            sounding += [(start, start + float(note.quarterLength), p.midi) for p in note.pitches]
+    sounding = []  # (start, end, midi) of every note of every voice (a tied note sounds on; no merging needed)
+    for note in score.flatten().notes:
+        if note.duration.isGrace:
+            continue
+        start = float(note.offset)
+        sounding += [(start, start + float(note.quarterLength), p.midi) for p in note.pitches]
     if not sounding:
         return []
     end = max(stop for _, stop, _ in sounding)
@@ -400,10 +399,26 @@ def chords_per_beat(score, tonic: int):
     return labels
 
 
+def chorale_key(score):
+    """(tonic pitch class, mode). A chorale ends on its tonic: the last bass note names it, and the key
+    signature says whether that is the major key or its relative minor. Modal chorales (neither)
+    fall back to music21's key analysis (Krumhansl-Schmuckler profiles, ~0.2 s a score)."""
+    bass = [n for n in score.parts[-1].flatten().notes]
+    signatures = list(score.parts[0].flatten().getElementsByClass("KeySignature"))
+    if bass and signatures:
+        last = bass[-1].pitches[0].pitchClass
+        major = signatures[-1].asKey("major").tonic.pitchClass
+        if last == major:
+            return major, "major"
+        if last == (major + 9) % 12:
+            return last, "minor"
+    key = score.analyze("key")
+    return key.tonic.pitchClass, ("minor" if key.mode == "minor" else "major")
+
+
 def chorale_record(name: str, score):
     """A parsed chorale -> the cached numbers: soprano events, key, chord per beat."""
-    key = score.analyze("key")
-    tonic, mode = key.tonic.pitchClass, ("minor" if key.mode == "minor" else "major")
+    tonic, mode = chorale_key(score)
     return {"name": name, "source": "chorale", "tonic": tonic, "mode": mode,
             "events": melody_events(score.parts[0]), "chords": chords_per_beat(score, tonic)}
 
@@ -809,7 +824,7 @@ def evaluate_sequences(model, sequences, device, dtype=None, batch_size=64):
 def save_checkpoint(model, config: SeqConfig, extra: dict, sample_inputs, path: Path):
     model.eval()
     with torch.no_grad():
-        logits, state = model(sample_inputs)
+        logits, state = model(sample_inputs.to(next(model.parameters()).device))
     state = tuple(s.cpu() for s in state) if isinstance(state, tuple) else state.cpu()
     payload = {"lab": LAB_NAME, "model": {k: v.cpu() for k, v in model.state_dict().items()},
                "config": {**asdict(config), **extra}, "sample_inputs": sample_inputs.cpu(),
@@ -1224,7 +1239,7 @@ def build_parser():
                         help="autocast dtype on CUDA (auto: bf16 where native, else fp16 with a GradScaler)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for weights, data order and sampling")
     parser.add_argument("--data-dir", type=Path, default=Path("./data"),
-                        help="where the parsed corpus is cached (music_melody_lstm/corpus_v1.json)")
+                        help="where the parsed corpus is cached (music_melody_lstm/corpus_v<version>.json)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME, help="where outputs go")
     parser.add_argument("--smoke", action="store_true",
                         help="every code path in seconds on generated tunes (the corpus is never parsed)")
