@@ -1,5 +1,6 @@
 """Lab 08: hand-built attention, multi-head attention, LayerNorm and positions against PyTorch's own,
-the GPT's two attention paths, sampling, bad input, and (with -m full) the real-data target."""
+the GPT's two attention paths, sampling, the mixed-precision policy, a training loop that does not
+wait for the GPU every step (on the simulated T4), bad input, and (with -m full) the real-data target."""
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import assert_clean_failure, failure_of, load_lab, run_lab, run_on_simulated_cuda
 
 LAB = "week4_transformer_vae/08_transformer.py"
 lab = load_lab(LAB)
@@ -111,27 +112,27 @@ def test_missing_data_with_no_network_names_url_layout_and_smoke(tmp_path):
 
 
 def test_checkpoint_missing_corrupt_or_from_another_architecture(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        lab.main(["--checkpoint", str(tmp_path / "nothing.pt")])
+    assert_clean_failure(failure_of(lab.main, ["--checkpoint", tmp_path / "nothing.pt"]), "does not exist")
 
     truncated = tmp_path / "truncated.pt"
     torch.save({"model": nn.Linear(200, 200).state_dict()}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:500])
-    with pytest.raises(SystemExit, match="truncated or not a PyTorch checkpoint"):
-        lab.main(["--checkpoint", str(truncated)])
+    assert_clean_failure(failure_of(lab.main, ["--checkpoint", truncated]), "truncated or not a PyTorch checkpoint")
 
     other_lab = tmp_path / "vae.pt"
     torch.save({"model": {}, "config": {"kind": "vae", "latent_dim": 20}, "vocab": "ab"}, other_lab)
-    with pytest.raises(SystemExit, match=r"another architecture.*kind.*latent_dim.*lacks.*n_embd"):
-        lab.main(["--checkpoint", str(other_lab)])
+    result = failure_of(lab.main, ["--checkpoint", other_lab])
+    assert_clean_failure(result, "another lab or another architecture", "latent_dim", "n_embd")
+    no_vocab = tmp_path / "cnn.pt"  # a checkpoint of a lab without a character vocabulary
+    torch.save({"model": nn.Linear(2, 2).state_dict(), "config": {"channels": 8}}, no_vocab)
+    assert_clean_failure(failure_of(lab.main, ["--checkpoint", no_vocab]), "not a checkpoint of this lab", "vocab")
 
     config = dict(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=16, pos_encoding="learned",
                   norm_first=True)
     wider = lab.build_model(dict(config, n_embd=32))
     mismatched = tmp_path / "mismatched.pt"
     torch.save({"model": wider.state_dict(), "config": config, "vocab": "abcdefghij"}, mismatched)
-    with pytest.raises(SystemExit, match="do not fit.*size mismatch"):
-        lab.main(["--checkpoint", str(mismatched)])
+    assert_clean_failure(failure_of(lab.main, ["--checkpoint", mismatched]), "do not fit", "size mismatch")
 
 
 def test_saved_checkpoint_samples_and_refuses_unknown_prompt_characters(tmp_path, capsys):
@@ -146,12 +147,84 @@ def test_saved_checkpoint_samples_and_refuses_unknown_prompt_characters(tmp_path
 
 
 @pytest.mark.parametrize("flag,value", [("--lr", "-1"), ("--time-budget", "0"), ("--temperature", "0"),
-                                        ("--top-k", "-2"), ("--n-head", "3")])
-def test_out_of_range_hyper_parameters_are_refused(flag, value, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main([flag, value, "--smoke"])
-    assert exit_info.value.code == 2
-    assert flag in capsys.readouterr().err
+                                        ("--top-k", "-2"), ("--n-head", "3"), ("--lr", "nan"), ("--batch-size", "x")])
+def test_out_of_range_hyper_parameters_are_refused(flag, value, tmp_path):
+    result = failure_of(lab.main, [flag, value, "--smoke", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, flag)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_a_one_line_message(flag, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    argv = ["--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", flag, file]
+    result = failure_of(lab.main, argv + (["--smoke"] if flag == "--out-dir" else []))
+    assert_clean_failure(result, flag, "not a folder")
+    assert file.read_text() == "keep me" and not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_corpus_that_is_not_utf8_is_a_one_line_message(tmp_path):
+    corpus = tmp_path / "data" / "tinyshakespeare" / "input.txt"
+    corpus.parent.mkdir(parents=True)
+    latin1 = ("ROMEO:\nBut soft, what light through yonder window breaks? Caf\u00e9 cr\u00e8me.\n" * 300).encode("latin-1")
+    corpus.write_bytes(latin1)
+    result = failure_of(lab.main, ["--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--time-budget", "1"])
+    assert_clean_failure(result, "input.txt", "not UTF-8", lab.SHAKESPEARE_URL)
+    assert corpus.read_bytes() == latin1 and not (tmp_path / "out").exists()
+
+
+# --- mixed precision and the simulated GPU --------------------------------------------------------
+
+def pretend_gpu(monkeypatch, native_bf16: bool) -> None:
+    """torch.cuda's bf16 answers of a T4 (emulated only) or of an A100/H200 (native)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+def test_precision_policy_fp16_on_a_t4_bf16_where_native_fp32_on_cpu(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    pretend_gpu(monkeypatch, native_bf16=False)
+    assert lab.pick_precision("auto", cuda) is torch.float16
+    assert lab.pick_precision("bf16", cuda) is torch.bfloat16
+    assert lab.pick_precision("fp32", cuda) is None
+    pretend_gpu(monkeypatch, native_bf16=True)
+    assert lab.pick_precision("auto", cuda) is torch.bfloat16
+    assert lab.pick_precision("auto", cpu) is None and lab.pick_precision("fp32", cpu) is None
+    with pytest.raises(lab.LabError, match="--precision fp16 is for CUDA"):
+        lab.pick_precision("fp16", cpu)
+    assert lab.grad_scaler(cpu, torch.float16).is_enabled()
+    assert not lab.grad_scaler(cpu, torch.bfloat16).is_enabled() and not lab.grad_scaler(cpu, None).is_enabled()
+
+
+def test_bf16_on_a_cpu_is_a_one_line_message(tmp_path):
+    result = failure_of(lab.main, ["--smoke", "--device", "cpu", "--precision", "bf16", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "--precision bf16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_reads_the_gpu_once_per_log_line_not_every_step():
+    """On the simulated T4 (fp16 + GradScaler, as --precision auto picks there): twelve steps, and
+    no lab line reads from the GPU in more than one of them (the GradScaler's own read aside)."""
+    result = run_on_simulated_cuda("""
+import argparse, torch, simulated_cuda
+lab = load_lab("week4_transformer_vae/08_transformer.py")
+device = torch.device("cuda")
+dtype = lab.pick_precision("auto", device)
+assert dtype is torch.float16, dtype
+torch.manual_seed(0)
+model = lab.GPT(lab.GPTConfig(vocab_size=12, block_size=16, n_layer=1, n_head=2, n_embd=16)).to(device)
+data = torch.randint(0, 12, (2000,)).to(device)
+args = argparse.Namespace(lr=1e-3, seed=0, batch_size=4, time_budget=600.0, max_steps=12)
+history = lab.train(model, data[:1600], data[1600:], args, device, dtype)
+assert history["steps"] == 12 and len(history["train_loss"]) == 12, history
+per_step = {line: n for line, n in simulated_cuda.REPORT.intervals_with_read.items()
+            if "GradScaler" not in line and n > 1}
+assert not per_step, per_step
+print("ok")
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok" in result.stdout
 
 
 @pytest.mark.full

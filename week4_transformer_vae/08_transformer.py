@@ -17,6 +17,7 @@ Run it
              python week4_transformer_vae/08_transformer.py --time-budget 600 --n-layer 6 --n-embd 192
              python week4_transformer_vae/08_transformer.py --checkpoint runs/08_transformer/model.pt \\
                  --prompt "ROMEO:" --temperature 0.8 --top-k 10        (sample from a saved model)
+             python week4_transformer_vae/08_transformer.py --device cuda --precision fp16   (a T4's choice)
   Colab:     Runtime > Change runtime type > GPU, upload this file and run `!python 08_transformer.py`,
              or paste the file into a cell (figures show inline).
   Data:      tiny Shakespeare (1.1 M characters), downloaded on first use from
@@ -38,7 +39,9 @@ torch 2.14.1)
     1.765, 1.783; target 1.80), after 135 s of training (1,042-1,057 steps, 818,176 parameters);
     whole run 148-149 s in the lab, 150-152 s for the process. The time budget makes the step
     count depend on the machine's load: tuning runs on a busy machine ended as high as 1.84.
-  GPU: not measured yet.
+  GPU: not measured yet. On CUDA the run trains in mixed precision (--precision auto: bf16 where
+    the GPU has it natively, fp16 with a GradScaler on a T4), with the corpus held on the GPU and
+    the training loss read from it once per log line, not every step.
   Smoke run (`--smoke`): 8.8-9.1 s wall.
 """
 import argparse
@@ -65,6 +68,47 @@ TARGET_VAL_LOSS = 1.80  # nats per character, the lab's target for the default r
 
 class LabError(Exception):
     """Something the learner can fix (missing data, a bad checkpoint); main() prints it, no traceback."""
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %%
@@ -333,11 +377,16 @@ def load_shakespeare(data_dir: str) -> str:
             partial.write_bytes(data)
             os.replace(partial, path)  # a broken download never looks like the real file
         except OSError as err:  # URLError, timeouts and unwritable folders are all OSErrors
-            raise LabError(f"could not download tiny Shakespeare ({err}).\n  URL: {SHAKESPEARE_URL}\n"
-                           f"  Expected layout: <data-dir>/tinyshakespeare/input.txt, here {path}\n"
-                           "  Download it yourself and place it there, point --data-dir at a folder that has "
-                           "it, or run with --smoke to use generated text instead.")
-    text = path.read_text(encoding="utf-8")
+            reason = " ".join(str(err).split())
+            raise LabError(f"could not download tiny Shakespeare ({reason}) from {SHAKESPEARE_URL}. Expected "
+                           f"layout: <data-dir>/tinyshakespeare/input.txt, here {path}. Download it yourself and "
+                           "place it there, point --data-dir at a folder that has it, or run with --smoke to use "
+                           "generated text instead.") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LabError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded); tiny Shakespeare is plain "
+                       f"UTF-8: delete the file and rerun to download it again from {SHAKESPEARE_URL}.") from None
     if len(text) < 10_000:
         raise LabError(f"{path} holds only {len(text)} characters; tiny Shakespeare has about 1.1 M. "
                        f"Delete it and rerun to download it again from {SHAKESPEARE_URL}.")
@@ -356,37 +405,34 @@ def decode(ids, vocab: str) -> str:
     return "".join(vocab[i] for i in ids)
 
 
-def get_batch(data: torch.Tensor, batch_size: int, block_size: int, device, generator=None):
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    windows = data[starts[:, None] + torch.arange(block_size + 1)]  # (B, T+1)
-    windows = windows.to(device, non_blocking=True)
-    return windows[:, :-1], windows[:, 1:]  # inputs and next-character targets, (B, T) each
+# The whole corpus (1.1 M ids, 9 MB) lives on the training device, and a batch is gathered there
+# from random start positions drawn there too: nothing is copied from main memory per step.
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator=None):
+    """B random windows of `data` (on its device): inputs and next-character targets, (B, T) each."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator, device=data.device)
+    windows = data[starts[:, None] + torch.arange(block_size + 1, device=data.device)]  # (B, T+1)
+    return windows[:, :-1], windows[:, 1:]
 
 
 @torch.no_grad()
-def evaluate(model, data: torch.Tensor, block_size: int, device, batch_size: int = 64, max_windows=None) -> float:
-    """Mean cross-entropy in nats per character over non-overlapping windows of `data`."""
+def evaluate(model, data: torch.Tensor, block_size: int, dtype=None, batch_size: int = 64, max_windows=None) -> float:
+    """Mean cross-entropy in nats per character over non-overlapping windows of `data` (on the
+    model's device); the sum stays there and is read once."""
     model.eval()
     n = (len(data) - 1) // block_size
-    starts = torch.arange(n) * block_size
+    starts = torch.arange(n, device=data.device) * block_size
     if max_windows and n > max_windows:
-        starts = starts[torch.linspace(0, n - 1, max_windows).long()]  # spread over the whole split
-    total, count = 0.0, 0
+        starts = starts[torch.linspace(0, n - 1, max_windows, device=data.device).long()]  # spread over the split
+    total, count = torch.zeros((), device=data.device), 0
     for chunk in starts.split(batch_size):
-        windows = data[chunk[:, None] + torch.arange(block_size + 1)].to(device)
-        with autocast(device):
+        windows = data[chunk[:, None] + torch.arange(block_size + 1, device=data.device)]
+        with autocast(data.device, dtype):
             logits = model(windows[:, :-1])
         total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1),
-                                 reduction="sum").item()
+                                 reduction="sum")
         count += windows[:, 1:].numel()
     model.train()
-    return total / count
-
-
-def autocast(device):
-    """bf16 mixed precision on CUDA GPUs that support it; a no-op elsewhere (CPU trains in float32)."""
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return total.item() / count
 
 
 # %%
@@ -408,15 +454,35 @@ def learning_rate(progress: float, peak: float, warmup: float = 0.02, floor: flo
     return peak * (floor + (1 - floor) * cosine)
 
 
-def train(model, train_ids, val_ids, args, device) -> dict:
+def read_losses(history: dict, losses: list, times: list, first_bad: torch.Tensor, smoothed, lr: float):
+    """Move one log interval's losses from the device into `history` (one read from the GPU per log
+    line instead of one per step), stop at the first non-finite one, and return the smoothed loss."""
+    if first_bad >= 0:
+        raise LabError(f"the loss became NaN or infinite at step {int(first_bad)}; nothing was saved. "
+                       f"Try a smaller --lr (now {lr:g}).")
+    values = torch.stack(losses).tolist()
+    for value in values:
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+    history["train_loss"] += values
+    history["time"] += times
+    losses.clear()
+    times.clear()
+    return smoothed
+
+
+def train(model, train_ids, val_ids, args, device, dtype) -> dict:
+    """Train against the clock; train_ids and val_ids are already on `device`."""
     config = model.config
     optimizer = make_optimizer(model, args.lr)
-    generator = torch.Generator().manual_seed(args.seed)
+    scaler = grad_scaler(device, dtype)
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # batches are drawn where the data is
     history = {"time": [], "train_loss": [], "eval_time": [], "val_loss_estimate": []}
     tokens_per_step = args.batch_size * config.block_size
     eval_every = args.time_budget / 8
     started = time.perf_counter()
     next_eval, smoothed, step = eval_every, None, 0
+    losses, times = [], []  # this log interval's losses, still on the device, and when each step ended
+    first_bad = torch.full((), -1, device=device)  # the first step whose loss is not finite
     print(f"\n== Training: {sum(p.numel() for p in model.parameters()):,} parameters, batch "
           f"{args.batch_size} x {config.block_size} characters, peak lr {args.lr:g}, "
           f"budget {args.time_budget:g} s" + (f" or {args.max_steps} steps" if args.max_steps else "") + " ==")
@@ -427,23 +493,23 @@ def train(model, train_ids, val_ids, args, device) -> dict:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(progress, args.lr)
-        x, y = get_batch(train_ids, args.batch_size, config.block_size, device, generator)
-        with autocast(device):
+        x, y = get_batch(train_ids, args.batch_size, config.block_size, generator)
+        with autocast(device, dtype):
             logits = model(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-        if not torch.isfinite(loss):
-            raise LabError(f"the loss became {loss.item()} at step {step}; nothing was saved. "
-                           f"Try a smaller --lr (now {args.lr:g}).")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         step += 1
-        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-        history["time"].append(time.perf_counter() - started)
-        history["train_loss"].append(loss.item())
-        if history["time"][-1] >= next_eval or step == args.max_steps:
-            estimate = evaluate(model, val_ids, config.block_size, device, max_windows=160)
+        first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
+        losses.append(loss.detach())
+        times.append(time.perf_counter() - started)
+        if times[-1] >= next_eval or step == args.max_steps:
+            smoothed = read_losses(history, losses, times, first_bad, smoothed, args.lr)
+            estimate = evaluate(model, val_ids, config.block_size, dtype, max_windows=160)
             now = time.perf_counter() - started
             history["eval_time"].append(now)
             history["val_loss_estimate"].append(estimate)
@@ -451,6 +517,8 @@ def train(model, train_ids, val_ids, args, device) -> dict:
                   f"lr {optimizer.param_groups[0]['lr']:.2e}  {step * tokens_per_step / now:,.0f} chars/s  "
                   f"{max(0.0, args.time_budget - now):5.1f} s left")
             next_eval += eval_every
+    if losses:  # the steps since the last log line
+        read_losses(history, losses, times, first_bad, smoothed, args.lr)
     history["steps"] = step
     history["train_time_s"] = time.perf_counter() - started
     history["tokens_per_s"] = step * tokens_per_step / history["train_time_s"]
@@ -586,11 +654,11 @@ def load_checkpoint(path: str, device) -> tuple:
                        "PyTorch checkpoint. Retrain to write a new one.")
     missing = {"model", "config", "vocab"} - set(saved) if isinstance(saved, dict) else {"model", "config", "vocab"}
     if missing:
-        raise LabError(f"{path} is not a checkpoint of this lab: it lacks {sorted(missing)}.")
+        raise LabError(f"{path} is not a checkpoint of this lab (another lab's file?): it lacks {sorted(missing)}.")
     expected = {f.name for f in fields(GPTConfig)}
     found = set(saved["config"])
     if found != expected:
-        raise LabError(f"{path} comes from another architecture: its config has {sorted(found - expected)} "
+        raise LabError(f"{path} comes from another lab or another architecture: its config has {sorted(found - expected)} "
                        f"that this lab's GPT does not, and lacks {sorted(expected - found)}.")
     try:
         model = build_model(saved["config"]).to(device)
@@ -626,48 +694,70 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def positive(kind):
+    """An argparse type= for numbers that must be > 0 (and finite)."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        return value
+    return convert
+
+
+def zero_or_more(text: str) -> int:
+    """An argparse type= for counts where 0 means "no limit"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to train; auto = the accelerator if any, else cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="autocast dtype on CUDA: auto = bf16 where the GPU has it natively, else fp16 with a "
+                             "GradScaler; CPU and MPS train in fp32")
     parser.add_argument("--seed", type=int, default=0, help="random seed (weights, batches, samples)")
     parser.add_argument("--data-dir", default="./data", help="holds tinyshakespeare/input.txt (downloaded if absent)")
     parser.add_argument("--out-dir", default=f"runs/{LAB_NAME}", help="where metrics, figures and model.pt go")
     parser.add_argument("--smoke", action="store_true",
                         help="quick pass over every code path on generated text, a tiny model, a few steps")
-    parser.add_argument("--time-budget", type=float, default=None,
+    parser.add_argument("--time-budget", type=positive(float), default=None,
                         help="seconds of training; the learning-rate schedule spans them (default 135; smoke 3)")
-    parser.add_argument("--max-steps", type=int, default=0,
+    parser.add_argument("--max-steps", type=zero_or_more, default=0,
                         help="stop after this many steps if that comes before the time budget (0 = no cap)")
-    parser.add_argument("--batch-size", type=int, default=None, help="windows per step (default 32; smoke 8)")
-    parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate of AdamW")
-    parser.add_argument("--block-size", type=int, default=None, help="context length in characters (default 64)")
-    parser.add_argument("--n-layer", type=int, default=None, help="Transformer blocks (default 4)")
-    parser.add_argument("--n-head", type=int, default=None, help="attention heads per block (default 4)")
-    parser.add_argument("--n-embd", type=int, default=None, help="width of the residual stream (default 128)")
+    parser.add_argument("--batch-size", type=positive(int), default=None, help="windows per step (default 32; smoke 8)")
+    parser.add_argument("--lr", type=positive(float), default=4e-3, help="peak learning rate of AdamW")
+    parser.add_argument("--block-size", type=positive(int), default=None, help="context length in characters (default 64)")
+    parser.add_argument("--n-layer", type=positive(int), default=None, help="Transformer blocks (default 4)")
+    parser.add_argument("--n-head", type=positive(int), default=None, help="attention heads per block (default 4)")
+    parser.add_argument("--n-embd", type=positive(int), default=None, help="width of the residual stream (default 128)")
     parser.add_argument("--pos-encoding", default="learned", choices=["learned", "sinusoidal"],
                         help="positions from a learned table (GPT) or the fixed sinusoids (2017 paper)")
     parser.add_argument("--norm", default="pre", choices=["pre", "post"], help="pre-norm or post-norm blocks")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, > 0")
-    parser.add_argument("--top-k", type=int, default=10, help="sample among the k likeliest characters (0 = all)")
-    parser.add_argument("--sample-length", type=int, default=400, help="characters to generate per sample")
+    parser.add_argument("--temperature", type=positive(float), default=0.8, help="sampling temperature, > 0")
+    parser.add_argument("--top-k", type=zero_or_more, default=10, help="sample among the k likeliest characters (0 = all)")
+    parser.add_argument("--sample-length", type=positive(int), default=400, help="characters to generate per sample")
     parser.add_argument("--prompt", default=None, help="text the samples start from (default: a newline)")
     parser.add_argument("--checkpoint", default=None,
                         help="sample from this saved model.pt instead of training (uses --prompt, --temperature, --top-k)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU)")
     return parser
-
-
-def check_arguments(parser, args) -> None:
-    positive = {"--time-budget": args.time_budget, "--batch-size": args.batch_size, "--lr": args.lr,
-                "--block-size": args.block_size, "--n-layer": args.n_layer, "--n-head": args.n_head,
-                "--n-embd": args.n_embd, "--temperature": args.temperature, "--sample-length": args.sample_length}
-    for flag, value in positive.items():
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            parser.error(f"{flag} must be a positive number, got {value}")
-    for flag, value in {"--max-steps": args.max_steps, "--top-k": args.top_k}.items():
-        if value < 0:
-            parser.error(f"{flag} must be 0 or more, got {value}")
 
 
 def fill_defaults(args) -> None:
@@ -683,12 +773,20 @@ def fill_defaults(args) -> None:
 
 def run(args) -> None:
     started = time.perf_counter()
+    fill_defaults(args)
+    if args.n_embd % args.n_head:
+        raise LabError(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+    folder(args.data_dir, "--data-dir")  # before anything is downloaded or written
+    out_dir = folder(args.out_dir, "--out-dir")
     device = pick_device(args.device)
+    dtype = pick_precision(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape: let cuDNN pick its kernels
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls on tensor cores (Ampere and newer)
     torch.manual_seed(args.seed)
     if args.checkpoint:
         sample_from_checkpoint(args, device)
         return
-    out_dir = Path(args.out_dir)
     print(f"Lab {LAB_NAME}: torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads"
           + (" (smoke run: generated text, tiny model; numbers are not results)" if args.smoke else ""))
 
@@ -721,10 +819,11 @@ def run(args) -> None:
                        norm_first=args.norm == "pre")
     model = GPT(config).to(device)
     trained = torch.compile(model) if args.compile else model
-    history = train(trained, train_ids, val_ids, args, device)
+    train_ids, val_ids = train_ids.to(device), val_ids.to(device)  # 9 MB of ids: they live on the device
+    history = train(trained, train_ids, val_ids, args, device, dtype)
 
     print("\n== Validation: one pass over the whole validation split ==")
-    val_loss = evaluate(model, val_ids, config.block_size, device)
+    val_loss = evaluate(model, val_ids, config.block_size, dtype)
     print(f"  validation loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.3f} bits/char) after "
           f"{history['steps']} steps, {history['train_time_s']:.0f} s, {history['tokens_per_s']:,.0f} chars/s")
     if not args.smoke:
@@ -773,14 +872,14 @@ def run(args) -> None:
     sample_inputs = ids[split:split + 2 * config.block_size].view(2, config.block_size).to(device)
     with torch.no_grad():
         sample_outputs = model(sample_inputs)
-    save_checkpoint({"model": model.state_dict(), "config": asdict(config), "vocab": vocab,
+    save_checkpoint({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": asdict(config), "vocab": vocab,
                      "sample_inputs": sample_inputs.cpu(), "sample_outputs": sample_outputs.cpu(),
                      "steps": history["steps"], "val_loss": val_loss}, out_dir / "model.pt")
 
     wall_time = time.perf_counter() - started
     metrics = {
         "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
-        "wall_time_s": wall_time, "train_time_s": history["train_time_s"], "steps": history["steps"],
+        "precision": str(dtype).removeprefix("torch.") if dtype else "float32", "wall_time_s": wall_time, "train_time_s": history["train_time_s"], "steps": history["steps"],
         "val_loss": val_loss, "val_bits_per_char": val_loss / math.log(2),
         "target_val_loss": TARGET_VAL_LOSS,
         "seconds_to_target": wall_time if val_loss <= TARGET_VAL_LOSS and not args.smoke else None,
@@ -803,16 +902,13 @@ def run(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = build_parser()
-    args, _unknown = parser.parse_known_args(argv)  # Colab adds -f kernel.json
-    check_arguments(parser, args)
-    fill_defaults(args)
-    if args.n_embd % args.n_head:
-        parser.error(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
     try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
         run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
