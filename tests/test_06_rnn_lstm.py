@@ -20,6 +20,15 @@ def lab():
     return load_lab(LAB)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: on a busy 2-core machine one thread is many times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_scratch_rnn_cell_equals_nn_rnncell_forward_and_backward(lab):
     torch.manual_seed(0)
     ours, theirs = lab.ScratchRNNCell(5, 7), nn.RNNCell(5, 7)

@@ -12,15 +12,26 @@ Curriculum days 18-21. What this lab teaches, in order:
      the next token. Teacher forcing feeds it the true previous token with a probability the
      learner sets (`--teacher-forcing`), decayed by a schedule (`--tf-schedule`).
   5. Decoding: greedy, and beam search (width `--beam-width`, length normalisation `--length-penalty`),
-     compared side by side on the test set; attention heatmaps saved as PNGs.
+     compared side by side on the test set; attention heatmaps saved as PNGs. Beam search keeps
+     greedy's answer where that scores better, so it never returns less than greedy (a plain beam
+     can: its early favourites may all collapse later), and a beam wide enough to hold every
+     hypothesis returns the best one there is; the tests check both against exhaustive search.
 
 Run it
   terminal:  python week3_rnn/07_seq2seq.py                 (generated dates; no download needed)
              python week3_rnn/07_seq2seq.py --smoke         (every code path in seconds)
              python week3_rnn/07_seq2seq.py --pairs-file fra.txt --tokenize word --epochs 10
              python week3_rnn/07_seq2seq.py --translate "the 3rd of May, 1999" --translate "12/25/2003"
+             python week3_rnn/07_seq2seq.py --device cuda --precision fp16   (a T4's mixed precision on any GPU)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` markers) and run it, or
-             call `main(["--attention", "dot"])`.
+             call `main(["--attention", "dot"])`. As a notebook (jupytext), the attention heatmaps
+             show inline and a bad flag prints one line.
+
+On a GPU: `--precision auto` autocasts to bf16 where the GPU runs it natively and to fp16 with a
+GradScaler elsewhere (a T4); under bf16 the encoder's GRU runs in fp32, since cuDNN would run it in
+fp16 without a scaler. The pairs live on the GPU as two tensors; no training step waits for it
+(batch lengths come from a CPU copy, batches are packed longest first, the loss and the NaN check
+are read once per epoch).
 
 What the default run reaches (measured)
   2-core CPU (AMD EPYC, torch 2.14.1), `python week3_rnn/07_seq2seq.py`:
@@ -30,6 +41,7 @@ What the default run reaches (measured)
   GPU: not measured yet.
 """
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -53,6 +65,105 @@ SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
 
 class LabError(Exception):
     """A problem the learner can fix (bad flag, bad pairs file, broken checkpoint): message, no traceback."""
+
+
+# %%
+# Setup: the device, folders, figures that also show inline in a notebook. Asking for something
+# that is not there (a GPU, a folder that is a file) is a one-line message, not a traceback.
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu "
+                       "(in Colab: Runtime > Change runtime type > T4 GPU)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LabError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+def in_notebook() -> bool:
+    """True in a Jupyter or Colab kernel: figures then show inline, and errors print one line."""
+    return "ipykernel" in sys.modules
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a figure as PNG, show it inline in a notebook, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path)
+    if in_notebook():
+        from IPython.display import display
+        display(fig)
+    plt.close(fig)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """On CUDA, matmuls in TF32 (Ampere and newer), put back afterwards so a notebook kernel is left
+    as the lab found it. (No cudnn.benchmark: sentence lengths change from batch to batch.)"""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# %%
+# Recurrent layers under mixed precision. PyTorch's cuDNN wrapper casts nn.LSTM/nn.GRU to fp16
+# under autocast, whatever dtype was asked (CONTRIBUTING.md, "Mixed precision"); fp16 needs the
+# GradScaler, which only the fp16 policy turns on. So under bf16 the layer runs in fp32 instead.
+def run_recurrent(layer: nn.Module, inputs, state=None):
+    """layer(inputs, state), outside autocast and in fp32 when autocast asks for bf16. `inputs` may
+    be a PackedSequence (its tensor is `.data`)."""
+    values = inputs.data if isinstance(inputs, nn.utils.rnn.PackedSequence) else inputs
+    kind = values.device.type
+    if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
+        return layer(inputs, state)
+    with torch.autocast(kind, enabled=False):
+        return layer(inputs.float(), None if state is None else state.float())
 
 
 # %%
@@ -201,11 +312,15 @@ class Encoder(nn.Module):
         self.rnn = nn.GRU(embed_dim, hidden_size, batch_first=True, bidirectional=True)
         self.bridge = nn.Linear(2 * hidden_size, decoder_size)
 
-    def forward(self, source):  # source: (B, S)
-        lengths = (source != PAD).sum(1).clamp_min(1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(source), lengths, batch_first=True,
-                                                   enforce_sorted=False)
-        outputs, final = self.rnn(packed)  # packing: the GRU stops at each sequence's real end
+    def forward(self, source, lengths=None):  # source: (B, S); lengths: (B,) on the CPU, if known
+        if lengths is None:  # packing needs the lengths on the CPU: reading them waits for the GPU
+            lengths = (source != PAD).sum(1).cpu()
+        # Packing sorts the batch longest first; unpacking a batch it had to sort reads the order back
+        # from the GPU. Training hands its batches over sorted, and so never waits here.
+        longest_first = bool((lengths[1:] <= lengths[:-1]).all())
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(source), lengths.clamp_min(1), batch_first=True,
+                                                   enforce_sorted=longest_first)
+        outputs, final = run_recurrent(self.rnn, packed)  # packing: the GRU stops at each sequence's real end
         outputs, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True, total_length=source.shape[1])
         # outputs: (B, S, 2H); final: (2, B, H), the forward and backward summaries
         start = torch.tanh(self.bridge(torch.cat([final[0], final[1]], dim=1)))  # (B, D)
@@ -284,8 +399,8 @@ class Seq2Seq(nn.Module):
         self.cell = nn.GRUCell(config.embed_dim + key_size, config.decoder_size)
         self.out = nn.Linear(config.decoder_size + key_size + config.embed_dim, config.target_vocab)
 
-    def encode(self, source):
-        outputs, state = self.encoder(source)
+    def encode(self, source, lengths=None):
+        outputs, state = self.encoder(source, lengths)
         return {"values": outputs, "keys": self.attention.prepare(outputs), "mask": source != PAD}, state
 
     def step(self, memory, state, previous_tokens):
@@ -296,18 +411,24 @@ class Seq2Seq(nn.Module):
         logits = self.out(torch.cat([state, context, embedded], dim=1))  # (B, V)
         return logits, state, weights
 
-    def decode_teacher_forced(self, source, target, ratio=1.0, generator=None):
+    def decode_teacher_forced(self, source, target, ratio=1.0, generator=None, source_lengths=None):
         """Training-time decoding. Returns logits (B, T, V), attention (B, T, S), fed tokens (B, T)."""
-        memory, state = self.encode(source)
+        memory, state = self.encode(source, source_lengths)
         previous = torch.full((source.shape[0],), SOS, dtype=torch.long, device=source.device)
+        use_truth = None  # ratio 1: always the true token, no coins needed
+        if ratio < 1.0:
+            # One coin per sentence and step, all drawn at once on the CPU (where the generator is)
+            # and copied in one go: a copy at every step would make every step wait for the GPU.
+            coins = torch.rand(target.shape[1], source.shape[0], generator=generator) < ratio  # (T, B)
+            use_truth = coins.pin_memory().to(source.device, non_blocking=True) if source.is_cuda else coins
         logits_steps, weight_steps, fed = [], [], []
         for t in range(target.shape[1]):
             fed.append(previous)
             logits, state, weights = self.step(memory, state, previous)
             logits_steps.append(logits)
             weight_steps.append(weights)
-            use_truth = torch.rand(source.shape[0], generator=generator) < ratio  # one coin per sentence
-            previous = torch.where(use_truth.to(source.device), target[:, t], logits.argmax(1).detach())
+            previous = (target[:, t] if use_truth is None else
+                        torch.where(use_truth[t], target[:, t], logits.argmax(1).detach()))
         return torch.stack(logits_steps, 1), torch.stack(weight_steps, 1), torch.stack(fed, 1)
 
     def forward(self, source, target):
@@ -335,7 +456,11 @@ def teacher_forcing_ratio(start, end, schedule, progress):
 # keep the k most likely partial outputs, extend each by every token, keep the k best of those;
 # a finished hypothesis (it produced <eos>) stays as it is. At the end the hypotheses are compared
 # by log-probability / length**alpha: without that, shorter outputs win just by having fewer
-# factors below 1. All sentences of a batch are searched together (B * k rows).
+# factors below 1. All sentences of a batch are searched together (B * k rows). Beam search can
+# still end below greedy (the k hypotheses that look best early may all turn out worse later and
+# push the greedy path out), so the greedy answer is scored too and kept where it is better: with
+# that, a wider beam never returns a worse answer than greedy, and a beam wide enough to hold every
+# hypothesis returns the best one there is (the tests check both).
 @torch.no_grad()
 def greedy_decode(model, source, max_len):
     memory, state = model.encode(source)
@@ -348,9 +473,26 @@ def greedy_decode(model, source, max_len):
         outputs.append(previous)
         weight_steps.append(weights)
         finished |= previous == EOS
-        if finished.all():
+        if finished.all():  # one read per output token: decoding stops as soon as every sentence has
             break
     return torch.stack(outputs, 1), torch.stack(weight_steps, 1)  # (B, T), (B, T, S)
+
+
+def up_to_first_eos(tokens):
+    """(B, T) bool: True up to and including each row's first <eos> (everywhere if it has none)."""
+    is_eos = tokens == EOS
+    return (is_eos.cumsum(1) - is_eos.long()) == 0
+
+
+@torch.no_grad()
+def sequence_scores(model, source, tokens, length_penalty=1.0):
+    """log p(tokens | source) / length**alpha per row of tokens (B, T): what beam search ranks by.
+    A sequence ends at its first <eos>, which counts; what follows it is ignored."""
+    logits, _, _ = model.decode_teacher_forced(source, tokens)  # each step fed the previous token
+    log_probs = torch.log_softmax(logits.float(), dim=2).gather(2, tokens.unsqueeze(2)).squeeze(2)  # (B, T)
+    counted = up_to_first_eos(tokens)
+    total = torch.where(counted, log_probs, 0.0).sum(1)
+    return total / counted.sum(1).clamp_min(1) ** length_penalty
 
 
 @torch.no_grad()
@@ -370,8 +512,8 @@ def beam_search(model, source, max_len, beam_width, length_penalty=1.0):
         logits, state, _ = model.step(memory, state, previous)
         log_probs = torch.log_softmax(logits.float(), dim=1)  # (B*k, V)
         # A finished hypothesis may only "extend" by <eos> at no cost: its score stays put.
-        log_probs[finished] = float("-inf")
-        log_probs[finished, EOS] = 0.0
+        log_probs = log_probs.masked_fill(finished.unsqueeze(1), float("-inf"))
+        log_probs[:, EOS] = torch.where(finished, 0.0, log_probs[:, EOS])
         vocab = log_probs.shape[1]
         candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab)  # (B, k*V)
         scores, best = candidates.topk(k, dim=1)  # (B, k)
@@ -384,7 +526,15 @@ def beam_search(model, source, max_len, beam_width, length_penalty=1.0):
             break
     normalised = scores / lengths.view(batch, k).clamp_min(1) ** length_penalty
     best_beam = normalised.argmax(1) + torch.arange(batch, device=source.device) * k
-    return tokens[best_beam]
+    found = tokens[best_beam]  # (B, T)
+    # The greedy answer, scored the same way, wherever it beats what the beam kept.
+    greedy = greedy_decode(model, source, max_len)[0]
+    greedy = greedy.masked_fill(~up_to_first_eos(greedy), EOS)  # after its <eos>: padding, not guesses
+    width = max(found.shape[1], greedy.shape[1])
+    found, greedy = (F.pad(t, (0, width - t.shape[1]), value=EOS) for t in (found, greedy))
+    greedy_better = sequence_scores(model, source, greedy, length_penalty) > \
+        sequence_scores(model, source, found, length_penalty)
+    return torch.where(greedy_better.unsqueeze(1), greedy, found)
 
 
 def decode_all(model, source, max_len, beam_width, batch_size, length_penalty):
@@ -426,58 +576,62 @@ def plot_attention(source_tokens, output_tokens, weights, path, title):
     ax.set_ylabel("output")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # %%
 # Training: Adam with a one-cycle learning rate, gradient clipping, teacher forcing on its
 # schedule, and after every epoch a greedy check on the validation pairs.
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.accelerator.is_available():
-            return torch.accelerator.current_accelerator()
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
-    return torch.device(name)
-
-
-def train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, device, max_len):
+def train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, device, max_len, dtype=None):
+    """The pairs live on the device as two tensors; batches are picked there. No step waits for the
+    GPU: batch lengths come from the CPU copy, and the loss and the NaN guard are summed on the
+    device and read once per epoch."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scaler = grad_scaler(device, dtype)
     steps_per_epoch = math.ceil(train_src.shape[0] / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.15,
                                                     total_steps=args.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed)
-    history = []
+    source_lengths, target_lengths = (train_src != PAD).sum(1), (train_tgt != PAD).sum(1)  # (N,) on the CPU
+    train_src, train_tgt, val_src = train_src.to(device), train_tgt.to(device), val_src.to(device)
+    history, step = [], 0
+    first_bad = torch.full((), -1, device=device)  # the first step with a NaN/inf loss, -1 while none
     start = time.perf_counter()
     for epoch in range(args.epochs):
         model.train()
         ratio = teacher_forcing_ratio(args.teacher_forcing, args.teacher_forcing_end, args.tf_schedule,
                                       epoch / max(1, args.epochs - 1))
         order = torch.randperm(train_src.shape[0], generator=generator)
-        total, seen = 0.0, 0
+        # each batch longest source first (the encoder's packing then needs no reordering)
+        order = torch.cat([batch[source_lengths[batch].argsort(descending=True, stable=True)]
+                           for batch in order.split(args.batch_size)])
+        order_on_device = order.to(device)  # one copy per epoch, not one per batch
+        total, seen = torch.zeros((), device=device), 0
         for first in range(0, len(order), args.batch_size):
-            batch = order[first:first + args.batch_size]
-            source, target = train_src[batch].to(device), train_tgt[batch].to(device)
+            batch, rows = order[first:first + args.batch_size], order_on_device[first:first + args.batch_size]
             # trim the columns that are padding in every row: less work for the encoder and attention
-            source = source[:, : int((source != PAD).sum(1).max())]
-            target = target[:, : int((target != PAD).sum(1).max())]
-            logits, _, _ = model.decode_teacher_forced(source, target, ratio, generator)
-            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=PAD)
-            if not torch.isfinite(loss):
-                raise LabError(f"the training loss became {loss.item()} in epoch {epoch + 1} "
-                               f"(step {epoch * steps_per_epoch + first // args.batch_size}); try a lower --lr")
+            lengths = source_lengths[batch]
+            source = train_src[rows, : int(lengths.max())]
+            target = train_tgt[rows, : int(target_lengths[batch].max())]
+            with autocast(device, dtype):
+                logits, _, _ = model.decode_teacher_forced(source, target, ratio, generator, lengths)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            total += loss.item() * len(batch)
+            step += 1
+            total += loss.detach() * len(batch)
+            first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0), first_bad, step)
             seen += len(batch)
-        val_accuracy, _ = exact_match(model, val_src.to(device), val_refs, target_vocab, args.tokenize,
+        total, bad = torch.stack([total.float(), first_bad.float()]).tolist()  # the epoch's one read
+        if bad >= 0:
+            raise LabError(f"the training loss became NaN or infinite at step {int(bad)} (epoch {epoch + 1}); "
+                           "try a lower --lr")
+        val_accuracy, _ = exact_match(model, val_src, val_refs, target_vocab, args.tokenize,
                                       max_len, 0, 512, args.length_penalty)
         elapsed = time.perf_counter() - start
         history.append({"epoch": epoch + 1, "train_loss": total / seen, "val_exact_match": val_accuracy,
@@ -493,7 +647,7 @@ def save_checkpoint(model, source_vocab, target_vocab, sample_inputs, path: Path
     model.eval()
     with torch.no_grad():
         sample_outputs = model(*sample_inputs).cpu()
-    payload = {"model": {k: v.cpu() for k, v in model.state_dict().items()},
+    payload = {"lab": LAB_NAME, "model": {k: v.cpu() for k, v in model.state_dict().items()},
                "config": {**asdict(model.config), "tokenize": mode,
                           "source_tokens": source_vocab.itos, "target_tokens": target_vocab.itos},
                "sample_inputs": tuple(x.cpu() for x in sample_inputs), "sample_outputs": sample_outputs}
@@ -502,13 +656,78 @@ def save_checkpoint(model, source_vocab, target_vocab, sample_inputs, path: Path
     os.replace(temporary, path)  # an interrupted save never leaves a broken checkpoint
 
 
+def one_line(err: Exception) -> str:
+    """An exception as one short line (PyTorch's messages span several)."""
+    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
+def load_checkpoint(path: Path, device):
+    """Returns (model, saved dict). A missing, corrupt or foreign file is a LabError that says which."""
+    if not path.is_file():
+        raise LabError(f"checkpoint {path} does not exist (a training run saves it as <out-dir>/seq2seq.pt)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated copy, not a torch file at all
+        raise LabError(f"checkpoint {path} cannot be read: the file is truncated or corrupt ({one_line(err)})") from None
+    needed = set(Seq2SeqConfig.__dataclass_fields__) | {"tokenize", "source_tokens", "target_tokens"}
+    config = saved.get("config") if isinstance(saved, dict) else None
+    written_by = saved.get("lab", LAB_NAME) if isinstance(saved, dict) else LAB_NAME
+    if written_by != LAB_NAME or not isinstance(config, dict) or not needed <= config.keys() or "model" not in saved:
+        origin = f"lab {written_by}" if written_by != LAB_NAME else "another lab or program"
+        raise LabError(f"checkpoint {path} is from {origin}, not this lab's seq2seq model ({LAB_NAME}: "
+                       f"its config has {', '.join(sorted(needed))})")
+    try:
+        model = build_model(config)
+        model.load_state_dict(saved["model"])
+    except Exception as err:  # the right kind of file, but the weights do not fit the config
+        raise LabError(f"checkpoint {path} does not fit this lab's seq2seq model ({one_line(err)})") from None
+    return model.to(device).eval(), saved
+
+
+def checkpoint_reproduces(path: Path, device) -> bool:
+    """Rebuild the model from the file alone, as a user of it would, and rerun its sample inputs.
+    The comparison happens on the CPU, where the saved outputs are."""
+    model, saved = load_checkpoint(path, device)
+    with torch.no_grad():
+        outputs = model(*(x.to(device) for x in saved["sample_inputs"]))
+    return torch.allclose(outputs.float().cpu(), saved["sample_outputs"].float(), atol=1e-5)
+
+
 # %%
 # Putting it together: flags, data, training, greedy vs beam on the test set, heatmaps, summary.
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def checked(kind, is_valid, rule: str):
+    """A type= for argparse: kind(text), refused with "must be RULE" unless is_valid(value)."""
+    def parse(text):
+        value = kind(text)
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
+        return value
+    parse.__name__ = kind.__name__  # so argparse says "invalid float value: 'x'" for a non-number
+    return parse
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive whole number")
+positive_float = checked(float, lambda v: v > 0, "positive")
+
+
+probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to train (auto: the accelerator if there is one, else the CPU)")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="autocast dtype on CUDA (auto: bf16 where the GPU has it natively, else fp16 "
+                             "with a GradScaler); the CPU trains in fp32")
     parser.add_argument("--seed", type=int, default=0, help="random seed for data, weights and teacher forcing")
     parser.add_argument("--data-dir", type=Path, default=Path("./data"),
                         help="unused by the generated task (it needs no download); kept for every lab's flags")
@@ -519,56 +738,52 @@ def build_parser():
                         help="a tab-separated parallel corpus (source<TAB>target per line) instead of dates")
     parser.add_argument("--tokenize", default="char", choices=["char", "word"],
                         help="characters (dates, any script) or words and punctuation (sentence corpora)")
-    parser.add_argument("--train-size", type=int, default=30_000, help="generated training pairs")
-    parser.add_argument("--test-size", type=int, default=2_000, help="generated test pairs (held-out days)")
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the training pairs")
-    parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate (one-cycle schedule)")
+    parser.add_argument("--train-size", type=positive_int, default=30_000, help="generated training pairs")
+    parser.add_argument("--test-size", type=positive_int, default=2_000, help="generated test pairs (held-out days)")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="passes over the training pairs")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="pairs per step")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="peak Adam learning rate (one-cycle schedule)")
     parser.add_argument("--attention", default="additive", choices=["additive", "dot"],
                         help="additive (Bahdanau) or dot-product (Luong 'general') attention")
-    parser.add_argument("--teacher-forcing", type=float, default=1.0,
+    parser.add_argument("--teacher-forcing", type=probability, default=1.0,
                         help="probability of feeding the true previous token at the start of training")
-    parser.add_argument("--teacher-forcing-end", type=float, default=0.5,
+    parser.add_argument("--teacher-forcing-end", type=probability, default=0.5,
                         help="the same probability at the end of training (ignored by --tf-schedule constant)")
     parser.add_argument("--tf-schedule", default="linear", choices=["constant", "linear", "inverse-sigmoid"],
                         help="how the teacher-forcing probability moves from its start to its end value")
-    parser.add_argument("--beam-width", type=int, default=4, help="beam search width k (1 is greedy)")
-    parser.add_argument("--length-penalty", type=float, default=1.0,
+    parser.add_argument("--beam-width", type=positive_int, default=4, help="beam search width k (1 is greedy)")
+    parser.add_argument("--length-penalty", type=checked(float, lambda v: v >= 0, "0 or more"), default=1.0,
                         help="alpha in score / length**alpha for ranking finished beams (0: raw log-probability)")
-    parser.add_argument("--hidden-size", type=int, default=64,
+    parser.add_argument("--hidden-size", type=positive_int, default=64,
                         help="encoder GRU units per direction (the decoder GRU has twice as many)")
     parser.add_argument("--translate", action="append", default=[],
                         help="a sentence to translate after training (repeatable)")
     return parser
 
 
-def check_arguments(parser, args):
-    for flag, value in {"--epochs": args.epochs, "--batch-size": args.batch_size, "--lr": args.lr,
-                        "--beam-width": args.beam_width, "--hidden-size": args.hidden_size,
-                        "--train-size": args.train_size, "--test-size": args.test_size}.items():
-        if not value > 0:
-            parser.error(f"{flag} must be positive (got {value})")
-    for flag, value in {"--teacher-forcing": args.teacher_forcing,
-                        "--teacher-forcing-end": args.teacher_forcing_end}.items():
-        if not 0.0 <= value <= 1.0:
-            parser.error(f"{flag} is a probability: it must be in [0, 1] (got {value})")
-    if args.length_penalty < 0:
-        parser.error(f"--length-penalty must not be negative (got {args.length_penalty})")
-
-
-def main(argv=None):
-    parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    check_arguments(parser, args)
+def main(argv=None) -> None:
     try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
         run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 def run(args):
+    # Check every input before anything is read, trained or written.
     wall_start = time.perf_counter()
+    folder(args.data_dir, "--data-dir")  # unused by the dates, but a file there is still a mistake
+    out_dir = folder(args.out_dir, "--out-dir")
     device = pick_device(args.device)
+    dtype = pick_precision(args.precision, device)
+    with tf32_matmuls(device):
+        lesson(args, device, dtype, out_dir, wall_start)
+
+
+def lesson(args, device, dtype, out_dir, wall_start):
+    """Everything after run() has checked the inputs: data, training, decoding, outputs."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.smoke:
@@ -614,7 +829,8 @@ def run(args):
     print(f"  {sum(p.numel() for p in model.parameters()):,} parameters; teacher forcing "
           f"{args.teacher_forcing} -> {args.teacher_forcing_end if args.tf_schedule != 'constant' else args.teacher_forcing} "
           f"({args.tf_schedule})")
-    history, train_time = train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, device, max_len)
+    history, train_time = train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, device, max_len,
+                                dtype)
 
     print("\n== Part 5: greedy decoding vs beam search on the held-out test set")
     model.eval()
@@ -637,7 +853,6 @@ def run(args):
     for source, hyp, ref in mistakes[:5]:
         print(f"    greedy mistake: {source!r} -> {hyp!r}, want {ref!r}")
 
-    out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     heatmaps = []
     outputs, weights = greedy_decode(model, test_src_device[:3], max_len)
@@ -668,12 +883,7 @@ def run(args):
     checkpoint = out_dir / "seq2seq.pt"
     save_checkpoint(model, source_vocab, target_vocab, (test_src[:4].to(device), encode_tgt(test_pairs[:4]).to(device)),
                     checkpoint, mode)
-    saved = torch.load(checkpoint, map_location=device, weights_only=True)
-    reloaded = build_model(saved["config"]).to(device)
-    reloaded.load_state_dict(saved["model"])
-    reloaded.eval()
-    with torch.no_grad():
-        same = torch.allclose(reloaded(*saved["sample_inputs"]).cpu(), saved["sample_outputs"], atol=1e-5)
+    same = checkpoint_reproduces(checkpoint, device)
     print(f"  checkpoint {checkpoint} reloads and reproduces its predictions: {same}")
 
     metrics = {
@@ -682,6 +892,7 @@ def run(args):
         "task": task, "attention": args.attention,
         "test_exact_match": beam_em, "test_exact_match_greedy": greedy_em,
         "test_exact_match_beam": beam_em, "beam_width": args.beam_width, "length_penalty": args.length_penalty,
+        "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."), "checkpoint_reproduces": same,
         "decode_seconds": timings, "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
         "history": history, "attention_heatmaps": heatmaps, "translations": translations,
     }
