@@ -1,13 +1,17 @@
-"""Lab 03: the data pipeline's pieces, early stopping, checkpoints and exact resume, and bad input."""
+"""Lab 03: the data pipeline's pieces, early stopping, the precision policy, checkpoints and exact
+resume, torchrun (DDP) against one process, and bad input."""
 import json
-import random
+import os
 import shutil
+import subprocess
+import sys
 import time
+import types
 
 import pytest
 import torch
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import REPO, assert_clean_failure, failure_of, lab_path, load_lab, run_lab
 
 LAB = "week1_pytorch/03_training_loop.py"
 lab = load_lab(LAB)
@@ -30,6 +34,24 @@ def files_in(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+def assert_same_checkpoint(resumed, expected, where="checkpoint"):
+    """Every tensor bitwise equal, every number exactly equal, in the whole checkpoint: model,
+    optimizer, scheduler, scaler, early stopping, RNG states, config, history (but wall-clock seconds)."""
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(resumed, expected), f"{where} differs"
+    elif isinstance(expected, dict):
+        assert resumed.keys() == expected.keys(), f"{where}: keys {sorted(resumed)} != {sorted(expected)}"
+        for key in expected:
+            if key != "seconds":
+                assert_same_checkpoint(resumed[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert type(resumed) is type(expected) and len(resumed) == len(expected), f"{where} differs in length"
+        for index, (a, b) in enumerate(zip(resumed, expected)):
+            assert_same_checkpoint(a, b, f"{where}[{index}]")
+    else:
+        assert resumed == expected, f"{where}: {resumed!r} != {expected!r}"
+
+
 # The pieces.
 def test_random_shift_moves_each_image_by_at_most_max_shift_with_black_fill():
     images = torch.rand(16, 28, 28) + 0.1          # no zero pixels, so the black fill is visible
@@ -46,28 +68,54 @@ def test_random_shift_moves_each_image_by_at_most_max_shift_with_black_fill():
     assert torch.equal(lab.random_shift(images, max_shift=0), images)
 
 
-def test_collate_stacks_scales_and_normalises():
-    samples = [(torch.full((28, 28), 255, dtype=torch.uint8), torch.tensor(3)),
-               (torch.zeros(28, 28, dtype=torch.uint8), torch.tensor(7))]
-    images, labels = lab.Collate(max_shift=0)(samples)
-    assert images.shape == (2, 1, 28, 28) and images.dtype == torch.float32
-    assert labels.tolist() == [3, 7]
-    torch.testing.assert_close(images[0].unique(), torch.tensor([(1 - lab.MNIST_MEAN) / lab.MNIST_STD]))
-    torch.testing.assert_close(images[1].unique(), torch.tensor([-lab.MNIST_MEAN / lab.MNIST_STD]))
+def test_to_model_input_scales_and_normalises():
+    images = torch.stack([torch.full((28, 28), 255, dtype=torch.uint8), torch.zeros(28, 28, dtype=torch.uint8)])
+    inputs = lab.to_model_input(images)
+    assert inputs.shape == (2, 1, 28, 28) and inputs.dtype == torch.float32
+    torch.testing.assert_close(inputs[0].unique(), torch.tensor([(1 - lab.MNIST_MEAN) / lab.MNIST_STD]))
+    torch.testing.assert_close(inputs[1].unique(), torch.tensor([-lab.MNIST_MEAN / lab.MNIST_STD]))
+
+
+def test_dataset_answers_a_list_of_indices_with_one_batch():
+    raw = lab.make_smoke_digits(train_count=20, test_count=4)
+    dataset = lab.MNISTDataset(raw["train_images"], raw["train_labels"])
+    images, labels = dataset[[3, 0, 7]]
+    assert images.shape == (3, 28, 28) and labels.tolist() == raw["train_labels"][[3, 0, 7]].tolist()
+    image, label = dataset[3]
+    assert torch.equal(image, images[0]) and label == labels[0]
+
+
+def first_epoch(raw, config, epoch=1, rank=0, world_size=1):
+    loaders = lab.make_loaders(raw, config, torch.device("cpu"), 0, rank, world_size)
+    loaders["train_order"].set_epoch(epoch)
+    return loaders, [labels for _images, labels in loaders["train"]]
 
 
 def test_seeded_split_and_shuffle_are_repeatable():
     raw = lab.make_smoke_digits(train_count=300, test_count=10)
     config = lab.Config(val_size=50, batch_size=32, smoke=True)
+    loaders_a, order_a = first_epoch(raw, config)
+    loaders_b, order_b = first_epoch(raw, config)
+    assert loaders_a["val"].dataset.indices == loaders_b["val"].dataset.indices
+    assert torch.equal(torch.cat(order_a), torch.cat(order_b))
+    assert not torch.equal(torch.cat(order_a), torch.cat(first_epoch(raw, config, epoch=2)[1]))
+    assert not torch.equal(torch.cat(order_a), torch.cat(first_epoch(raw, lab.Config(val_size=50, batch_size=32, seed=1))[1]))
 
-    def first_epoch(seed_of_generator):
-        loaders = lab.make_loaders(raw, config, torch.device("cpu"), 0, torch.Generator().manual_seed(seed_of_generator))
-        return loaders["val"].dataset.indices, torch.cat([labels for _images, labels in loaders["train"]])
 
-    val_a, order_a = first_epoch(0)
-    val_b, order_b = first_epoch(0)
-    assert val_a == val_b and torch.equal(order_a, order_b)
-    assert not torch.equal(order_a, first_epoch(1)[1])
+def test_two_processes_at_batch_b_share_out_each_batch_of_one_process_at_2b():
+    """Why DDP with N processes at batch B takes the steps of one process at N*B: at every step the
+    N processes together see exactly the images of the big batch (in another order)."""
+    raw = lab.make_smoke_digits(train_count=300, test_count=10)
+    one = first_epoch(raw, lab.Config(val_size=44, batch_size=32, smoke=True))[1]
+    ranks = [first_epoch(raw, lab.Config(val_size=44, batch_size=16, smoke=True), rank=r, world_size=2)[1]
+             for r in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 8
+    for big, *small in zip(one, *ranks):
+        assert sorted(big.tolist()) == sorted(torch.cat(small).tolist())
+    # Evaluation: each process takes every 2nd image, so the two shares are the whole split, once.
+    val_shares = [lab.make_loaders(raw, lab.Config(val_size=44, smoke=True), torch.device("cpu"), 0, r, 2)["val"]
+                  for r in range(2)]
+    assert sum(len(loader.dataset) for loader in val_shares) == 44
 
 
 def test_early_stopping_counts_epochs_without_progress_and_round_trips():
@@ -79,50 +127,80 @@ def test_early_stopping_counts_epochs_without_progress_and_round_trips():
     assert not copy.step(0.9) and copy.should_stop     # 0.9 is not *better* than 0.9
 
 
-def test_non_finite_loss_names_the_step():
+def test_nan_guard_keeps_the_first_bad_step_and_names_it():
+    first_bad = torch.full((), lab.NO_BAD_STEP)
+    for step, loss in zip(range(40, 44), [0.3, float("inf"), float("nan"), 0.2]):
+        first_bad = lab.note_non_finite(torch.tensor(loss), step, first_bad)
     with pytest.raises(lab.LabError, match="step 41"):
-        lab.raise_if_not_finite(torch.tensor([0.3, float("inf")]), first_step=40)
+        lab.raise_if_diverged(first_bad)
+    lab.raise_if_diverged(torch.full((), lab.NO_BAD_STEP))
+
+
+# Mixed precision: the policy of CONTRIBUTING.md, with the GPU's answers faked.
+def answers_like(monkeypatch, native_bf16: bool):
+    """torch.cuda.is_bf16_supported as a GPU answers it: a T4 says True only counting emulation."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(False, torch.float16), (True, torch.bfloat16)],
+                         ids=["T4: fp16", "A100/H200: bf16"])
+def test_auto_precision_follows_native_bf16(monkeypatch, native_bf16, expected):
+    answers_like(monkeypatch, native_bf16)
+    assert lab.pick_precision("auto", torch.device("cuda")) is expected
+    assert lab.pick_precision("fp32", torch.device("cuda")) is None
+    assert lab.pick_precision("fp16", torch.device("cuda")) is torch.float16
+
+
+def test_cpu_trains_in_fp32_and_refuses_low_precision():
+    assert lab.pick_precision("auto", torch.device("cpu")) is None
+    assert not lab.grad_scaler(torch.device("cpu"), None).is_enabled()
+    for name in ("fp16", "bf16"):
+        with pytest.raises(lab.LabError, match=f"--precision {name} is for CUDA"):
+            lab.pick_precision(name, torch.device("cpu"))
+
+
+def test_tf32_matmuls_on_cuda_only_and_the_old_setting_comes_back():
+    before = torch.backends.cuda.matmul.fp32_precision
+    with lab.tf32_matmuls(torch.device("cuda")):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == before
 
 
 # Checkpoints and resume.
 def test_checkpoints_hold_everything_needed_to_resume(finished_run):
     for name in ("last.pt", "best.pt"):
         saved = torch.load(finished_run / name, map_location="cpu", weights_only=True)
-        assert lab.TRAINING_CHECKPOINT_KEYS <= saved.keys()
-        assert set(saved["rng"]) == {"torch", "python", "loader", "cuda"}
-        assert isinstance(saved["rng"]["python"], tuple) and saved["rng"]["torch"].dtype == torch.uint8
+        assert lab.TRAINING_CHECKPOINT_KEYS <= saved.keys() and saved["lab"] == lab.LAB_NAME
+        assert len(saved["rng"]) == 1 and set(saved["rng"][0]) == {"torch", "python", "cuda"}
+        assert isinstance(saved["rng"][0]["python"], tuple) and saved["rng"][0]["torch"].dtype == torch.uint8
         assert {"patience", "best_loss", "bad_epochs"} == saved["early_stopping"].keys()
+        assert saved["config"]["world_size"] == 1
     last = torch.load(finished_run / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 3 and len(last["history"]) == 3
     assert (finished_run / "tensorboard").is_dir() and list((finished_run / "tensorboard").glob("events.*"))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_stopped_and_resumed_run_ends_with_bitwise_the_same_weights(workers, finished_run, tmp_path):
-    """On CPU the resumed run must match the uninterrupted one exactly (torch.equal, not a tolerance).
-    With 2 workers the random shifts happen in worker processes, seeded from the saved loader generator."""
+@pytest.mark.parametrize("stop_after, workers", [(1, 0), (2, 2)],
+                         ids=["stopped after epoch 1", "stopped after epoch 2, 2 loader workers"])
+def test_stopped_and_resumed_run_ends_with_bitwise_the_same_whole_checkpoint(stop_after, workers,
+                                                                              finished_run, tmp_path):
+    """On CPU the resumed run must match the uninterrupted one exactly (torch.equal, not a tolerance),
+    in everything the checkpoint holds. Workers do no random work, so they cannot change the result."""
     loader = ["--num-workers", str(workers)]
-    if workers:
-        finished_run = tmp_path / "uninterrupted"
-        lab.main([*SMOKE_RUN, *loader, "--out-dir", str(finished_run)])
     interrupted = tmp_path / "interrupted"
-    lab.main([*SMOKE_RUN, *loader, "--stop-after", "1", "--out-dir", str(interrupted)])
+    lab.main([*SMOKE_RUN, *loader, "--stop-after", str(stop_after), "--out-dir", str(interrupted)])
     stopped = json.loads((interrupted / "metrics.json").read_text())
-    assert stopped["epochs"] == 1 and stopped["stopped_by"] == "--stop-after"
+    assert stopped["epochs"] == stop_after and stopped["stopped_by"] == "--stop-after"
 
-    random.seed(12345)                      # scramble every RNG: the checkpoint must restore them
-    torch.manual_seed(12345)
+    torch.manual_seed(12345)                # scramble the RNG: the checkpoint must restore it
     lab.main(["--resume", str(interrupted / "last.pt"), "--device", "cpu", *loader])  # into the same folder
 
-    expected = torch.load(finished_run / "last.pt", map_location="cpu", weights_only=True)
-    resumed = torch.load(interrupted / "last.pt", map_location="cpu", weights_only=True)
-    assert resumed["epoch"] == expected["epoch"] == 3
-    for name, tensor in expected["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), f"{name} differs after resuming"
-    for key in ("exp_avg", "exp_avg_sq"):
-        for index, state in expected["optimizer"]["state"].items():
-            assert torch.equal(resumed["optimizer"]["state"][index][key], state[key])
-    assert resumed["scheduler"]["last_epoch"] == expected["scheduler"]["last_epoch"]
+    for name in ("last.pt", "best.pt"):
+        expected = torch.load(finished_run / name, map_location="cpu", weights_only=True)
+        resumed = torch.load(interrupted / name, map_location="cpu", weights_only=True)
+        assert_same_checkpoint(resumed, expected, name)
+    assert torch.load(interrupted / "last.pt", weights_only=True)["epoch"] == 3
     final = json.loads((interrupted / "metrics.json").read_text())
     reference = json.loads((finished_run / "metrics.json").read_text())
     assert final["test_accuracy"] == reference["test_accuracy"]
@@ -140,13 +218,57 @@ def test_resuming_a_finished_run_trains_nothing_and_reports_again(finished_run, 
     assert all(torch.equal(weights_after[name], tensor) for name, tensor in weights_before.items())
 
 
-# Bad input: a message, a non-zero exit, no traceback, nothing already saved lost.
-def test_cuda_without_cuda_is_a_clean_error(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(SystemExit) as exit_info:  # in-process: SystemExit with a message, nothing else
-        lab.main(["--device", "cuda", "--smoke", "--out-dir", str(tmp_path / "out")])
-    assert "--device cuda" in str(exit_info.value.code) and "no CUDA GPU" in str(exit_info.value.code)
+# Scale-out: torchrun with 2 CPU processes (gloo) against one process.
+def torchrun(*args, processes=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", str(lab_path(LAB)), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, MPLBACKEND="Agg"))
+
+
+def test_two_processes_at_batch_b_train_like_one_at_2b_and_resume_under_torchrun(tmp_path):
+    """With the randomness that differs switched off (dropout, augmentation; fp32; the MLP has no
+    batch norm), DDP on 2 processes at batch 32 ends with the weights of 1 process at batch 64,
+    also when the DDP run is stopped after epoch 1 and resumed under torchrun."""
+    same_steps = ["--smoke", "--device", "cpu", "--epochs", "2", "--dropout", "0", "--max-shift", "0",
+                  "--precision", "fp32"]
+    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    lab.main([*same_steps, "--batch-size", "64", "--out-dir", str(one)])
+    stopped = torchrun(*same_steps, "--batch-size", "32", "--stop-after", "1", "--out-dir", two)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    resumed = torchrun("--resume", two / "last.pt", "--device", "cpu")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = torch.load(one / "last.pt", map_location="cpu", weights_only=True)
+    saved = torch.load(two / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == expected["epoch"] == 2 and saved["config"]["world_size"] == 2
+    for name, tensor in expected["model"].items():
+        torch.testing.assert_close(saved["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
+
+    # Rank 0 alone prints and writes: one header per launch, one TensorBoard file per launch.
+    for run in (stopped, resumed):
+        assert run.stdout.count(f"Lab {lab.LAB_NAME}:") == 1 and "2 processes (torchrun)" in run.stdout
+    assert len(list((two / "tensorboard").glob("events.*"))) == 2
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["epochs"] == 2
+
+    # A 2-process checkpoint cannot be resumed by one process: the batch order depends on it.
+    before = files_in(two)
+    refused = failure_of(lab.main, ["--resume", two / "last.pt", "--device", "cpu"])
+    assert_clean_failure(refused, "2 process(es)", "torchrun --nproc_per_node=2")
+    assert files_in(two) == before
+
+
+# Bad input: one line on stderr, a non-zero exit, nothing written or overwritten.
+MISSING_DEVICES = [name for name, present in (("cuda", torch.cuda.is_available()),
+                                              ("mps", torch.backends.mps.is_available())) if not present]
+
+
+@pytest.mark.parametrize("device", MISSING_DEVICES)
+def test_a_missing_device_is_a_clean_error(tmp_path, device):
+    result = failure_of(lab.main, ["--device", device, "--smoke", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, f"--device {device}", "--device cpu")
     assert not (tmp_path / "out").exists()
 
 
@@ -159,13 +281,12 @@ def test_missing_mnist_offline_names_url_layout_and_smoke(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_resume_from_a_missing_file_is_a_clean_error(finished_run, tmp_path, capsys):
+def test_resume_from_a_missing_file_is_a_clean_error(finished_run, tmp_path):
     out_dir = tmp_path / "out"
     shutil.copytree(finished_run, out_dir)
     before = files_in(out_dir)
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--resume", str(out_dir / "no_such.pt"), "--out-dir", str(out_dir)])
-    assert "no such file" in str(exit_info.value.code) and "last.pt" in str(exit_info.value.code)
+    result = failure_of(lab.main, ["--resume", out_dir / "no_such.pt", "--out-dir", out_dir])
+    assert_clean_failure(result, "no such file", "last.pt")
     assert files_in(out_dir) == before
 
 
@@ -175,19 +296,62 @@ def test_resume_from_a_truncated_file_is_a_clean_error_and_keeps_the_checkpoints
     whole = (out_dir / "last.pt").read_bytes()
     (out_dir / "cut_short.pt").write_bytes(whole[: len(whole) // 2])
     before = files_in(out_dir)
-    result = run_lab(LAB, "--resume", out_dir / "cut_short.pt")  # --out-dir defaults to the file's folder
+    result = failure_of(lab.main, ["--resume", out_dir / "cut_short.pt"])  # --out-dir: the file's folder
     assert_clean_failure(result, "cut_short.pt", "truncated")
+    assert "another lab" not in result.stderr
+    assert files_in(out_dir) == before
+
+
+@pytest.mark.parametrize("contents, named", [
+    ({"model": {}, "config": {"hidden_sizes": [512, 256], "dropout": 0.2}, "sample_inputs": torch.zeros(1),
+      "sample_outputs": torch.zeros(1)}, "another lab or program"),           # what lab 02 writes
+    ({"lab": "07_seq2seq", "model": {}, "config": {}}, "lab 07_seq2seq"),
+    ([1, 2, 3], "another lab or program"),
+])
+def test_resume_from_another_labs_checkpoint_says_so(finished_run, tmp_path, contents, named):
+    out_dir = tmp_path / "out"
+    shutil.copytree(finished_run, out_dir)
+    torch.save(contents, out_dir / "other.pt")
+    before = files_in(out_dir)
+    result = failure_of(lab.main, ["--resume", out_dir / "other.pt", "--device", "cpu"])
+    assert_clean_failure(result, "other.pt", "not a training checkpoint of 03_training_loop", named)
+    assert "truncated" not in result.stderr
     assert files_in(out_dir) == before
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "0"),
-                                         ("--batch-size", "-8"), ("--lr", "0"), ("--lr", "-0.01")])
-def test_non_positive_hyper_parameters_are_refused(flag, value, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main([f"{flag}={value}", "--smoke", "--out-dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err
-    assert flag in message and "positive" in message
+                                         ("--batch-size", "-8"), ("--lr", "0"), ("--lr", "-0.01"),
+                                         ("--dropout", "1"), ("--dropout", "-0.1"), ("--max-shift", "-1"),
+                                         ("--num-workers", "two"), ("--precision", "fp8")])
+def test_out_of_range_flags_are_refused_before_anything_runs(flag, value, tmp_path):
+    result = failure_of(lab.main, [f"{flag}={value}", "--smoke", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, flag)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA fp16 is allowed")
+def test_fp16_without_cuda_is_refused_before_anything_runs(tmp_path):
+    result = failure_of(lab.main, ["--precision", "fp16", "--device", "cpu", "--smoke", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "--precision fp16 is for CUDA GPUs")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_refused_and_left_alone(tmp_path, flag):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    other = {"--data-dir": ["--out-dir", tmp_path / "out"], "--out-dir": ["--data-dir", tmp_path / "data", "--smoke"]}[flag]
+    result = failure_of(lab.main, [flag, a_file, *other])        # --data-dir: no --smoke, so MNIST is wanted
+    assert_clean_failure(result, flag, "is a file, not a folder")
+    assert a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_bad_flag_in_a_notebook_prints_one_line_without_raising(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    lab.main(["--epochs", "0", "--smoke", "--out-dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--epochs" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
