@@ -24,7 +24,8 @@ Run it
   GPU:       --precision auto (the default) trains in bf16 where the GPU has it natively (Ampere
              and newer) and in fp16 with a GradScaler elsewhere (a T4); --precision fp32 turns
              mixed precision off, --precision fp16 tries a T4's path on any CUDA GPU. The data
-             lives on the GPU as one tensor, so no step waits for a copy or a read-back.
+             lives on the GPU as one tensor and losses are read once per epoch, so no step waits
+             for the GPU (but for the fp16 GradScaler's own overflow check).
   Bad input (missing data offline, --device cuda without a GPU, a flag out of range, --data-dir
   or --out-dir naming a file) ends with one line saying what to change, never a traceback.
   Outputs in --out-dir (default runs/02_neural_network): metrics.json, optimizer_comparison.png,
