@@ -20,8 +20,15 @@ Run it
              python projects/02_text_generator.py --generate-only --checkpoint runs/02_text_generator/best.pt \\
                  --prompt "JULIET:" --temperature 0.8 --top-p 0.9
              python projects/02_text_generator.py --smoke           (generated text, seconds, no network)
+             python projects/02_text_generator.py --device cuda --precision fp16   (a T4's mixed precision on any GPU)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it; the
              `-f kernel.json` Colab adds is ignored. `main(["--epochs", "12", "--time-budget", "900"])` trains longer.
+             As a notebook (jupytext), the loss curve shows inline and a bad flag prints one line.
+
+On a GPU: `--precision auto` autocasts to bf16 where the GPU runs it natively and to fp16 with a
+GradScaler elsewhere (a T4); under bf16 the LSTM itself runs in fp32, since cuDNN would run it in
+fp16 without a scaler. No training step waits for the GPU: the loss is summed there and read every
+`--log-every` steps (and at each evaluation), with the NaN check.
 
 Data: tiny Shakespeare (1,115,394 characters, 65 distinct) from
 https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt, kept at
@@ -71,6 +78,95 @@ class LabError(Exception):
 
 
 # %%
+# Setup: the device and the folders. Asking for something
+# that is not there (a GPU, a folder that is a file) is a one-line message, not a traceback.
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda: PyTorch sees no CUDA GPU here; use --device auto or cpu "
+                       "(in Colab: Runtime > Change runtime type > T4 GPU)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LabError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+def in_notebook() -> bool:
+    """True in a Jupyter or Colab kernel: figures then show inline, and errors print one line."""
+    return "ipykernel" in sys.modules
+
+
+@contextlib.contextmanager
+def fast_cuda_kernels(device: torch.device):
+    """On CUDA: cuDNN autotuning (training shapes are fixed) and TF32 matmuls (Ampere and newer).
+    Both are put back afterwards, so a notebook kernel is left as the lab found it."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision = before
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# %%
+# Recurrent layers under mixed precision. PyTorch's cuDNN wrapper casts nn.LSTM/nn.GRU to fp16
+# under autocast, whatever dtype was asked (CONTRIBUTING.md, "Mixed precision"); fp16 needs the
+# GradScaler, which only the fp16 policy turns on. So under bf16 the layer runs in fp32 instead.
+def run_recurrent(layer: nn.Module, inputs, state=None):
+    """layer(inputs, state), outside autocast and in fp32 when autocast asks for bf16."""
+    kind = inputs.device.type
+    if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
+        return layer(inputs, state)
+    if state is not None:
+        state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
+    with torch.autocast(kind, enabled=False):
+        return layer(inputs.float(), state)
+
+
+# %%
 # Data: tiny Shakespeare as one long string. It is downloaded once into
 # `--data-dir/tinyshakespeare/input.txt` (a temporary name first, renamed when complete, so an
 # interrupted download never looks like the corpus). Characters become integer ids; the
@@ -93,10 +189,9 @@ def load_shakespeare(data_dir: Path) -> str:
         except OSError as err:  # URLError, timeouts and a read-only data folder are all OSErrors
             partial.unlink(missing_ok=True)
             raise LabError(
-                f"tiny Shakespeare is not at {path} and could not be downloaded ({err}).\n"
-                f"  Download it by hand from {SHAKESPEARE_URL}\n"
-                f"  and put it at <data-dir>/tinyshakespeare/input.txt (here: {path}),\n"
-                "  or run with --smoke to try the capstone on generated text without the corpus.") from None
+                f"tiny Shakespeare is not at {path} and could not be downloaded ({' '.join(str(err).split())}); "
+                f"download it by hand from {SHAKESPEARE_URL} and put it at <data-dir>/tinyshakespeare/input.txt, "
+                "or run with --smoke to try the capstone on generated text without the corpus") from None
         os.replace(partial, path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -191,7 +286,7 @@ class CharLSTM(nn.Module):
                 param.data[config.hidden_size:2 * config.hidden_size] = 1.0
 
     def forward(self, tokens, state=None):  # tokens: (B, T) ids; state: (h, c), each (layers, B, H)
-        outputs, state = self.lstm(self.embed(tokens), state)  # (B, T, H)
+        outputs, state = run_recurrent(self.lstm, self.embed(tokens), state)  # (B, T, H)
         return self.head(self.drop(outputs)), state  # logits (B, T, V), the state after the last step
 
 
@@ -284,27 +379,27 @@ def samples_table(model, chars, prompt_ids, length, device, seed):
 # so `--generate-only` needs nothing but the file; they are written to a temporary name and
 # renamed (never half a file) and loaded with weights_only=True (a file cannot run code).
 @torch.no_grad()
-def evaluate(model, data, device, autocast, streams=32, window=256) -> float:
+def evaluate(model, data, device, dtype=None, streams=32, window=256) -> float:
     """Mean cross-entropy in nats per character over all of `data`, the LSTM state carried along."""
     model.eval()
     rows = as_streams(data, streams).to(device)  # (S, L)
-    state, total, count = None, 0.0, 0
+    state, total, count = None, torch.zeros((), device=device), 0
     for start in range(0, rows.shape[1] - 1, window):
         targets = rows[:, start + 1:start + window + 1]  # (S, T), one character ahead
         inputs = rows[:, start:start + targets.shape[1]]
-        with autocast():
+        with autocast(device, dtype):
             logits, state = model(inputs, state)
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
         count += targets.numel()
     model.train()
-    return total / count
+    return total.item() / count  # one read from the device for the whole pass
 
 
 def save_checkpoint(path: Path, model, config: CharConfig, chars: list, sample_inputs, extra: dict):
     model.eval()
     with torch.no_grad():
         logits, (h, c) = model(sample_inputs)
-    state = {"model": {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+    state = {"lab": LAB_NAME, "model": {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
              "config": asdict(config), "chars": list(chars), "sample_inputs": sample_inputs.cpu(),
              "sample_outputs": (logits.float().cpu(), (h.float().cpu(), c.float().cpu())), **extra}
     model.train()
@@ -313,19 +408,35 @@ def save_checkpoint(path: Path, model, config: CharConfig, chars: list, sample_i
     os.replace(tmp, path)
 
 
+def one_line(err: Exception) -> str:
+    """An exception as one short line (PyTorch's messages span several)."""
+    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
 def load_checkpoint(path: Path, device):
-    """(model, vocabulary, saved dict) from a checkpoint, or a LabError that says what is wrong."""
+    """(model, vocabulary, saved dict) from a checkpoint, or a LabError that says what is wrong:
+    missing, unreadable (truncated or corrupt), from another lab, or weights that do not fit."""
     if not path.is_file():
         raise LabError(f"checkpoint {path} does not exist (a training run saves it as <out-dir>/best.pt)")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(saved["config"])
+    except Exception as err:  # a truncated copy, not a torch file at all
+        raise LabError(f"checkpoint {path} cannot be read: the file is truncated or corrupt ({one_line(err)})") from None
+    needed = set(CharConfig.__dataclass_fields__)
+    config = saved.get("config") if isinstance(saved, dict) else None
+    written_by = saved.get("lab", LAB_NAME) if isinstance(saved, dict) else LAB_NAME
+    if (written_by != LAB_NAME or not isinstance(config, dict) or not needed <= config.keys()
+            or not {"model", "chars"} <= saved.keys()):
+        origin = f"lab {written_by}" if written_by != LAB_NAME else "another lab or program"
+        raise LabError(f"checkpoint {path} is from {origin}, not this capstone's character LSTM "
+                       f"({LAB_NAME}: its config has {', '.join(sorted(needed))}); give --checkpoint a best.pt "
+                       "written by this capstone")
+    try:
+        model = build_model(config)
         model.load_state_dict(saved["model"])
-        chars = list(saved["chars"])
-    except Exception as err:  # a truncated file, another lab's checkpoint, a different architecture
-        raise LabError(f"checkpoint {path} cannot be loaded as this capstone's character LSTM "
-                       f"({type(err).__name__}: {str(err)[:200]})") from None
-    return model.to(device).eval(), chars, saved
+    except Exception as err:  # the right kind of file, but the weights do not fit the config
+        raise LabError(f"checkpoint {path} does not fit this capstone's character LSTM ({one_line(err)})") from None
+    return model.to(device).eval(), list(saved["chars"]), saved
 
 
 # %%
@@ -334,7 +445,16 @@ def load_checkpoint(path: Path, device):
 # The one-cycle schedule (warm up to the peak learning rate, then cosine down to almost zero) is
 # laid out over epochs x steps-per-epoch, the steps the run will take; the time budget only stops
 # a run that is slower than planned. Gradient-norm clipping catches the rare exploding step.
-def train(args, model, config, chars, train_data, val_data, device, autocast, out_dir: Path):
+def read_train_loss(loss_sum, first_bad, steps: int) -> float:
+    """The one read from the device per log interval: the mean loss over its `steps` steps, or a
+    LabError naming the first step whose loss was not finite (kept on the device until now)."""
+    total, bad = torch.stack([loss_sum.float(), first_bad.float()]).tolist()  # one wait for both
+    if bad >= 0:
+        raise LabError(f"the training loss became NaN or infinite at step {int(bad)}; try a lower --lr")
+    return total / steps
+
+
+def train(args, model, config, chars, train_data, val_data, device, dtype, out_dir: Path):
     streams = as_streams(train_data, args.batch_size).to(device)  # (B, L)
     steps_per_epoch = (streams.shape[1] - 1) // args.bptt
     if steps_per_epoch < 1:
@@ -344,45 +464,55 @@ def train(args, model, config, chars, train_data, val_data, device, autocast, ou
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
                                                     pct_start=args.warmup)
+    scaler = grad_scaler(device, dtype)
     sample_inputs = val_data[:64].view(2, 32).to(device)
     print(f"training: {args.batch_size} streams x {streams.shape[1]:,} characters, {args.bptt}-character "
           f"windows, {steps_per_epoch} steps per epoch, {args.epochs} epochs ({total_steps} steps), "
-          f"time budget {args.time_budget:.0f} s")
+          f"time budget {args.time_budget:.0f} s" + ("" if dtype is None else f", {str(dtype).removeprefix('torch.')} autocast"))
     history = {"step_seconds": [], "train_loss": [], "evals": []}
-    train_seconds, seconds_to_target, best_val, step, smoothed = 0.0, None, math.inf, 0, None
+    seconds_to_target, best_val, step, read_at, eval_seconds = None, math.inf, 0, 0, 0.0
+    # No step waits for the GPU: the loss is summed there and read every --log-every steps (and at
+    # every evaluation), with the first non-finite step kept there until that read.
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device)  # the first step with a NaN/inf loss, -1 while none
     phase_start = time.perf_counter()
     stopped_by_budget = False
     for epoch in range(args.epochs):
         state = None  # a new pass over the text starts with an empty memory
         model.train()
         for window in range(steps_per_epoch):
-            tic = time.perf_counter()
             column = window * args.bptt
             inputs = streams[:, column:column + args.bptt]  # (B, T)
             targets = streams[:, column + 1:column + args.bptt + 1]  # (B, T), shifted by one character
-            with autocast():
+            with autocast(device, dtype):
                 logits, state = model(inputs, detach_state(state))  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise LabError(f"the training loss became {loss_value} at step {step}; try a lower --lr")
-            train_seconds += time.perf_counter() - tic
-            smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
-            history["step_seconds"].append(train_seconds)
-            history["train_loss"].append(loss_value)
+            loss_sum += loss.detach()
+            first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0), first_bad, step)
             out_of_time = time.perf_counter() - phase_start >= args.time_budget
-            if window not in eval_windows and not out_of_time:
+            evaluate_now = window in eval_windows or out_of_time
+            if step % args.log_every and not evaluate_now:
+                continue  # nothing read from the GPU on this step
+            history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at))
+            train_seconds = time.perf_counter() - phase_start - eval_seconds  # the read waited for the GPU
+            history["step_seconds"].append(train_seconds)
+            loss_sum.zero_()
+            read_at = step
+            if not evaluate_now:
                 continue
             # an evaluation: validation loss, the best checkpoint, one line of progress
-            val_loss = evaluate(model, val_data, device, autocast)
+            eval_start = time.perf_counter()
+            val_loss = evaluate(model, val_data, device, dtype)
             history["evals"].append({"step": step, "epoch": step / steps_per_epoch, "train_seconds": train_seconds,
-                                     "train_loss": smoothed, "val_loss": val_loss})
+                                     "train_loss": history["train_loss"][-1], "val_loss": val_loss})
             if seconds_to_target is None and val_loss <= TARGET_VAL_LOSS:
                 seconds_to_target = train_seconds
             note = ""
@@ -391,9 +521,10 @@ def train(args, model, config, chars, train_data, val_data, device, autocast, ou
                 save_checkpoint(out_dir / "best.pt", model, config, chars, sample_inputs,
                                 {"step": step, "epoch": step / steps_per_epoch, "val_loss": val_loss})
                 note = "  -> best.pt"
+            eval_seconds += time.perf_counter() - eval_start
             elapsed = time.perf_counter() - phase_start
             left = min(args.time_budget - elapsed, (total_steps - step) * elapsed / step)
-            print(f"epoch {step / steps_per_epoch:5.2f}/{args.epochs}  step {step:5d}  train {smoothed:.3f}  "
+            print(f"epoch {step / steps_per_epoch:5.2f}/{args.epochs}  step {step:5d}  train {history['train_loss'][-1]:.3f}  "
                   f"val {val_loss:.3f} nats/char ({val_loss / math.log(2):.3f} bits)  "
                   f"{step * inputs.numel() / train_seconds:,.0f} chars/s  lr {scheduler.get_last_lr()[0]:.1e}  "
                   f"~{max(left, 0):.0f} s left{note}", flush=True)
@@ -408,19 +539,19 @@ def train(args, model, config, chars, train_data, val_data, device, autocast, ou
 
 
 # %%
-# Figures: the loss curve (training loss per step, validation loss at every evaluation, the
+# Figures: the loss curve (training loss per log interval, validation loss at every evaluation, the
 # 1.60 target as a line). Matplotlib is imported here so the capstone runs without it.
 def save_loss_curve(path: Path, history):
     try:
         import matplotlib
-        if "ipykernel" not in sys.modules:
+        if not in_notebook():
             matplotlib.use("Agg")  # no display needed; a notebook keeps its inline backend
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"note: matplotlib is not installed, skipping {path.name}")
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(history["step_seconds"], history["train_loss"], color="0.65", lw=0.7, label="train (one window, dropout on)")
+    ax.plot(history["step_seconds"], history["train_loss"], color="0.65", lw=0.7, label="train (mean over --log-every windows, dropout on)")
     evals = history["evals"]
     ax.plot([e["train_seconds"] for e in evals], [e["val_loss"] for e in evals], "o-", color="C3",
             label="validation (all held-out text, stateful)")
@@ -431,81 +562,83 @@ def save_loss_curve(path: Path, history):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    if "ipykernel" in sys.modules:
-        plt.show()
+    if in_notebook():
+        from IPython.display import display
+        display(fig)
     plt.close(fig)
 
 
 # %%
 # The command line and the run: data and prompt checked first (before minutes of training),
 # training, the best checkpoint reloaded from disk as a user of it would, the samples table.
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.accelerator.is_available():
-            return torch.accelerator.current_accelerator()
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda: PyTorch sees no CUDA GPU here; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
-    return torch.device(name)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
 
 
-def make_autocast(device: torch.device):
-    """bf16 mixed precision on CUDA where supported (cuDNN runs LSTMs in it); plain fp32 elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def checked(kind, is_valid, rule: str):
+    """A type= for argparse: kind(text), refused with "must be RULE" unless is_valid(value)."""
+    def parse(text):
+        value = kind(text)
+        if not is_valid(value):
+            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
+        return value
+    parse.__name__ = kind.__name__  # so argparse says "invalid float value: 'x'" for a non-number
+    return parse
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Capstone 2: Shakespeare-style text from a character-level LSTM.")
+positive_int = checked(int, lambda v: v > 0, "a positive whole number")
+positive_float = checked(float, lambda v: v > 0, "positive")
+
+
+def build_parser():
+    p = ArgumentParser(description="Capstone 2: Shakespeare-style text from a character-level LSTM.")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to train; auto = the available accelerator, else CPU")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="autocast dtype on CUDA (auto: bf16 where the GPU has it natively, else fp16 with a "
+                        "GradScaler); the CPU trains in fp32")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights, dropout and sampling")
     p.add_argument("--data-dir", type=Path, default=Path("./data"),
                    help="tiny Shakespeare is read from / downloaded to DATA_DIR/tinyshakespeare/input.txt")
     p.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME,
                    help="where metrics.json, best.pt, loss_curve.png and samples.md go")
     p.add_argument("--smoke", action="store_true", help="tiny run of every code path on generated text (seconds)")
-    p.add_argument("--epochs", type=int, default=8, help="passes over the training text (the schedule spans them)")
-    p.add_argument("--batch-size", type=int, default=64, help="parallel text streams per step")
-    p.add_argument("--bptt", type=int, default=64, help="characters per window: how far the gradient flows back")
-    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate of the one-cycle schedule (AdamW)")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping threshold")
-    p.add_argument("--hidden-size", type=int, default=384, help="LSTM units per layer")
-    p.add_argument("--layers", type=int, default=2, help="stacked LSTM layers")
-    p.add_argument("--embed-dim", type=int, default=64, help="character embedding size (hidden size with --tie-weights)")
-    p.add_argument("--dropout", type=float, default=0.25, help="dropout between the LSTM layers and before the read-out")
+    p.add_argument("--epochs", type=positive_int, default=8, help="passes over the training text (the schedule spans them)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="parallel text streams per step")
+    p.add_argument("--bptt", type=checked(int, lambda v: v >= 2, "at least 2 characters"), default=64,
+                   help="characters per window: how far the gradient flows back")
+    p.add_argument("--lr", type=positive_float, default=4e-3, help="peak learning rate of the one-cycle schedule (AdamW)")
+    p.add_argument("--warmup", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.1,
+                   help="fraction of the steps spent warming up")
+    p.add_argument("--weight-decay", type=checked(float, lambda v: v >= 0, "0 or more"), default=0.01,
+                   help="AdamW weight decay")
+    p.add_argument("--clip", type=positive_float, default=1.0, help="gradient-norm clipping threshold")
+    p.add_argument("--hidden-size", type=positive_int, default=384, help="LSTM units per layer")
+    p.add_argument("--layers", type=positive_int, default=2, help="stacked LSTM layers")
+    p.add_argument("--embed-dim", type=positive_int, default=64,
+                   help="character embedding size (hidden size with --tie-weights)")
+    p.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.25,
+                   help="dropout between the LSTM layers and before the read-out")
     p.add_argument("--tie-weights", action="store_true", help="the read-out layer reuses the embedding matrix")
-    p.add_argument("--time-budget", type=float, default=480.0,
+    p.add_argument("--time-budget", type=positive_float, default=480.0,
                    help="seconds of training (with its evaluations) after which the run stops early anyway")
-    p.add_argument("--evals-per-epoch", type=int, default=2, help="validation passes (and progress lines) per epoch")
+    p.add_argument("--evals-per-epoch", type=positive_int, default=2, help="validation passes (and progress lines) per epoch")
+    p.add_argument("--log-every", type=positive_int, default=25,
+                   help="steps between reads of the training loss from the device (each read waits for a GPU)")
     p.add_argument("--prompt", default="ROMEO:", help="text the samples continue")
-    p.add_argument("--sample-chars", type=int, default=400, help="characters drawn per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="--generate-only: sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="--generate-only: keep the k most likely characters (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="--generate-only: nucleus mass to keep (1 = off)")
+    p.add_argument("--sample-chars", type=positive_int, default=400, help="characters drawn per sample")
+    p.add_argument("--temperature", type=checked(float, lambda v: v >= 0, "0 or more (0 = greedy)"), default=0.8,
+                   help="--generate-only: sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=checked(int, lambda v: v >= 0, "0 or more (0 = off)"), default=0,
+                   help="--generate-only: keep the k most likely characters (0 = off)")
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"), default=1.0,
+                   help="--generate-only: nucleus mass to keep (1 = off)")
     p.add_argument("--generate-only", action="store_true", help="only write text with --checkpoint, no training")
     p.add_argument("--checkpoint", type=Path, help="checkpoint for --generate-only (e.g. runs/02_text_generator/best.pt)")
-    args, _ = p.parse_known_args(argv)
-    if args.generate_only and args.checkpoint is None:
-        p.error("--generate-only needs --checkpoint PATH (a best.pt written by a training run)")
-    if min(args.epochs, args.batch_size, args.hidden_size, args.layers, args.embed_dim,
-           args.evals_per_epoch, args.sample_chars) < 1:
-        p.error("--epochs, --batch-size, --hidden-size, --layers, --embed-dim, --evals-per-epoch and "
-                "--sample-chars must be at least 1")
-    if args.bptt < 2:
-        p.error(f"--bptt must be at least 2 characters (got {args.bptt})")
-    if not (args.lr > 0 and args.clip > 0 and args.time_budget > 0):
-        p.error("--lr, --clip and --time-budget must be positive")
-    if not (0 <= args.dropout < 1 and 0 <= args.warmup < 1 and args.weight_decay >= 0):
-        p.error("--dropout and --warmup must be in [0, 1) and --weight-decay >= 0")
-    if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
-        p.error("--temperature must be >= 0 (0 = greedy), --top-k >= 0 (0 = off), --top-p in (0, 1] (1 = off)")
-    return args
+    return p
 
 
 def generate_only(args, device, wall_start):
@@ -526,9 +659,24 @@ def generate_only(args, device, wall_start):
 
 
 def run(args):
+    # Check every input before anything is downloaded, written or trained.
     wall_start = time.perf_counter()
-    torch.manual_seed(args.seed)
+    if args.generate_only and args.checkpoint is None:
+        raise LabError("--generate-only needs --checkpoint PATH (a best.pt written by a training run)")
+    data_dir, out_dir = folder(args.data_dir, "--data-dir"), folder(args.out_dir, "--out-dir")
     device = pick_device(args.device)
+    dtype = pick_precision(args.precision, device)
+    threads = torch.get_num_threads()
+    try:
+        with fast_cuda_kernels(device):
+            return lesson(args, device, dtype, data_dir, out_dir, wall_start)
+    finally:
+        torch.set_num_threads(threads)  # the smoke run trains on one thread: leave the kernel as it was
+
+
+def lesson(args, device, dtype, data_dir, out_dir, wall_start):
+    """Everything after run() has checked the inputs: training and samples, or only generating."""
+    torch.manual_seed(args.seed)
     if args.generate_only:
         return generate_only(args, device, wall_start)
 
@@ -536,18 +684,16 @@ def run(args):
         text = generated_play(30_000, args.seed)
         args.epochs, args.batch_size, args.bptt, args.evals_per_epoch = 2, 16, 32, 2
         args.hidden_size, args.embed_dim, args.sample_chars, args.time_budget = 32, 16, 60, 60.0
-        args.tie_weights = True  # the smoke run covers the tied path; tiny models do not care
+        args.tie_weights, args.log_every = True, 10  # the smoke run covers the tied path; tiny models do not care
         torch.set_num_threads(1)  # a 32-unit LSTM: two threads spend longer waiting on each other than working
     else:
-        text = load_shakespeare(args.data_dir)
+        text = load_shakespeare(data_dir)
     chars = build_vocabulary(text)
     prompt_ids = encode_prompt(args.prompt, chars)  # a bad prompt fails now, not after training
     data = encode_text(text, chars)  # (N,) character ids
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
-    out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    autocast = make_autocast(device)
 
     config = CharConfig(vocab_size=len(chars), embed_dim=args.embed_dim, hidden_size=args.hidden_size,
                         num_layers=args.layers, dropout=args.dropout, tie_weights=args.tie_weights)
@@ -560,7 +706,7 @@ def run(args):
           f"uniform guessing would score ln({len(chars)}) = {math.log(len(chars)):.2f} nats/char")
 
     history, train_seconds, seconds_to_target, steps, epochs_done, stopped_early = train(
-        args, model, config, chars, train_data, val_data, device, autocast, out_dir)
+        args, model, config, chars, train_data, val_data, device, dtype, out_dir)
 
     # the best evaluation, reloaded from disk as a user of the checkpoint would
     best, _, saved = load_checkpoint(out_dir / "best.pt", device)
@@ -582,6 +728,7 @@ def run(args):
         "seconds_to_target": None if seconds_to_target is None else round(seconds_to_target, 2),
         "train_chars_per_s": round(steps * args.batch_size * args.bptt / train_seconds),
         "parameters": n_params, "vocabulary_size": len(chars),
+        "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "evals": history["evals"], "samples": rows,
     }
@@ -600,12 +747,14 @@ def run(args):
     return metrics
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> None:
     try:
-        return run(args)
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """Capstone 2 (projects/02_text_generator.py): the hand-written sampling filters against exact
 properties, the stateful pieces (streams, carried LSTM state, stateful validation), weight tying,
-the checkpoint round trip with --generate-only, and every bad input of the issue."""
+the checkpoint round trip with --generate-only, mixed precision and the simulated T4, and every bad
+input of the issue."""
+import argparse
 import json
 import math
+import sys
+import types
 import urllib.error
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_clean_failure, load_lab, run_lab
+from conftest import assert_clean_failure, failure_of, load_lab, run_lab, run_on_simulated_cuda
 
 LAB = "projects/02_text_generator.py"
 
@@ -144,8 +148,7 @@ def test_stateful_evaluation_equals_one_pass_over_the_text(lab):
     with torch.no_grad():
         logits, _ = model(data[:-1].unsqueeze(0))
         expected = F.cross_entropy(logits[0], data[1:]).item()
-    import contextlib
-    got = lab.evaluate(model, data, "cpu", contextlib.nullcontext, streams=1, window=23)
+    got = lab.evaluate(model, data, torch.device("cpu"), None, streams=1, window=23)
     assert got == pytest.approx(expected, rel=1e-5)
 
 
@@ -187,12 +190,12 @@ def test_checkpoint_reloads_and_generate_only_writes_from_the_prompt(lab, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.json").write_text('{"from": "training"}')
-    result = lab.main(["--generate-only", "--checkpoint", str(path), "--out-dir", str(out),
-                       "--prompt", "ROMEO:", "--sample-chars", "30", "--temperature", "0"])
-    assert result["text"].startswith("ROMEO:") and len(result["text"]) == 36
+    lab.main(["--generate-only", "--checkpoint", str(path), "--out-dir", str(out),
+              "--prompt", "ROMEO:", "--sample-chars", "30", "--temperature", "0"])
+    text = (out / "generated.txt").read_text().rstrip("\n")
+    assert text.startswith("ROMEO:") and len(text) == 36
     greedy = lab.generate(model, [saved["chars"].index(c) for c in "ROMEO:"], 30, "cpu", torch.Generator(), temperature=0)
-    assert result["text"][6:] == "".join(saved["chars"][i] for i in greedy)
-    assert (out / "generated.txt").read_text().startswith("ROMEO:")
+    assert text[6:] == "".join(saved["chars"][i] for i in greedy)
     assert json.loads((out / "metrics.json").read_text()) == {"from": "training"}, "generate-only keeps metrics.json"
 
 
@@ -221,27 +224,43 @@ def test_training_run_checks_the_prompt_before_training_and_keeps_old_outputs(la
     assert (out / "best.pt").read_bytes() == b"an earlier checkpoint"
 
 
-def test_generate_only_without_checkpoint_fails_cleanly(tmp_path):
-    result = run_lab(LAB, "--generate-only", "--out-dir", tmp_path / "out", timeout=60)
+def test_generate_only_without_checkpoint_fails_cleanly(lab, tmp_path):
+    result = failure_of(lab.main, ["--generate-only", "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, "--generate-only needs --checkpoint")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind", ["missing", "truncated", "not a checkpoint"])
-def test_missing_or_broken_checkpoint_is_a_message_and_the_file_is_kept(lab, tmp_path, kind):
+@pytest.mark.parametrize("kind, fragment", [
+    ("missing", "does not exist"),
+    ("truncated", "truncated or corrupt"),
+    ("not a checkpoint", "truncated or corrupt"),
+    ("lab 06", "from lab 06_rnn_lstm"),
+    ("lab 02", "from another lab or program"),
+    ("other weights", "does not fit"),
+])
+def test_missing_or_broken_checkpoint_is_a_message_and_the_file_is_kept(lab, tmp_path, kind, fragment):
     path = tmp_path / "best.pt"
     if kind == "truncated":
         write_checkpoint(lab, path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif kind == "not a checkpoint":
         path.write_bytes(b"not a checkpoint")
+    elif kind == "lab 06":  # week 3's character LSTM: the same idea, another lab's file
+        lab06 = load_lab("week3_rnn/06_rnn_lstm.py")
+        config = lab06.CharConfig(vocab_size=4, embed_dim=8, hidden_size=16)
+        lab06.save_checkpoint(lab06.CharLSTM(config), config, "ab:\n", torch.zeros(1, 4, dtype=torch.long), path)
+    elif kind == "lab 02":  # an older checkpoint of another lab: no "lab" key, a config of its own
+        torch.save({"model": torch.nn.Linear(784, 10).state_dict(), "config": {"hidden_sizes": [512]}}, path)
+    elif kind == "other weights":
+        write_checkpoint(lab, path)
+        saved = torch.load(path, weights_only=True)
+        saved["config"]["hidden_size"] = 32  # a config that does not match its weights
+        torch.save(saved, path)
     before = path.read_bytes() if path.exists() else None
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--generate-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "out")])
-    message = str(exit_info.value.code)
-    assert message.startswith("error:") and str(path) in message
-    assert ("does not exist" in message) == (kind == "missing")
+    result = failure_of(lab.main, ["--generate-only", "--checkpoint", path, "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, str(path), fragment)
     assert (path.read_bytes() if path.exists() else None) == before
+    assert not (tmp_path / "out").exists()
 
 
 def test_data_missing_without_network_names_url_layout_and_smoke(lab, monkeypatch, tmp_path):
@@ -276,20 +295,119 @@ def test_truncated_corpus_is_a_message(lab, tmp_path):
     ["--layers", "0"], ["--dropout", "1"], ["--clip", "-1"], ["--time-budget", "0"], ["--temperature", "-0.5"],
     ["--top-k", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--sample-chars", "0"], ["--warmup", "1"],
 ])
-def test_out_of_range_flags_are_refused_by_the_parser(lab, tmp_path, capsys, flags):
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--smoke", "--out-dir", str(tmp_path / "out"), *flags])
-    assert exit_info.value.code == 2
-    assert flags[0] in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+def test_out_of_range_flags_are_refused_by_the_parser(lab, tmp_path, flags):
+    result = failure_of(lab.main, ["--smoke", "--out-dir", tmp_path / "out", *flags])
+    assert_clean_failure(result, flags[0])
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
+def test_a_file_where_a_folder_belongs_is_refused_and_left_alone(lab, tmp_path, flag):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    other = {"--data-dir": ["--out-dir", tmp_path / "out"], "--out-dir": ["--data-dir", tmp_path / "data"]}[flag]
+    result = failure_of(lab.main, [flag, a_file, *other, "--device", "cpu"])  # not --smoke: no download either
+    assert_clean_failure(result, flag, "is a file, not a folder")
+    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_bad_flag_in_a_notebook_prints_one_line_without_raising(lab, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    lab.main(["--top-p", "2", "--out-dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--top-p" in lines[0]
+
+
+def test_the_smoke_run_gives_the_thread_count_back(lab, tmp_path):
+    """--smoke trains on one thread; a notebook kernel must get its own count back, even on failure."""
+    torch.set_num_threads(2)  # (the autouse fixture restores the test run's own count afterwards)
+    result = failure_of(lab.main, ["--smoke", "--out-dir", tmp_path / "out", "--prompt", "ROMEO: 7"])
+    assert_clean_failure(result, "'7'")
+    assert torch.get_num_threads() == 2
 
 
 def test_unavailable_device_is_a_message(lab, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(["--smoke", "--device", "cuda", "--out-dir", str(tmp_path)])
-    assert "no CUDA GPU" in str(exit_info.value.code)
+    result = failure_of(lab.main, ["--smoke", "--device", "cuda", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "no CUDA GPU")
+    assert not (tmp_path / "out").exists()
+
+
+# --- mixed precision, the NaN guard, and the simulated T4 ------------------------------------------
+
+@pytest.mark.parametrize("gpu, precision, expected", [
+    ("T4", "auto", torch.float16), ("A100", "auto", torch.bfloat16), ("T4", "bf16", torch.bfloat16),
+    ("A100", "fp16", torch.float16), ("T4", "fp32", None),
+])
+def test_precision_policy_follows_native_bf16(lab, monkeypatch, gpu, precision, expected):
+    native = gpu == "A100"  # a T4 says True only when emulation counts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+    assert lab.pick_precision(precision, torch.device("cuda")) == expected
+
+
+def test_precision_on_the_cpu_is_fp32_and_the_scaler_only_serves_fp16(lab, tmp_path):
+    cpu = torch.device("cpu")
+    assert lab.pick_precision("auto", cpu) is None and lab.pick_precision("fp32", cpu) is None
+    result = failure_of(lab.main, ["--smoke", "--device", "cpu", "--precision", "fp16", "--out-dir", tmp_path / "out"])
+    assert_clean_failure(result, "--precision fp16 is for CUDA GPUs")
+    assert lab.grad_scaler(cpu, torch.float16).is_enabled() and not lab.grad_scaler(cpu, torch.bfloat16).is_enabled()
+
+
+def test_under_bf16_autocast_the_lstm_runs_in_fp32(lab):
+    """The rule for recurrent layers: bf16 autocast must not reach nn.LSTM (cuDNN would make it fp16)."""
+    model, _ = tiny_model(lab)
+    seen = []
+    model.lstm.register_forward_hook(lambda module, inputs, outputs: seen.append(outputs[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, state = model(torch.randint(0, 12, (2, 7)))
+        model(torch.randint(0, 12, (2, 3)), state)  # a carried state goes back in as well
+    assert seen == [torch.float32, torch.float32] and logits.dtype == torch.bfloat16  # the head still autocasts
+
+
+def training_args(**overrides):
+    return argparse.Namespace(**{"batch_size": 4, "bptt": 16, "epochs": 1, "evals_per_epoch": 1, "lr": 1e-2,
+                                 "weight_decay": 0.0, "warmup": 0.1, "clip": 1.0, "time_budget": 600.0,
+                                 "log_every": 5, **overrides})
+
+
+def test_a_non_finite_loss_stops_training_naming_its_step(lab, tmp_path):
+    model, config = tiny_model(lab)
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")  # every loss is NaN from the first step on
+    data = torch.randint(0, 12, (1000,))
+    with pytest.raises(lab.LabError, match="NaN or infinite at step 1;"):
+        lab.train(training_args(), model.train(), lab.CharConfig(**config), list("abcdefghijkl"), data, data[:200],
+                  torch.device("cpu"), None, tmp_path)
+    assert not (tmp_path / "best.pt").exists(), "nothing is saved from a run that went wrong"
+
+
+def test_training_on_a_simulated_t4_reads_once_per_log_interval_in_both_precisions(tmp_path):
+    """fp16 (a T4's auto) runs the LSTM in fp16 with the GradScaler on; bf16 keeps it in fp32. No
+    lab line reads from the GPU more often than once per --log-every steps (or per evaluation)."""
+    result = run_on_simulated_cuda(f"""
+import argparse, pathlib, simulated_cuda, torch
+torch.set_num_threads(1)
+lab = load_lab("projects/02_text_generator.py")
+device = torch.device("cuda")
+data = torch.randint(0, 12, (1000,))  # 4 streams of 250: 15 steps of 16 characters
+config = lab.CharConfig(vocab_size=12, embed_dim=8, hidden_size=16, num_layers=2)
+args = argparse.Namespace(batch_size=4, bptt=16, epochs=1, evals_per_epoch=1, lr=1e-2, weight_decay=0.0, warmup=0.1,
+                          clip=1.0, time_budget=600.0, log_every=5)
+for name, lstm_dtype in (("auto", torch.float16), ("bf16", torch.float32)):
+    model = lab.CharLSTM(config).to(device)
+    seen = set()
+    model.lstm.register_forward_hook(lambda module, inputs, outputs: seen.add(outputs[0].dtype))
+    out = pathlib.Path({str(tmp_path)!r}) / name
+    out.mkdir()
+    history, _, _, steps, _, _ = lab.train(args, model, config, list("abcdefghijkl"), data, data[:200], device,
+                                           lab.pick_precision(name, device), out)
+    assert lstm_dtype in seen and steps == 15 and (out / "best.pt").exists(), (name, seen, steps)
+reads = {{line: n for line, n in simulated_cuda.REPORT.as_dict()["intervals_with_read_by_line"].items()
+         if "GradScaler" not in line}}
+assert all(n <= 2 * 3 for n in reads.values()), reads  # after steps 5, 10 and 15 of each run
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # --- the real run ----------------------------------------------------------------------------------
