@@ -421,11 +421,11 @@ def misclassified(images, labels, predictions, limit=32):
 # Scale-out with torchrun. `torchrun --nproc_per_node=N projects/01_mnist_classifier.py` starts N
 # copies of this script and tells each its RANK (0 to N-1), the WORLD_SIZE (N) and its LOCAL_RANK
 # (which GPU of this machine is its own). The copies join one process group: NCCL between CUDA
-# GPUs, gloo on CPUs. Each holds the whole data set on its device (47 MB), draws the same shuffled
+# GPUs, gloo on CPUs. Each holds the whole data set on its device (188 MB as floats), draws the same shuffled
 # order every epoch (same seed), and trains on its shard: every N-th image of that order, as
 # PyTorch's DistributedSampler would hand out. After backward(), DistributedDataParallel averages
 # the gradients of all copies, so every copy takes the same optimizer step: N processes at
-# --batch-size B train like one process at batch N * B, N times as fast when each has its own GPU.
+# --batch-size B train like one process at batch N * B, up to N times as fast with a GPU each.
 # Only rank 0 prints, evaluates, and writes checkpoints, figures, TensorBoard logs and metrics.
 # A plain `python` run is rank 0 of a world of 1, and none of this changes it.
 def start_distributed(device: torch.device):
