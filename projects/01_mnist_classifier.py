@@ -690,6 +690,7 @@ def run(args):
     dtype = pick_precision(args.precision, device)
     precision = next(name for name, value in PRECISIONS.items() if value == dtype)  # what auto chose
     threads = torch.get_num_threads()
+    backends = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision)  # set on CUDA
     try:
         if args.smoke:
             torch.set_num_threads(1)  # tiny tensors: one thread is faster than several sharing the work
@@ -697,6 +698,7 @@ def run(args):
         return train_and_report(args, out_dir, data_dir, device, dtype, precision, rank, world_size, wall_start)
     finally:
         torch.set_num_threads(threads)  # leave a notebook's kernel as it was
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision = backends
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -190,7 +190,9 @@ def test_model_outputs_logits_and_rebuilds_from_config(lab):
 
 def test_eval_only_reproduces_the_trained_test_accuracy(lab, tmp_path):
     out = tmp_path / "out"
+    threads = torch.get_num_threads()
     lab.main(["--smoke", "--out-dir", str(out), "--data-dir", str(tmp_path / "none")])
+    assert torch.get_num_threads() == threads, "the smoke run's single thread is given back"
     trained = json.loads((out / "metrics.json").read_text())
     lab.main(["--smoke", "--eval-only", "--checkpoint", str(out / "best.pt"),
               "--out-dir", str(out), "--data-dir", str(tmp_path / "none")])

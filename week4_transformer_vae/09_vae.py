@@ -570,12 +570,14 @@ def draw_from_checkpoint(args, device) -> None:
 
 def run(args) -> None:
     threads = torch.get_num_threads()
+    backends = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision)  # set on CUDA
     try:
         if args.smoke:
             torch.set_num_threads(1)  # tiny tensors: one thread is faster than several sharing the work
         train_and_report(args)
     finally:
         torch.set_num_threads(threads)  # leave a notebook's kernel as it was
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision = backends
 
 
 def train_and_report(args) -> None:
