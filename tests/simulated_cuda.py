@@ -209,6 +209,8 @@ def check_devices(func, args, kwargs) -> None:
             raise RuntimeError("indices should be either on cpu or on the same device as the indexed "
                                "tensor (cpu) (simulated CUDA)")
         on_cpu = [t for t in on_cpu if t.dtype not in INTEGER_DTYPES and t.dim() > 0]
+        if func is T.__setitem__:
+            on_cpu = []                                # `gpu[...] = cpu_values` copies across devices
     elif func in PACKED_SEQUENCES:
         on_cpu = [t for t in on_cpu if t.dtype not in INTEGER_DTYPES]
     else:
