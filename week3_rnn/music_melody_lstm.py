@@ -688,7 +688,8 @@ def build_model(config: dict) -> nn.Module:
 # Part 3b. Training with truncated back-propagation through time (TBPTT), as in lab 06: the training
 # tunes are one long token stream (BOS/EOS between tunes) cut into `batch_size` parallel rows; each
 # step reads the next `bptt` tokens of every row and carries the state over, detached. The budget is
-# wall-clock seconds (or --epochs); the learning rate warms up, then follows a cosine.
+# a number of steps (or --epochs), not seconds: on a shared machine a time budget would give another
+# model every run. The learning rate warms up, then follows a cosine.
 def learning_rate(peak: float, progress: float, warmup: float = 0.05) -> float:
     if progress < warmup:
         return peak * progress / warmup
@@ -714,7 +715,7 @@ def read_train_loss(loss_sum, first_bad, steps: int, label: str) -> float:
 @dataclass
 class TrainPlan:
     label: str
-    time_budget: float  # seconds (used when epochs == 0)
+    steps: int  # optimizer steps (used when epochs == 0)
     epochs: int
     batch_size: int
     bptt: int
@@ -725,8 +726,9 @@ class TrainPlan:
 
 
 def train_tbptt(model, stream: torch.Tensor, plan: TrainPlan, device, dtype):
-    """Train on one long token stream. No step waits for the GPU: the loss is summed on the device and
-    read every plan.log_every steps. Returns (history, steps, seconds)."""
+    """Train on one long token stream for plan.steps steps (or plan.epochs passes). No step waits for
+    the GPU: the loss is summed on the device and read every plan.log_every steps.
+    Returns (history, steps, seconds)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.99))
     scaler = grad_scaler(device, dtype)
     batch_size = max(1, min(plan.batch_size, (stream.numel() - 1) // (plan.bptt + 1)))  # tiny data: fewer rows
@@ -734,18 +736,16 @@ def train_tbptt(model, stream: torch.Tensor, plan: TrainPlan, device, dtype):
     chunks = (rows.shape[1] - 1) // plan.bptt
     if chunks < 1:
         raise LabError(f"the {plan.label} training data is too short for --bptt {plan.bptt}")
-    total_steps = plan.epochs * chunks if plan.epochs else None
+    total_steps = plan.epochs * chunks if plan.epochs else plan.steps
     history = {"time_s": [], "train_loss": []}
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device)
-    step, read_at, state, next_print = 0, 0, None, 0.0
+    step, read_at, state = 0, 0, None
+    print_every = max(plan.log_every, total_steps // 8 // plan.log_every * plan.log_every)
     model.train()
     start = time.perf_counter()
-    while True:
-        elapsed = time.perf_counter() - start
-        progress = step / total_steps if total_steps else elapsed / plan.time_budget
-        if progress >= 1.0:
-            break
+    while step < total_steps:
+        progress = step / total_steps
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(plan.lr, progress)
         column = (step % chunks) * plan.bptt
@@ -774,9 +774,8 @@ def train_tbptt(model, stream: torch.Tensor, plan: TrainPlan, device, dtype):
         history["time_s"].append(now)
         loss_sum.zero_()
         read_at = step
-        if now >= next_print:
-            next_print = now + max(5.0, (plan.time_budget if not total_steps else now) / 8)
-            left = (total_steps - step) * now / step if total_steps else plan.time_budget - now
+        if step % print_every == 0:
+            left = (total_steps - step) * now / step
             print(f"  [{plan.label}] step {step:5d}  epoch {step / chunks:5.2f}  train {history['train_loss'][-1]:.3f} "
                   f"nats/token  {step * inputs.numel() / now:,.0f} tokens/s  {max(left, 0):4.0f} s left", flush=True)
     if step > read_at:
@@ -870,9 +869,20 @@ def abc_validity(tune: str, music21=None):
         return False, "no metre (M:) field"
     if not abc_field(tune, "K"):
         return False, "no key (K:) field"
+    body = [line for line in tune.splitlines() if line.strip() and not re.match(r"^[A-Za-z]:", line)]
+    header_after_notes = re.search(r"[|\]]\s*\n(?:[A-Za-z]:)", tune)
+    if not any("|" in line for line in body):
+        return False, "fewer than two bars"
+    if header_after_notes or re.search(r"\[[MLK]:", tune):
+        return False, "the metre changes"  # a header field inside the tune (ours keep one metre, unit and key)
+    if re.search(r"\d{3,}|/{3,}", "".join(body)):
+        return False, "a note length out of range"  # music21 can spend minutes on A999 or A////
     text = tune if re.search(r"^X:", tune, flags=re.M) else "X:1\n" + tune
     try:
-        score = music21.converter.parse(text, format="abc")
+        with time_limit(10):
+            score = music21.converter.parse(text, format="abc")
+    except TimeoutError:
+        return False, "music21 did not finish parsing it in 10 s"
     except Exception as err:  # music21's ABC reader raises many kinds on broken text
         return False, f"music21 cannot parse it ({one_line(err)[:80]})"
     part = score.parts[0] if getattr(score, "parts", None) else score
@@ -895,6 +905,29 @@ def abc_validity(tune: str, music21=None):
         if not at_boundary:
             return False, f"bar {i + 1} lasts {length:g} quarters, the metre {bar_length:g}"
     return True, "valid"
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise TimeoutError after `seconds` (Unix, main thread only; elsewhere no limit): a generated
+    tune can send music21's bar-line repair into a very long search."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signum, _frame):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def is_section_edge(bar, music21, side: str = "both") -> bool:
@@ -1247,16 +1280,17 @@ def build_parser():
                         help="CPU threads for PyTorch during the run (0: PyTorch's default; see cpu_threads)")
     parser.add_argument("--folk-tunes", type=checked(int, lambda v: v >= 0, "0 or more"), default=500,
                         help="how many O'Neill tunes are parsed into note events (about 0.25 s each, once)")
-    parser.add_argument("--time-budget", type=positive_float, default=100.0,
-                        help="seconds of training for the note-event LSTM (the GRU gets half, chords a quarter)")
-    parser.add_argument("--abc-time-budget", type=positive_float, default=120.0,
-                        help="seconds of training for the ABC character LSTM")
+    parser.add_argument("--steps", type=positive_int, default=500,
+                        help="training steps of the note-event LSTM and of the GRU")
+    parser.add_argument("--abc-steps", type=positive_int, default=600, help="training steps of the ABC character LSTM")
+    parser.add_argument("--chord-steps", type=positive_int, default=300, help="training steps of the chord LSTM")
     parser.add_argument("--epochs", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
-                        help="train each network this many passes instead of the time budgets (0: budgets)")
+                        help="train each network this many passes over its data instead (0: use the step counts)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="parallel token streams per step")
     parser.add_argument("--bptt", type=positive_int, default=64, help="tokens per step: how far gradients flow back")
     parser.add_argument("--lr", type=positive_float, default=4e-3, help="peak AdamW learning rate")
     parser.add_argument("--hidden-size", type=positive_int, default=256, help="units of each recurrent layer")
+    parser.add_argument("--abc-hidden-size", type=positive_int, default=192, help="units of the ABC character LSTM")
     parser.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.2,
                         help="dropout on embeddings and recurrent outputs")
     parser.add_argument("--log-every", type=positive_int, default=50,
@@ -1329,8 +1363,8 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     """Parts 1-7 on the corpus (or on generated tunes with --smoke)."""
     torch.manual_seed(args.seed)
     if args.smoke:
-        args.time_budget, args.abc_time_budget, args.log_every = 1.5, 1.5, 5
-        args.hidden_size, args.batch_size, args.bptt = 32, 8, 16
+        args.steps, args.abc_steps, args.chord_steps, args.log_every = 6, 6, 6, 3
+        args.hidden_size, args.abc_hidden_size, args.batch_size, args.bptt = 32, 32, 8, 16
         args.melodies, args.abc_samples = 6, 4
     print(f"lab {LAB_NAME} on {device}" + ("  [SMOKE: generated tunes, a few steps, numbers are not results]"
                                            if args.smoke else ""))
@@ -1368,11 +1402,11 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     print("\n== Part 3: LSTM and GRU on note events (TBPTT)")
     stream = torch.tensor([t for s in sequences["train"] for t in s], dtype=torch.long)
     results, histories, models, train_time, steps_total = {}, {}, {}, 0.0, 0
-    for kind, budget in (("lstm", args.time_budget), ("gru", args.time_budget / 2)):
+    for kind in ("lstm", "gru"):
         torch.manual_seed(args.seed)
         config = SeqConfig(kind=kind, vocab_size=MELODY_VOCAB, hidden_size=args.hidden_size, dropout=args.dropout)
         model = SequenceModel(config).to(device)
-        plan = TrainPlan(f"melody {kind.upper()}", budget, args.epochs, args.batch_size, args.bptt, args.lr, args.log_every)
+        plan = TrainPlan(f"melody {kind.upper()}", args.steps, args.epochs, args.batch_size, args.bptt, args.lr, args.log_every)
         histories[kind], steps, seconds = train_tbptt(model, stream, plan, device, dtype)
         train_time += seconds
         steps_total += steps
@@ -1402,11 +1436,11 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     corpus_text = "\n".join(abc_split["train"])  # a blank line between tunes
     chars = "".join(sorted(set(corpus_text) | set("\n")))
     stoi = {c: i for i, c in enumerate(chars)}
-    abc_config = SeqConfig(kind="lstm", vocab_size=len(chars), hidden_size=args.hidden_size, dropout=args.dropout)
+    abc_config = SeqConfig(kind="lstm", vocab_size=len(chars), hidden_size=args.abc_hidden_size, dropout=args.dropout)
     torch.manual_seed(args.seed)
     abc_model = SequenceModel(abc_config).to(device)
     abc_stream = torch.tensor([stoi[c] for c in corpus_text], dtype=torch.long)
-    plan = TrainPlan("ABC LSTM", args.abc_time_budget, args.epochs, args.batch_size, 2 * args.bptt, args.lr, args.log_every)
+    plan = TrainPlan("ABC LSTM", args.abc_steps, args.epochs, args.batch_size, 2 * args.bptt, args.lr, args.log_every)
     histories["abc"], abc_steps, abc_seconds = train_tbptt(abc_model, abc_stream, plan, device, dtype)
     train_time += abc_seconds
     steps_total += abc_steps
@@ -1415,10 +1449,14 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     save_checkpoint(abc_model, abc_config, {"task": "abc", "chars": chars}, torch.tensor([val_text[0][:32]]),
                     out_dir / "abc_lstm.pt")
     generator = torch.Generator().manual_seed(args.seed)
-    primes = [[stoi["\n"], stoi["\n"], stoi["M"], stoi[":"]]] * args.abc_samples
+    # Each tune starts from the header (metre, unit, key) of a held-out tune, as folk-rnn conditions
+    # on metre and key; the notes, the bar lines and the end of the tune are all the model's.
+    headers = ["\n".join(tune.splitlines()[:3]) + "\n" for tune in abc_split["test"]]
+    headers = [headers[i % len(headers)] for i in range(args.abc_samples)]
+    primes = [[stoi["\n"], stoi["\n"]] + [stoi.get(c, stoi["\n"]) for c in header] for header in headers]
     drawn = sample_batch(abc_model, primes, 120 if args.smoke else 1000, 1.0, 0, device, generator,
                          stop_token=stoi["\n"], stop_repeat=2)
-    generated_abc = ["M:" + "".join(chars[t] for t in tokens).strip() + "\n" for tokens in drawn]
+    generated_abc = [header + "".join(chars[t] for t in tokens).strip() + "\n" for header, tokens in zip(headers, drawn)]
     held_out_real = abc_split["test"][:100]
     real_share, real_reasons = validity_share(held_out_real, music21, "checking real tunes", not args.smoke)
     generated_share, generated_reasons = validity_share(generated_abc, music21, "checking generated tunes",
@@ -1445,7 +1483,7 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     torch.manual_seed(args.seed)
     chord_model = SequenceModel(chord_config).to(device)
     chord_stream = torch.tensor([t for s in chord_sequences["train"] for t in s], dtype=torch.long)
-    plan = TrainPlan("chord LSTM", args.time_budget / 4, args.epochs, min(args.batch_size, 16), min(args.bptt, 32),
+    plan = TrainPlan("chord LSTM", args.chord_steps, args.epochs, min(args.batch_size, 16), min(args.bptt, 32),
                      args.lr, args.log_every)
     histories["chords"], chord_steps, chord_seconds = train_tbptt(chord_model, chord_stream, plan, device, dtype)
     train_time += chord_seconds
