@@ -869,8 +869,11 @@ def abc_validity(tune: str, music21=None):
         return False, "no metre (M:) field"
     if not abc_field(tune, "K"):
         return False, "no key (K:) field"
-    body = [line for line in tune.splitlines() if line.strip() and not re.match(r"^[A-Za-z]:", line)]
-    header_after_notes = re.search(r"[|\]]\s*\n(?:[A-Za-z]:)", tune)
+    lines = [line for line in tune.splitlines() if line.strip()]
+    is_field = [bool(re.match(r"^[A-Za-z]:", line)) for line in lines]
+    first_notes = is_field.index(False) if False in is_field else len(lines)
+    body = lines[first_notes:]
+    header_after_notes = any(is_field[first_notes:])
     if not any("|" in line for line in body):
         return False, "fewer than two bars"
     if header_after_notes or re.search(r"\[[MLK]:", tune):
