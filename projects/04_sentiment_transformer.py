@@ -1048,7 +1048,15 @@ def prepare_hf(args, train_texts):
     return libraries, name, tokenizer
 
 
-def run(args):
+def run(args) -> None:
+    backends = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision)  # set on CUDA
+    try:
+        train_and_report(args)
+    finally:  # leave a notebook's kernel as it was
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision = backends
+
+
+def train_and_report(args) -> None:
     wall_start = time.perf_counter()
     check_combinations(args)
     folder(args.data_dir, "--data-dir")  # before anything is downloaded or written

@@ -772,6 +772,14 @@ def fill_defaults(args) -> None:
 
 
 def run(args) -> None:
+    backends = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision)  # set on CUDA
+    try:
+        train_and_report(args)
+    finally:  # leave a notebook's kernel as it was
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision = backends
+
+
+def train_and_report(args) -> None:
     started = time.perf_counter()
     fill_defaults(args)
     if args.n_embd % args.n_head:
