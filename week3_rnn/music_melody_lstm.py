@@ -980,7 +980,7 @@ def validity_share(tunes, music21, desc: str, progress=True):
         ok, why = abc_validity(tune, music21)
         valid += ok
         if not ok:
-            reasons[re.sub(r"\d+", "N", why.split("(")[0]).strip()] += 1
+            reasons[re.sub(r"\b\d+(?:\.\d+)?\b", "N", why.split("(")[0]).strip()] += 1
     return valid / max(len(tunes), 1), reasons
 
 
