@@ -62,10 +62,11 @@ What the default run reaches (measured)
   (`TMPDIR=<new folder>`; music21 keeps a pickled copy of every corpus score it parses there):
   `nice -n 5 python week3_rnn/music_melody_lstm.py --data-dir /tmp/mmfirst/data --out-dir /tmp/mmfirst/out`
     869 s for the process (859 s in the lab, 463 s user CPU), of which 423 s parsing 871 entries
-    (371 chorales, 500 folk tunes; 0 skipped) with the progress bar: 7 min more than a run with the
-    cache (target <= 10 min more: reached). Every figure above came out the same in this run.
+    (371 chorales, 500 folk tunes; 0 skipped) with the progress bar: parsing adds 7.1 min to a run
+    (target <= 10 min more: reached). Every figure above came out the same in this run.
     An earlier cache build, while the machine was busier, took 776 s.
-  Smoke run (`--smoke`): 26 s wall, 11 s user CPU on the loaded machine.
+  Smoke run (`--smoke`): 26-38 s wall on the loaded machine (over the 20 s of the contract there),
+    11-12 s user CPU.
   GPU: not measured.
   Training runs for a number of steps, not a time budget: on a shared machine a time budget gives
   a different model every run; `--steps`, `--abc-steps`, `--chord-steps` or `--epochs` train longer.
