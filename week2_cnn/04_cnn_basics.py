@@ -105,6 +105,12 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
+def one_line(err: Exception, limit: int = 300) -> str:
+    """PyTorch's own messages can span lines; a LabError is one line."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def in_notebook() -> bool:
     return "ipykernel" in sys.modules
 
@@ -422,11 +428,11 @@ def load_cifar10(data_dir: Path):
     except (OSError, RuntimeError, ValueError) as err:    # URLError is an OSError; a bad checksum a RuntimeError
         raise LabError(
             f"CIFAR-10 is not under {data_dir} (or fails its checksum) and could not be downloaded from "
-            f"{CIFAR10.url} ({err}). Expected layout: {data_dir}/{CIFAR10.base_folder}/data_batch_1 ... "
+            f"{CIFAR10.url} ({one_line(err)}). Expected layout: {data_dir}/{CIFAR10.base_folder}/data_batch_1 ... "
             "data_batch_5, test_batch, batches.meta (the extracted cifar-10-python.tar.gz). Connect to the "
             "internet, or copy those files there and pass --data-dir, or try the lab with --smoke.") from None
     except (pickle.UnpicklingError, EOFError) as err:
-        raise LabError(f"a CIFAR-10 file under {data_dir}/{CIFAR10.base_folder} is corrupt ({err}); "
+        raise LabError(f"a CIFAR-10 file under {data_dir}/{CIFAR10.base_folder} is corrupt ({one_line(err)}); "
                        "delete that folder and run again to download it afresh") from None
 
     def as_tensors(split):
@@ -964,12 +970,6 @@ def save_checkpoint(path: Path, model: nn.Module, config: dict, sample_inputs: t
 
 
 MODEL_KINDS = ("cifar", "timbre")
-
-
-def one_line(err: Exception, limit: int = 300) -> str:
-    """PyTorch's own messages can span lines; a LabError is one line."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def load_checkpoint(path: Path) -> nn.Module:
