@@ -1,12 +1,13 @@
 """Lab 05 (transfer learning): freezing, the unfreezing schedule, the new head, and bad input."""
 import json
+import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, assert_clean_failure, load_lab
+from conftest import REPO, assert_clean_failure, failure_of, load_lab, run_on_simulated_cuda
 
 LAB = "week2_cnn/05_transfer_learning.py"
 
@@ -193,26 +194,134 @@ def test_imagenet_weights_with_no_network_suggest_weights_none(lab, tmp_path):
 
 
 @pytest.mark.parametrize("flags, fragment", [(["--unfreeze-schedule", "0:layer4"], "epochs start at 1"),
-                                             (["--lr", "-1"], "--lr"),
-                                             (["--strategies", "magic"], "--strategies")])
-def test_out_of_range_flags_are_refused(lab, flags, fragment, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lab.main(flags)
-    assert exit_info.value.code == 2
-    assert fragment in capsys.readouterr().err
+                                             (["--lr", "-1"], "--lr"), (["--lr-decay", "2"], "--lr-decay"),
+                                             (["--epochs", "0"], "--epochs"), (["--batch-size", "1"], "--batch-size"),
+                                             (["--image-size", "16"], "--image-size"), (["--workers", "-1"], "--workers"),
+                                             (["--strategies", "magic"], "--strategies"),
+                                             (["--precision", "fp8"], "--precision"),
+                                             (["--precision", "bf16"], "--precision bf16 is for CUDA")])
+def test_out_of_range_flags_are_refused_in_one_line(lab, flags, fragment, tmp_path):
+    out_dir = tmp_path / "out"
+    result = failure_of(lab.main, [*flags, "--device", "cpu", "--smoke", "--out-dir", out_dir])
+    assert_clean_failure(result, fragment)
+    assert not out_dir.exists()
 
 
-def test_missing_or_corrupt_checkpoint_is_a_clean_error(lab, tmp_path):
+def test_cuda_where_there_is_none_stops_with_a_message(lab, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_clean_failure(failure_of(lab.main, ["--device", "cuda", "--smoke", "--out-dir", tmp_path]), "--device cuda")
+    assert not any(tmp_path.iterdir())
+
+
+def test_data_dir_or_out_dir_naming_a_file_is_refused_before_anything_is_written(lab, tmp_path):
+    a_file = tmp_path / "photos.zip"
+    a_file.write_text("keep me")
+    assert_clean_failure(failure_of(lab.main, ["--data-dir", a_file, "--out-dir", tmp_path / "out"]), "--data-dir")
+    assert_clean_failure(failure_of(lab.main, ["--smoke", "--out-dir", a_file]), "--out-dir")
+    assert a_file.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [a_file]
+
+
+def test_a_bad_flag_in_a_notebook_prints_one_line_and_does_not_exit(lab, monkeypatch, capsys):
+    import types
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    lab.main(["--lr-decay", "0"])                                # no SystemExit: a notebook cell just ends
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--lr-decay" in lines[0]
+
+
+def test_missing_corrupt_or_foreign_checkpoint_is_a_clean_error(lab, tmp_path):
     with pytest.raises(lab.LabError, match="does not exist"):
         lab.load_checkpoint(tmp_path / "nothing.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(lab.LabError, match="corrupt"):
+    with pytest.raises(lab.LabError, match="truncated or corrupt"):
         lab.load_checkpoint(tmp_path / "bad.pt")
+    model = small_resnet(lab, num_classes=2)
+    good = {"model": model.state_dict(), "config": {"arch": "resnet18", "num_classes": 2},
+            "sample_inputs": torch.zeros(1, 3, 32, 32), "sample_outputs": torch.zeros(1, 2)}
+    torch.save(good, tmp_path / "good.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:100_000])
+    with pytest.raises(lab.LabError, match="truncated or corrupt"):
+        lab.load_checkpoint(tmp_path / "truncated.pt")
+    torch.save(dict(good, config={"arch": "resnet34", "num_classes": 2}), tmp_path / "mismatch.pt")
+    with pytest.raises(lab.LabError, match="another architecture"):
+        lab.load_checkpoint(tmp_path / "mismatch.pt")
+    # What lab 04 saves: a CIFAR-10 CNN with {"kind", "widths", "logit_scale"} as its config.
+    torch.save(dict(good, config={"kind": "cifar", "widths": [32, 64, 128], "logit_scale": 1 / 9}),
+               tmp_path / "lab04.pt")
+    with pytest.raises(lab.LabError, match="not written by this lab") as caught:
+        lab.load_checkpoint(tmp_path / "lab04.pt")
+    assert "truncated or corrupt" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+# --- precision, data loading and the GPU (simulated on this CPU: tests/simulated_cuda.py) ----------
+
+@pytest.mark.parametrize("gpu, native_bf16, expected", [("T4", False, torch.float16), ("H200", True, torch.bfloat16)])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(lab, monkeypatch, gpu, native_bf16, expected):
+    # A T4 answers True to the plain question (it emulates bf16) and False without emulation.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or native_bf16)
+    cuda = torch.device("cuda")
+    assert lab.pick_precision("auto", cuda) is expected
+    assert lab.pick_precision("fp16", cuda) is torch.float16 and lab.pick_precision("bf16", cuda) is torch.bfloat16
+    assert lab.pick_precision("fp32", cuda) is None
+    assert lab.grad_scaler(torch.device("cpu"), torch.float16).is_enabled()
+    assert not lab.grad_scaler(torch.device("cpu"), torch.bfloat16).is_enabled()
+
+
+def test_cpu_trains_in_fp32_and_refuses_half_precision(lab):
+    cpu = torch.device("cpu")
+    assert lab.pick_precision("auto", cpu) is None and lab.pick_precision("fp32", cpu) is None
+    for name in ("fp16", "bf16"):
+        with pytest.raises(lab.LabError, match=f"--precision {name} is for CUDA"):
+            lab.pick_precision(name, cpu)
+
+
+def test_loaders_use_persistent_workers_and_pin_memory_only_for_cuda(lab):
+    dataset = torch.utils.data.TensorDataset(torch.zeros(10, 3, 8, 8), torch.zeros(10, dtype=torch.long))
+    assert lab.build_parser().parse_known_args([])[0].workers == min(4, os.cpu_count())
+    cuda = lab.make_loader(dataset, 4, torch.device("cuda"), workers=2, shuffle=True)
+    assert cuda.num_workers == 2 and cuda.persistent_workers and cuda.pin_memory and cuda.drop_last
+    cpu = lab.make_loader(dataset, 4, torch.device("cpu"), workers=0)
+    assert not cpu.persistent_workers and not cpu.pin_memory and not cpu.drop_last
+
+
+def test_training_on_a_simulated_t4_in_fp16_reads_the_gpu_once_per_epoch():
+    result = run_on_simulated_cuda(f"""
+import torch, simulated_cuda
+lab = load_lab({LAB!r})
+cuda = torch.device("cuda")
+torch.manual_seed(0)
+dataset = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 2, (16,)))
+train = lab.make_loader(dataset, 4, cuda, workers=0, shuffle=True, generator=torch.Generator().manual_seed(0))
+val = lab.make_loader(torch.utils.data.Subset(dataset, range(4)), 4, cuda, workers=0)
+model = lab.build_model({{"arch": "resnet18", "num_classes": 2}}).to(cuda, memory_format=torch.channels_last)
+lab.calibrate_batch_norm(model, train, cuda, max_batches=1)
+open_now = ["layer4", "head"]                        # a short backward pass: fp16 is slow on a CPU
+lab.open_stages(model, open_now)
+optimizer = lab.make_optimizer(model, "gradual_unfreezing", 0.01, 0.3, 1e-4)
+scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=8)
+scaler = lab.grad_scaler(cuda, torch.float16)
+assert scaler.is_enabled()
+for epoch in (1, 2):
+    lab.set_train_mode(model, open_now)
+    accuracy, loss = lab.train_one_epoch(model, train, optimizer, scheduler, scaler, cuda, torch.float16,
+                                         epoch, "gradual_unfreezing")
+    lab.evaluate(model, val, cuda, torch.float16)
+reads, steps = simulated_cuda.REPORT.intervals_with_read, simulated_cuda.REPORT.steps
+assert 4 <= steps <= 8, steps       # 2 epochs of 4 batches; the GradScaler skips steps whose fp16 gradients overflow
+# A read once per epoch shows in 1 interval between steps (epoch 1's end); a read every step in all of them.
+per_step = {{line: n for line, n in reads.items() if "GradScaler" not in line and n > 1}}
+assert not per_step, ("lines that read from the GPU on most steps", per_step, steps)
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_smoke_run_saves_the_best_model_of_each_strategy(lab, tmp_path):
-    metrics = lab.main(["--smoke", "--out-dir", str(tmp_path), "--data-dir", str(tmp_path / "data")])
+    lab.main(["--smoke", "--out-dir", str(tmp_path), "--data-dir", str(tmp_path / "data")])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["strategies"]) == {"feature_extraction", "fine_tuning", "gradual_unfreezing"}
+    assert metrics["precision"] == "fp32" and metrics["device"] == "cpu"
     for strategy, outcome in metrics["strategies"].items():
         assert (tmp_path / f"best_{strategy}.pt").is_file()
         assert [h["open_stages"] for h in outcome["history"]][0] == (
@@ -221,4 +330,4 @@ def test_smoke_run_saves_the_best_model_of_each_strategy(lab, tmp_path):
     assert gradual[1]["open_stages"] == ["layer4", "head"]
     assert gradual[2]["open_stages"] == ["layer2", "layer3", "layer4", "head"]
     assert (tmp_path / "strategy_comparison.png").is_file() and (tmp_path / "comparison.md").is_file()
-    assert json.loads((tmp_path / "metrics.json").read_text())["best_strategy"] in metrics["strategies"]
+    assert metrics["best_strategy"] in metrics["strategies"]

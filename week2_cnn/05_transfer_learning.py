@@ -17,12 +17,20 @@ What this lab teaches
      A frozen stage also keeps its batch-norm statistics (its BN layers stay in eval mode); with
      --weights none those statistics are first measured on the data, as pretraining would have.
      The best model of each strategy is saved.
+  4. Feeding a GPU: DataLoader worker processes (--workers, default min(4, CPU cores), kept alive
+     between epochs) decode and resize the images while the model trains; on CUDA the batches
+     come in pinned memory and are copied with non_blocking=True, and the loss and accuracy are
+     summed on the GPU and read once per epoch, so no step waits for the GPU.
 
 Run it
   terminal:  python week2_cnn/05_transfer_learning.py                         # ants vs bees, resnet50
              python week2_cnn/05_transfer_learning.py --data-dir my_photos    # my_photos/train/<class>/...
-             python week2_cnn/05_transfer_learning.py --smoke                 # 10-second check, generated images
-  Colab:     paste the file into a cell (or cell by cell at the `# %%` marks); a GPU runtime helps a lot.
+             python week2_cnn/05_transfer_learning.py --smoke                 # quick check, generated images
+  Colab:     paste the file into a cell (or cell by cell at the `# %%` marks); a GPU runtime
+             (Runtime > Change runtime type > T4 GPU) helps a lot.
+  On a GPU the forward passes run under autocast (--precision auto): bf16 where the GPU has it
+  natively (Ampere and newer), fp16 with a GradScaler elsewhere (a T4 only emulates bf16, and its
+  bf16 convolutions leave cuDNN for a slow path). --precision fp32, bf16 or fp16 overrides it.
 
 What the default run reaches
   With ImageNet weights on ants vs bees: not measured here. This machine has no network, so
@@ -36,15 +44,19 @@ What the default run reaches
     | fine_tuning        | 0.546             | 23,512,130                 | 328      |
     | gradual_unfreezing | 0.520             | 23,286,786                 | 216      |
   Whole run 731 s; an epoch takes 30-35 s with the backbone frozen and 62-71 s with all of
-  it training. From random weights, 244 images teach resnet50 nothing (50% is chance): starting
+  it training. (Measured with images loaded in the main process, then the CPU default; now
+  --workers defaults to min(4, CPU cores): not re-measured. --workers 0 repeats that setting.)
+  From random weights, 244 images teach resnet50 nothing (50% is chance): starting
   from ImageNet weights is what transfer learning adds. That the loops do learn shows on a larger
   cut (10 classes, 2,000 training and 1,000 validation images, resnet18 at 64x64, --batch-size 32,
   --weights none, 286 s): best validation accuracy 0.279 for feature extraction on random
   features, 0.351 for fine-tuning, 0.321 for gradual unfreezing (chance is 0.100).
   On a GPU: not measured.
-  --smoke (generated images, resnet18, 64x64): about 10 s.
+  --smoke (generated images, resnet18, 64x64): about 10 s when it trained one batch of 16 per epoch;
+  it now trains two batches of 8 (so a GPU read once per epoch is told apart from one per step),
+  53 CPU-seconds against 37 before on the same busy machine; not re-measured on idle cores.
 """
-# %% Imports, errors a learner can act on, and the device
+# %% Imports, errors a learner can act on, the device, and where files go
 import argparse
 import json
 import os
@@ -73,11 +85,67 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise LabError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; "
-                       "use --device auto or --device cpu")
+                       "use --device auto or --device cpu (in Colab: Runtime > Change runtime type > GPU)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise LabError("--device mps was asked for, but Apple's MPS backend is not available here; "
                        "use --device auto or --device cpu")
     return torch.device(name)
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Save a figure as PNG; in a notebook also show it inline. Then free it."""
+    import matplotlib.pyplot as plt
+    fig.savefig(path, dpi=dpi)
+    if in_notebook():
+        plt.show()
+    plt.close(fig)
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """PyTorch's own messages can span lines; a LabError is one line."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# %%
+# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
+# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
+# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# slowly. CPU and MPS train in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %% 1. Your images in ImageFolder layout
@@ -103,7 +171,7 @@ def find_imagefolder_root(data_dir: Path) -> Path:
     except (OSError, RuntimeError, ValueError) as err:     # URLError is an OSError
         raise LabError(
             f"--data-dir {data_dir} holds no ImageFolder dataset and the default ants-vs-bees set could not be "
-            f"downloaded from {HYMENOPTERA_URL} ({err}). Expected layout: {data_dir}/train/<class>/<images> and "
+            f"downloaded from {HYMENOPTERA_URL} ({one_line(err)}). Expected layout: {data_dir}/train/<class>/<images> and "
             f"{data_dir}/val/<class>/<images> (one folder per class, e.g. train/ants/0013035.jpg), or the "
             f"downloaded {default}/train/... . Name such a folder with --data-dir, check the network, "
             "or try the lab with --smoke.") from None
@@ -153,6 +221,20 @@ def load_imagefolder(root: Path, train_transform, eval_transform):
     return train, val, skipped_train + skipped_val
 
 
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def make_loader(dataset, batch_size: int, device: torch.device, workers: int, shuffle=False, generator=None):
+    """Batches decoded and resized by worker processes while the model trains; on CUDA in pinned memory,
+    so the copy to the GPU can overlap with compute (non_blocking=True). The workers stay alive
+    between epochs (persistent_workers). A training loader drops a last, smaller batch."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        drop_last=shuffle and len(dataset) > batch_size, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+
 def make_synthetic_imagefolder(root: Path, generator: torch.Generator, per_class=(12, 6), size=72):
     """Smoke mode: a tiny generated dataset, 'reds' with horizontal stripes vs 'blues' with vertical ones."""
     from PIL import Image
@@ -197,7 +279,7 @@ def pretrained_model(arch: str, weights, num_classes: int) -> nn.Module:
         try:
             model = get_model(arch, weights=weights)   # downloads once into torch.hub.get_dir()/checkpoints
         except (OSError, RuntimeError) as err:
-            raise LabError(f"could not get the ImageNet weights {weights} from {weights.url} ({err}). "
+            raise LabError(f"could not get the ImageNet weights {weights} from {weights.url} ({one_line(err)}). "
                            f"They are cached in {torch.hub.get_dir()}/checkpoints after the first download; "
                            "check the network, or train from scratch with --weights none, "
                            "or try the lab with --smoke.") from None
@@ -219,7 +301,7 @@ def calibrate_batch_norm(model: nn.Module, loader, device, max_batches: int = 20
     for index, (images, _) in enumerate(loader):
         if index == max_batches:
             break
-        model(images.to(device, memory_format=torch.channels_last))
+        model(images.to(device, non_blocking=True, memory_format=torch.channels_last))
     for norm in norms:
         norm.momentum = 0.1                     # PyTorch's default again for training
 
@@ -299,40 +381,53 @@ def make_optimizer(model: nn.Module, strategy: str, lr: float, lr_decay: float, 
 
 
 # %% 4. Training and evaluation
+# No step waits for the GPU: images arrive with non-blocking copies from pinned memory, the loss and
+# the correct answers are summed on the device, and the first non-finite loss is remembered there;
+# all of it is read once, at the end of the epoch.
 
-def evaluate(model, loader, device, use_amp):
+def evaluate(model, loader, device, dtype):
+    """(accuracy, mean loss) over the loader, in eval mode."""
     model.eval()
-    correct, loss_sum, count = 0, 0.0, 0
+    correct = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+    count = 0
     with torch.no_grad():
         for images, labels in loader:
             images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
             labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(device, dtype):
                 logits = model(images)
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            correct += (logits.argmax(1) == labels).sum().item()
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+            correct += (logits.argmax(1) == labels).sum()
             count += len(labels)
-    return correct / count, loss_sum / count
+    return correct.item() / count, loss_sum.item() / count
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, use_amp, epoch, strategy):
-    correct, loss_sum, count = 0, 0.0, 0
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, dtype, epoch, strategy):
+    """One pass over the loader; returns (accuracy, mean loss) of the training batches."""
+    correct = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device)        # the first step whose loss is not finite
+    count = 0
     for step, (images, labels) in enumerate(loader, start=1):
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with autocast(device, dtype):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels)
-        if not torch.isfinite(loss):
-            raise LabError(f"{strategy}: the loss became {loss.item()} at step {step} of epoch {epoch}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
+        first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
-    return correct / count, loss_sum / count
+    if first_bad >= 0:                                    # the one read of the guard per epoch
+        raise LabError(f"{strategy}: the loss became NaN or infinite at step {int(first_bad)} of epoch {epoch}; "
+                       "lower --lr")
+    return correct.item() / count, loss_sum.item() / count
 
 
 def save_checkpoint(path: Path, model: nn.Module, config: dict, sample_inputs: torch.Tensor, extra: dict):
@@ -350,15 +445,26 @@ def save_checkpoint(path: Path, model: nn.Module, config: dict, sample_inputs: t
 
 
 def load_checkpoint(path: Path) -> nn.Module:
+    """Rebuild a saved network on the CPU and check it still gives the predictions stored with it."""
     import pickle
     if not path.is_file():
         raise LabError(f"checkpoint {path} does not exist")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(saved["config"])
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise LabError(f"checkpoint {path} is truncated or corrupt: it does not load as a torch file "
+                       f"({one_line(err)})") from None
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or config.get("arch") not in ARCHES or "num_classes" not in config \
+            or "model" not in saved:
+        raise LabError(f"checkpoint {path} loads, but it was not written by this lab (lab 05 saves a ResNet "
+                       "with config['arch'] and config['num_classes']); it belongs to another lab or program")
+    try:
+        model = build_model(config)
         model.load_state_dict(saved["model"])
-    except (RuntimeError, KeyError, pickle.UnpicklingError, EOFError) as err:
-        raise LabError(f"checkpoint {path} is truncated, corrupt or from another architecture ({err})") from None
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise LabError(f"checkpoint {path} holds weights of another architecture than its config "
+                       f"describes (edited or damaged): {one_line(err)}") from None
     model.eval()
     with torch.no_grad():
         if not torch.allclose(model(saved["sample_inputs"]), saved["sample_outputs"], rtol=1e-4, atol=1e-5):
@@ -366,13 +472,14 @@ def load_checkpoint(path: Path) -> nn.Module:
     return model
 
 
-def run_strategy(strategy, start_state, args, data, device, use_amp, out_dir: Path):
+def run_strategy(strategy, start_state, args, data, device, dtype, out_dir: Path):
     train_loader, val_loader, class_names, sample_inputs = data
     model = build_model({"arch": args.arch, "num_classes": len(class_names)})
     model.load_state_dict(start_state)                     # every strategy starts from the same weights
     model.to(device, memory_format=torch.channels_last)    # oneDNN and cuDNN convolutions run faster so
     optimizer = make_optimizer(model, strategy, args.lr, args.lr_decay, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
+    scaler = grad_scaler(device, dtype)
     config = {"arch": args.arch, "num_classes": len(class_names)}
     history, best, start = [], -1.0, time.perf_counter()
     for epoch in range(1, args.epochs + 1):
@@ -380,10 +487,10 @@ def run_strategy(strategy, start_state, args, data, device, use_amp, out_dir: Pa
         open_stages(model, stages)
         set_train_mode(model, stages)
         epoch_start = time.perf_counter()
-        train_accuracy, train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, device,
-                                                     use_amp, epoch, strategy)
+        train_accuracy, train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, device,
+                                                     dtype, epoch, strategy)
         train_seconds = time.perf_counter() - epoch_start
-        val_accuracy, val_loss = evaluate(model, val_loader, device, use_amp)
+        val_accuracy, val_loss = evaluate(model, val_loader, device, dtype)
         seconds = time.perf_counter() - epoch_start
         history.append({"epoch": epoch, "open_stages": stages, "trainable_parameters": count_trainable(model),
                         "train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss,
@@ -440,74 +547,127 @@ def save_comparison_plot(results: dict, path: Path, title: str):
     for ax in (params_ax, time_ax):
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # %% 6. Putting it together
+# The command line. Every flag has a default and a help string; a value out of range is refused by
+# its type= function before anything runs, as a one-line LabError (see ArgumentParser below).
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def whole_number(minimum: int, why: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}{why}")
+        return value
+    return parse
+
+
+def number_in(low: float, high: float):
+    """A float in (low, high]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"{value:g} is outside ({low:g}, {high:g}]")
+        return value
+    return parse
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is below 0")
+    return value
+
+
+def strategy_list(text: str) -> list:
+    strategies = [s.strip() for s in text.split(",") if s.strip()]
+    if not strategies or any(s not in STRATEGIES for s in strategies):
+        raise argparse.ArgumentTypeError(f"{text!r}: take names from {', '.join(STRATEGIES)}")
+    return strategies
+
+
+def schedule(text: str) -> dict:
+    try:
+        return parse_schedule(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to train; auto picks the accelerator if there is one")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="autocast dtype on CUDA: auto = bf16 where the GPU has it natively, else fp16 "
+                             "with loss scaling; CPU and MPS train in fp32")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the head, data order and augmentation")
-    parser.add_argument("--data-dir", type=Path, default=Path("./data"),
+    parser.add_argument("--data-dir", default="./data",
                         help="an ImageFolder dataset (DATA_DIR/train/<class>/*, DATA_DIR/val/<class>/*), or a folder "
                              "to hold the downloaded ants-vs-bees set (DATA_DIR/hymenoptera_data)")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/05_transfer_learning"),
+    parser.add_argument("--out-dir", default="runs/05_transfer_learning",
                         help="where metrics.json, the comparison table and plot, and checkpoints go")
     parser.add_argument("--smoke", action="store_true",
                         help="a 10-second run of every code path: generated images, resnet18 without weights")
     parser.add_argument("--arch", default="resnet50", choices=ARCHES, help="which torchvision ResNet to start from")
     parser.add_argument("--weights", default="DEFAULT", choices=["DEFAULT", "none"],
                         help="DEFAULT: the best ImageNet weights torchvision has for --arch; none: random init")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+    parser.add_argument("--strategies", type=strategy_list, default=list(STRATEGIES),
                         help=f"which strategies to run, comma-separated, from {', '.join(STRATEGIES)}")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs for each strategy")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per SGD step")
-    parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the new head")
-    parser.add_argument("--lr-decay", type=float, default=0.3,
-                        help="each stage below the head learns at this fraction of the stage above's rate")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    parser.add_argument("--unfreeze-schedule", default="2:layer4,3:layer3,4:layer2",
+    parser.add_argument("--epochs", type=whole_number(1), default=5, help="epochs for each strategy")
+    parser.add_argument("--batch-size", type=whole_number(2, " (batch norm needs two images)"), default=16,
+                        help="images per SGD step")
+    parser.add_argument("--lr", type=number_in(0, 10), default=0.01, help="learning rate of the new head, in (0, 10]")
+    parser.add_argument("--lr-decay", type=number_in(0, 1), default=0.3,
+                        help="each stage below the head learns at this fraction of the stage above's rate, in (0, 1]")
+    parser.add_argument("--weight-decay", type=non_negative, default=1e-4, help="SGD weight decay")
+    parser.add_argument("--unfreeze-schedule", dest="schedule", type=schedule, default="2:layer4,3:layer3,4:layer2",
                         help="gradual unfreezing: EPOCH:STAGE[+STAGE],... opens those stages from that epoch on")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="crop size fed to the network (default: the size the weights were trained at, 224)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader worker processes (default: 0 on CPU, 4 with an accelerator)")
-    args, _ = parser.parse_known_args(argv)        # Colab adds -f kernel.json: ignore what we do not know
-    try:
-        args.schedule = parse_schedule(args.unfreeze_schedule)
-    except ValueError as err:
-        parser.error(f"--unfreeze-schedule: {err}")
-    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    if not args.strategies or any(s not in STRATEGIES for s in args.strategies):
-        parser.error(f"--strategies takes names from {', '.join(STRATEGIES)}")
-    if args.epochs < 1 or args.batch_size < 2:
-        parser.error("--epochs must be at least 1 and --batch-size at least 2 (batch norm needs two images)")
-    if not 0 < args.lr <= 10 or not 0 < args.lr_decay <= 1 or args.weight_decay < 0:
-        parser.error("--lr must be in (0, 10], --lr-decay in (0, 1], --weight-decay at least 0")
-    if args.image_size is not None and args.image_size < 32:
-        parser.error("--image-size must be at least 32 pixels (a ResNet shrinks its input 32-fold)")
-    return args
+    parser.add_argument("--image-size", type=whole_number(32, " pixels (a ResNet shrinks its input 32-fold)"),
+                        default=None, help="crop size fed to the network (default: the size the weights were "
+                                           "trained at, 224)")
+    parser.add_argument("--workers", type=whole_number(0), default=default_workers(),
+                        help="DataLoader worker processes that decode and resize images beside training "
+                             "(0: in the main process)")
+    return parser
 
 
 def run(args):
     from torchvision import transforms
     wall_start = time.perf_counter()
+    data_dir, out_dir = folder(args.data_dir, "--data-dir"), folder(args.out_dir, "--out-dir")
     device = pick_device(args.device)
+    dtype = pick_precision(args.precision, device)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        args.arch, args.weights, args.epochs = "resnet18", "none", 3
+        # Batches of 8: two optimizer steps per epoch on the 16 generated training images.
+        args.arch, args.weights, args.epochs, args.batch_size = "resnet18", "none", 3, 8
         args.image_size = args.image_size or 64
         args.schedule = {2: ["layer4"], 3: ["layer3", "layer2"]}
-    use_amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    print(f"Lab 05 on {device} (torch {torch.__version__}): {args.arch}, weights {args.weights}"
+        torch.backends.cudnn.benchmark = True      # fixed crop size: pick the fastest conv algorithms once
+        torch.backends.cuda.matmul.fp32_precision = "tf32"   # fp32 matmuls on tensor cores (Ampere and newer)
+    precision = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
+    print(f"Lab 05 on {device} in {precision} (torch {torch.__version__}): {args.arch}, weights {args.weights}"
           + ("  [SMOKE: generated images, numbers are not results]" if args.smoke else ""))
 
     # The weights' own preprocessing: resize, centre-crop, scale to [0, 1], normalise with ImageNet's mean/std.
@@ -523,23 +683,23 @@ def run(args):
         transforms.Normalize(preset.mean, preset.std)])
     print(f"  preprocessing from {reference}: {eval_transform}".replace("\n", " "))
 
-    root = make_synthetic_imagefolder(args.out_dir / "smoke_imagefolder", generator) if args.smoke \
-        else find_imagefolder_root(args.data_dir)
+    root = make_synthetic_imagefolder(out_dir / "smoke_imagefolder", generator, per_class=(8, 4)) if args.smoke \
+        else find_imagefolder_root(data_dir)
     train_set, val_set, skipped = load_imagefolder(root, train_transform, eval_transform)
     class_names = train_set.classes
     print(f"  dataset {root}: {len(train_set)} training and {len(val_set)} validation images, "
           f"classes {class_names}" + (f"; skipped {len(skipped)} that do not decode" if skipped else ""))
-    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 4)
-    loader_options = {"batch_size": args.batch_size, "num_workers": workers, "pin_memory": device.type == "cuda"}
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
-                                               generator=generator, **loader_options)
-    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_options)
     sample_inputs = torch.stack([val_set[i][0] for i in range(min(2, len(val_set)))])
+
+    def loaders():
+        """Fresh loaders: with the generator re-seeded, their workers repeat the same augmentation."""
+        return (make_loader(train_set, args.batch_size, device, args.workers, shuffle=True, generator=generator),
+                make_loader(val_set, args.batch_size, device, args.workers))
 
     start_model = pretrained_model(args.arch, weights, len(class_names))
     if weights is None:
         start_model.to(device, memory_format=torch.channels_last)
-        calibrate_batch_norm(start_model, train_loader, device)
+        calibrate_batch_norm(start_model, loaders()[0], device)
         print("  random weights: batch-norm statistics set from the training images, so that frozen "
               "random stages pass on sensibly scaled features")
     start_state = {k: v.detach().cpu().clone() for k, v in start_model.state_dict().items()}
@@ -553,20 +713,20 @@ def run(args):
         print(f"\n== {strategy} ==")
         torch.manual_seed(args.seed)                 # same data order and augmentation for every strategy
         generator.manual_seed(args.seed)
-        results[strategy] = run_strategy(strategy, start_state, args,
-                                         (train_loader, val_loader, class_names, sample_inputs),
-                                         device, use_amp, args.out_dir)
+        results[strategy] = run_strategy(strategy, start_state, args, (*loaders(), class_names, sample_inputs),
+                                         device, dtype, out_dir)
     train_time = time.perf_counter() - train_start
 
     table = comparison_table(results)
     print("\n" + table)
-    (args.out_dir / "comparison.md").write_text(table + "\n")
+    (out_dir / "comparison.md").write_text(table + "\n")
     title = f"{args.arch}, weights {args.weights}, {root.name}"
-    save_comparison_plot(results, args.out_dir / "strategy_comparison.png", title)
+    save_comparison_plot(results, out_dir / "strategy_comparison.png", title)
     best_strategy = max(results, key=lambda s: results[s]["best_val_accuracy"])
     wall_time = time.perf_counter() - wall_start
     metrics = {
-        "lab": "05_transfer_learning", "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
+        "lab": "05_transfer_learning", "smoke": args.smoke, "device": str(device), "precision": precision,
+        "torch_version": torch.__version__,
         "wall_time_s": wall_time, "train_time_s": train_time, "epochs": args.epochs,
         "arch": args.arch, "weights": args.weights, "image_size": crop, "dataset": str(root),
         "classes": class_names, "train_images": len(train_set), "val_images": len(val_set),
@@ -575,20 +735,22 @@ def run(args):
         "unfreeze_schedule": {str(k): v for k, v in args.schedule.items()},
         "strategies": results,
     }
-    (args.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\nSummary: {args.arch} (weights {args.weights}) on {len(class_names)} classes; best validation accuracy "
           f"{results[best_strategy]['best_val_accuracy']:.3f} by {best_strategy}. Wall time {wall_time:.0f}s.\n"
-          f"  Outputs in {args.out_dir}/: comparison.md, strategy_comparison.png, best_<strategy>.pt, metrics.json.\n"
+          f"  Outputs in {out_dir}/: comparison.md, strategy_comparison.png, best_<strategy>.pt, metrics.json.\n"
           "  Try --unfreeze-schedule \"2:layer4+layer3,4:layer2\" or --lr-decay 1 (no discriminative rates).")
     return metrics
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> None:
     try:
-        return run(args)
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
     except LabError as err:
-        sys.exit(f"error: {err}")
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
