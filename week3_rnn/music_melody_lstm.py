@@ -56,8 +56,9 @@ What the default run reaches (measured)
       (target >= 0.9: NOT reached; 84 % of its notes are in the key against 98.5 % of the real
       ones), random notes 0.656 (0.21 lower; target >= 0.1 lower: reached). Sampling the same
       checkpoint at temperature 0.7-1.0, top-k 3-10, or with 16-24 primed events gave 0.851-0.883.
-    time: whole run 518 s for the process (510 s in the lab; target <= 8 min: NOT reached on this
-      loaded machine), of which 300 s user CPU: training 429 s wall (LSTM 156 s, GRU 130 s).
+    time: whole run 518 s and 525 s for the process in two runs (510 and 516 s in the lab; target
+      <= 8 min: NOT reached on this loaded machine), 300-309 s user CPU; in the first of them
+      training took 429 s wall (LSTM 156 s, GRU 130 s). Both runs gave the figures above.
   First run (parsing included), with an empty --data-dir and an empty music21 scratch folder
   (`TMPDIR=<new folder>`; music21 keeps a pickled copy of every corpus score it parses there):
   `nice -n 5 python week3_rnn/music_melody_lstm.py --data-dir /tmp/mmfirst/data --out-dir /tmp/mmfirst/out`
