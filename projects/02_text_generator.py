@@ -44,7 +44,9 @@ What the default run reaches (measured, `python projects/02_text_generator.py --
     A second run (the `-m full` test) gave the same 1.480 (CPU training is deterministic here), 1.60
     after 127 s, 362 s in the lab. A tuning run with dropout 0.1 and peak lr 3e-3 ended at 1.496.
   GPU: not measured.
-  `--smoke`: 3.4 s for the process (generated text, a 32-unit model; its numbers are not results).
+  `--smoke`: 3.4 s for the process (generated text, a 32-unit model; its numbers are not results),
+    timed before the GPU changes of this version (mixed precision, fewer reads from the device); on
+    a busy shared machine the two versions took the same CPU time (9.1-10.4 s each).
 
 Validation is read the way the model writes: the held-out text streams through the LSTM with its
 state carried along, so most characters are predicted with hundreds of characters of context.

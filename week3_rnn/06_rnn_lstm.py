@@ -36,7 +36,9 @@ What the default run reaches (measured)
     text); whole run 135-136 s in the lab, 137-138 s for the process. Part 4's 50-step forecasts:
     RMSE 0.249 (LSTM) and 0.215 (GRU) against the clean signal, where predicting zero scores 0.416
     and repeating the last value 0.602; 1,500 steps each, about 8 s (LSTM) and 25 s (GRU).
-    Smoke run (`--smoke`): 5.4-5.6 s wall.
+    Smoke run (`--smoke`): 5.4-5.6 s wall on an idle machine, measured before the GPU changes of
+    this version (mixed precision, fewer reads from the device); on a busy shared machine the two
+    versions took the same CPU time (10.5-11.0 s of one thread each).
   GPU: not measured yet.
   Training stops on a wall-clock budget (`--time-budget`, seconds), not on a step count, so the
   whole default run, all six parts, fits the lab's target of 2 min 40 s of wall time; the

@@ -37,7 +37,11 @@ What the default run reaches (measured)
   2-core CPU (AMD EPYC, torch 2.14.1), `python week3_rnn/07_seq2seq.py`:
     held-out exact match 100.00% greedy and 100.00% beam (k=4) (target 99%), additive attention,
     5 epochs trained in 84 s; whole run 89 s in the lab, 92 s for the process. An earlier run of
-    4 epochs gave 99.95% in 83 s. Smoke run (`--smoke`): 5.1-5.5 s wall.
+    4 epochs gave 99.95% in 83 s. Smoke run (`--smoke`): 5.1-5.5 s wall. Those were timed before
+    the GPU changes of this version (batches sorted by length, teacher-forcing coins drawn per
+    batch, greedy's answer kept in beam search); this version's default run again gave 100.00%
+    greedy and 100.00% beam, on a busy shared machine where its time means nothing, and its smoke
+    run took the same CPU time as the previous version's there (9.3-10.4 s of one thread each).
   GPU: not measured yet.
 """
 import argparse
