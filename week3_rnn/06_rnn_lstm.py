@@ -970,9 +970,9 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
         "config": asdict(config), "batch_size": args.batch_size, "bptt": args.bptt, "lr": args.lr,
         "time_budget_s": args.time_budget, "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
         "checkpoint_reproduces": same, **basics,
+        # training seconds until a validation pass reached the target; null when none did
+        "seconds_to_target": seconds_to_target,
     }
-    if seconds_to_target is not None:
-        metrics["seconds_to_target"] = seconds_to_target  # training seconds until a validation pass reached it
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\nSummary: a {config.hidden_size}-unit LSTM trained {train_time:.0f} s ({epochs_done:.2f} epochs); "
           f"validation loss {val_loss:.3f} nats/char (target <= {TARGET_VAL_LOSS}: "
