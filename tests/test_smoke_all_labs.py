@@ -64,6 +64,8 @@ PROMISED = {
 
 LABS = all_labs()
 IDS = [f"{p.parent.name}/{p.name}" for p in LABS]
+# The notebook test of a lab reuses its terminal run: with pytest-xdist both go to one worker.
+LAB_PARAMS = [pytest.param(lab, id=name, marks=pytest.mark.xdist_group(lab.stem)) for lab, name in zip(LABS, IDS)]
 
 
 def numbers_in(value, path="metrics"):
@@ -121,7 +123,7 @@ def smoke_root(tmp_path_factory):
     return tmp_path_factory.mktemp("smoke")
 
 
-@pytest.mark.parametrize("lab", LABS, ids=IDS)
+@pytest.mark.parametrize("lab", LAB_PARAMS)
 def test_lab_smoke_run(lab, smoke_root):
     out_dir = smoke_root / lab.stem / "out"
     out_dir.parent.mkdir(exist_ok=True)
@@ -190,7 +192,7 @@ def stream_text(cell, name):
                    if o.get("output_type") == "stream" and o.get("name") == name)
 
 
-@pytest.mark.parametrize("lab", LABS, ids=IDS)
+@pytest.mark.parametrize("lab", LAB_PARAMS)
 def test_lab_runs_as_a_notebook_on_a_simulated_t4(lab, smoke_root, tmp_path, monkeypatch):
     import jupytext
     import nbformat
