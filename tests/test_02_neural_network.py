@@ -178,7 +178,6 @@ def test_out_of_range_flags_are_refused_before_anything_runs(flag, value, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA fp16 is allowed")
 def test_fp16_without_cuda_is_refused_before_anything_runs(tmp_path):
     result = failure_of(lab.main, ["--precision", "fp16", "--device", "cpu", "--smoke", "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, "--precision fp16 is for CUDA GPUs", "fp32")

@@ -205,13 +205,6 @@ def test_cifar10_absent_with_no_network_names_url_layout_and_smoke(tmp_path):
                          "cifar-10-batches-py/data_batch_1", "--smoke")
 
 
-def test_cuda_where_there_is_none_stops_with_a_message(lab, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    assert_clean_failure(failure_of(lab.main, ["--device", "cuda", "--smoke", "--out-dir", tmp_path]), "--device cuda")
-    assert not any(tmp_path.iterdir())
-
-
 @pytest.mark.parametrize("flags, fragment", [(["--epochs", "0"], "--epochs"), (["--lr", "0"], "--lr"),
                                              (["--label-smoothing", "1"], "--label-smoothing"),
                                              (["--widths", "8,8,8,8"], "--widths"), (["--widths", "a,b,c"], "--widths"),

@@ -207,13 +207,6 @@ def test_out_of_range_flags_are_refused_in_one_line(lab, flags, fragment, tmp_pa
     assert not out_dir.exists()
 
 
-def test_cuda_where_there_is_none_stops_with_a_message(lab, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    assert_clean_failure(failure_of(lab.main, ["--device", "cuda", "--smoke", "--out-dir", tmp_path]), "--device cuda")
-    assert not any(tmp_path.iterdir())
-
-
 def test_data_dir_or_out_dir_naming_a_file_is_refused_before_anything_is_written(lab, tmp_path):
     a_file = tmp_path / "photos.zip"
     a_file.write_text("keep me")
