@@ -470,6 +470,9 @@ def read_losses(history: dict, losses: list, times: list, first_bad: torch.Tenso
     return smoothed
 
 
+MIN_STEPS_PER_LOG = 4
+
+
 def train(model, train_ids, val_ids, args, device, dtype) -> dict:
     """Train against the clock; train_ids and val_ids are already on `device`."""
     config = model.config
@@ -507,7 +510,9 @@ def train(model, train_ids, val_ids, args, device, dtype) -> dict:
         first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
         losses.append(loss.detach())
         times.append(time.perf_counter() - started)
-        if times[-1] >= next_eval or step == args.max_steps:
+        # Log (and read from the GPU) when the clock says so, but never more often than every
+        # MIN_STEPS_PER_LOG steps: on a slow device every step could pass the clock's mark.
+        if (times[-1] >= next_eval and len(losses) >= MIN_STEPS_PER_LOG) or step == args.max_steps:
             smoothed = read_losses(history, losses, times, first_bad, smoothed, args.lr)
             estimate = evaluate(model, val_ids, config.block_size, dtype, max_windows=160)
             now = time.perf_counter() - started
