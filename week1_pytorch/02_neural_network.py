@@ -143,7 +143,7 @@ def save_figure(fig, path: Path) -> None:
 # %%
 # Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
 # --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 answers True to the plain is_bf16_supported() but only emulates bf16,
+# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
 # slowly. CPU and MPS train in fp32.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
