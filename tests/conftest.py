@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite runs on two pytest workers (pytest.ini): one PyTorch thread per worker and per lab process
+# keeps them from fighting over the same cores. Set before torch starts its thread pool.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 LAB_DIRS = ("week1_pytorch", "week2_cnn", "week3_rnn", "week4_transformer_vae", "projects")
 

@@ -15,12 +15,14 @@ crash on Colab. This module runs `--device cuda` on the CPU with the rule enforc
     a factory given a CPU generator for a GPU tensor fails as on a GPU;
   * `torch.autocast("cuda", ...)` runs as CPU autocast with the same dtype, so fp16/bf16 paths run
     (and `torch.is_autocast_enabled("cuda")`, `torch.get_autocast_dtype("cuda")` answer for it);
+    matrix products and convolutions under it read fp16/bf16-rounded inputs, add up in float32 and
+    return the autocast dtype, as tensor cores do (the CPU's own fp16 kernels are far slower);
   * each device-to-host read (`.item()`, `float(t)`, `bool(t)`, `.tolist()`, `.cpu()`, formatting
     or printing a tensor, `nonzero`, `allclose`, `torch.cuda.synchronize`) is counted by the lab
     line that made it, per interval between two optimizer steps, so a test can find a read made on
     every training step (a stall on a GPU).
 
-What it cannot see: GPU kernels (cuDNN, fused and fp16 kernels run as their CPU versions, CUDA
+What it cannot see: GPU kernels (cuDNN and fused kernels run as their CPU versions, CUDA
 autocast's op lists are CPU autocast's), speed, memory (nothing is allocated on a GPU, so
 out-of-memory cannot happen), asynchronous execution and streams, several GPUs, the CUDA random
 generator (numbers come from the CPU one), pinned memory (a no-op), and C++ code that reads a
@@ -111,6 +113,14 @@ HOST_READS = {T.item: "item", T.tolist: "tolist", T.__bool__: "bool", T.__float_
 INDEXING = {T.__getitem__, T.__setitem__, T.index_put_, T.index_put, torch.index_put}
 VF = torch._C._VariableFunctions
 RECURRENT_KERNELS = {VF.lstm, VF.gru, VF.rnn_tanh, VF.rnn_relu}
+F = torch.nn.functional
+# The products autocast runs in fp16/bf16. A GPU's tensor cores read them in half precision and add
+# up in float32; the CPU's own half-precision kernels are 20-50 times slower than float32 here.
+HALF_PRECISION_PRODUCTS = {F.linear, torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d,
+                           torch.conv_transpose2d, torch.conv_transpose3d, torch.matmul, T.matmul, T.__matmul__,
+                           T.__rmatmul__, torch.mm, T.mm, torch.bmm, T.bmm, torch.addmm, T.addmm, torch.baddbmm,
+                           T.baddbmm, torch.addbmm, torch.einsum, torch.prelu, F.scaled_dot_product_attention,
+                           F.multi_head_attention_forward}
 PACKED_SEQUENCES = {VF._pack_padded_sequence, VF._pad_packed_sequence} | RECURRENT_KERNELS
 
 
@@ -157,6 +167,8 @@ class SimulatedCudaTensor(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             if func in RECURRENT_KERNELS and torch.is_autocast_enabled("cpu"):
                 result = recurrent_kernel_in_low_precision(func, args, kwargs)
+            elif func in HALF_PRECISION_PRODUCTS and torch.is_autocast_enabled("cpu"):
+                result = product_as_tensor_cores_do(func, args, kwargs)
             else:
                 result = func(*args, **kwargs)
         if device is not None and not is_cuda_device(device):
@@ -179,6 +191,17 @@ def recurrent_kernel_in_low_precision(func, args, kwargs):
         to_float = lambda t: t.float() if t.is_floating_point() else t
         result = func(*pytree.tree_map_only(torch.Tensor, to_float, args),
                       **pytree.tree_map_only(torch.Tensor, to_float, kwargs))
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(low) if t.is_floating_point() else t, result)
+
+
+def product_as_tensor_cores_do(func, args, kwargs):
+    """A matrix product under autocast: inputs rounded to the autocast dtype, summed in float32, the
+    result in the autocast dtype, as a GPU's tensor cores do (and as fast as float32 on the CPU)."""
+    low = torch.get_autocast_dtype("cpu")
+    with torch.autocast("cpu", enabled=False):
+        rounded = lambda t: t.to(low).float() if t.is_floating_point() else t
+        result = func(*pytree.tree_map_only(torch.Tensor, rounded, args),
+                      **pytree.tree_map_only(torch.Tensor, rounded, kwargs))
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to(low) if t.is_floating_point() else t, result)
 
 
