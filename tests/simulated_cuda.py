@@ -285,7 +285,8 @@ def simulated_factory(real_factory):
         check_generator(kwargs.get("generator"), gpu=on_gpu)
         if not on_gpu:
             return real_factory(*args, **kwargs) if device is None else real_factory(*args, device=device, **kwargs)
-        return simulated(real_factory(*args, **kwargs))
+        requires_grad = kwargs.pop("requires_grad", False)  # set after the wrap: a leaf, as on a GPU
+        return simulated(real_factory(*args, **kwargs)).requires_grad_(requires_grad)
     return factory
 
 
