@@ -363,7 +363,7 @@ def save_digit_grid(path: Path, images, titles, columns: int, suptitle: str):
     if len(images) == 0:
         axes[0, 0].text(0, 0.5, "none", fontsize=12)
     for ax, image, title in zip(axes.flat, images.cpu(), titles):
-        ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)  # matplotlib reads NumPy arrays
         ax.set_title(title, fontsize=8)
     fig.suptitle(suptitle)
     fig.tight_layout()

@@ -122,17 +122,6 @@ def test_out_of_range_flags_are_refused_before_anything_runs(lab, tmp_path, flag
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
-def test_a_file_where_a_folder_belongs_is_refused_and_left_alone(lab, tmp_path, flag):
-    a_file = tmp_path / "notes.txt"
-    a_file.write_text("mine")
-    other = {"--data-dir": ["--out-dir", tmp_path / "out"], "--out-dir": ["--data-dir", tmp_path / "data"]}[flag]
-    result = failure_of(lab.main, [flag, a_file, *other, "--smoke"])
-    assert_clean_failure(result, flag, "is a file, not a folder")
-    assert a_file.read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-
-
 def test_a_bad_flag_in_a_notebook_prints_one_line_without_raising(lab, tmp_path, monkeypatch, capsys):
     """In a notebook, SystemExit would show a traceback: main() prints the line and returns."""
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))

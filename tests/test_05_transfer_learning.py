@@ -207,14 +207,6 @@ def test_out_of_range_flags_are_refused_in_one_line(lab, flags, fragment, tmp_pa
     assert not out_dir.exists()
 
 
-def test_data_dir_or_out_dir_naming_a_file_is_refused_before_anything_is_written(lab, tmp_path):
-    a_file = tmp_path / "photos.zip"
-    a_file.write_text("keep me")
-    assert_clean_failure(failure_of(lab.main, ["--data-dir", a_file, "--out-dir", tmp_path / "out"]), "--data-dir")
-    assert_clean_failure(failure_of(lab.main, ["--smoke", "--out-dir", a_file]), "--out-dir")
-    assert a_file.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [a_file]
-
-
 def test_a_bad_flag_in_a_notebook_prints_one_line_and_does_not_exit(lab, monkeypatch, capsys):
     import types
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))

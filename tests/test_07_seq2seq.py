@@ -220,16 +220,6 @@ def test_bad_flags_get_one_line_before_anything_runs(lab, tmp_path, flags, fragm
     assert result.returncode == 1 and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
-def test_a_file_where_a_folder_belongs_is_refused_and_left_alone(lab, tmp_path, flag):
-    a_file = tmp_path / "notes.txt"
-    a_file.write_text("mine")
-    other = {"--data-dir": ["--out-dir", tmp_path / "out"], "--out-dir": ["--data-dir", tmp_path / "data"]}[flag]
-    result = failure_of(lab.main, [flag, a_file, *other, "--smoke", "--device", "cpu"])
-    assert_clean_failure(result, flag, "is a file, not a folder")
-    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-
-
 def test_a_bad_flag_in_a_notebook_prints_one_line_without_raising(lab, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     lab.main(["--beam-width", "0", "--out-dir", str(tmp_path / "out")])

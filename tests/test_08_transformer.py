@@ -154,16 +154,6 @@ def test_out_of_range_hyper_parameters_are_refused(flag, value, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
-def test_a_file_where_a_folder_belongs_is_a_one_line_message(flag, tmp_path):
-    file = tmp_path / "notes.txt"
-    file.write_text("keep me")
-    argv = ["--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", flag, file]
-    result = failure_of(lab.main, argv + (["--smoke"] if flag == "--out-dir" else []))
-    assert_clean_failure(result, flag, "not a folder")
-    assert file.read_text() == "keep me" and not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
-
-
 def test_a_corpus_that_is_not_utf8_is_a_one_line_message(tmp_path):
     corpus = tmp_path / "data" / "tinyshakespeare" / "input.txt"
     corpus.parent.mkdir(parents=True)

@@ -140,16 +140,6 @@ def test_out_of_range_hyper_parameters_are_refused(flag, value, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
-def test_a_file_where_a_folder_belongs_is_one_line(flag, tmp_path):
-    afile = tmp_path / "a_file"
-    afile.write_text("mine")
-    argv = {"--data-dir": ["--data-dir", afile, "--out-dir", tmp_path / "out"], "--out-dir": ["--smoke", "--out-dir", afile]}
-    result = failure_of(lab.main, argv[flag])
-    assert_clean_failure(result, flag, "is a file, not a folder")
-    assert afile.read_text() == "mine" and not (tmp_path / "out").exists()
-
-
 def test_mnist_absent_with_no_network_names_url_layout_and_smoke(tmp_path, monkeypatch):
     for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens there: offline

@@ -31,8 +31,9 @@ def test_an_out_dir_that_is_a_file_gets_one_line(lab, tmp_path):
     a_file.write_text("keep me")
     result = failure_of(lab_main(lab), ["--smoke", "--device", "cpu", "--out-dir", a_file,
                                         "--data-dir", tmp_path / "data"])
-    assert_clean_failure(result, "--out-dir")
+    assert_clean_failure(result, "--out-dir", "not a folder")
     assert a_file.read_text() == "keep me"
+    assert sorted(tmp_path.iterdir()) == [a_file], "a failing run created a folder"
 
 
 @pytest.mark.parametrize("lab", LABS, ids=IDS)
@@ -40,9 +41,9 @@ def test_a_data_dir_that_is_a_file_gets_one_line(lab, tmp_path):
     a_file = tmp_path / "data.txt"
     a_file.write_text("keep me")
     result = failure_of(lab_main(lab), ["--device", "cpu", "--data-dir", a_file, "--out-dir", tmp_path / "out"])
-    assert_clean_failure(result, "--data-dir")
+    assert_clean_failure(result, "--data-dir", "not a folder")
     assert a_file.read_text() == "keep me"
-    assert not (tmp_path / "out").exists(), "a failing run wrote to --out-dir"
+    assert sorted(tmp_path.iterdir()) == [a_file], "a failing run created a folder"
 
 
 @pytest.mark.parametrize("lab", LABS, ids=IDS)

@@ -294,16 +294,6 @@ def test_bad_flags_fail_with_one_line_before_anything_is_written(lab, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
-def test_a_file_where_a_folder_belongs_is_one_line(lab, tmp_path, flag):
-    afile = tmp_path / "a_file"
-    afile.write_text("mine")
-    argv = {"--data-dir": ["--data-dir", afile, "--out-dir", tmp_path / "out"], "--out-dir": ["--smoke", "--out-dir", afile]}
-    result = failure_of(lab.main, argv[flag])
-    assert_clean_failure(result, flag, "is a file, not a folder")
-    assert afile.read_text() == "mine" and not (tmp_path / "out").exists()
-
-
 def test_an_absent_device_is_one_line(lab, tmp_path):
     device = "mps" if torch.cuda.is_available() else "cuda"      # the one this machine lacks
     result = failure_of(lab.main, ["--smoke", "--device", device, "--out-dir", tmp_path / "out"])

@@ -403,16 +403,6 @@ def test_out_of_range_flags_are_refused_before_anything_runs(lab, tmp_path, flag
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag", ["--data-dir", "--out-dir"])
-def test_a_file_where_a_folder_belongs_is_a_one_line_message(lab, tmp_path, flag):
-    file = tmp_path / "notes.txt"
-    file.write_text("keep me")
-    argv = ["--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", flag, file]
-    result = failure_of(lab.main, argv + (["--smoke"] if flag == "--out-dir" else ["--stage", "scratch"]))
-    assert_clean_failure(result, flag, "not a folder")
-    assert file.read_text() == "keep me" and not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
-
-
 def test_a_review_that_is_not_utf8_is_a_one_line_message(lab, tmp_path):
     write_reviews(tmp_path / "data")
     (tmp_path / "data" / "aclImdb" / "train" / "pos" / "0_8.txt").write_bytes(b"caf\xe9 cr\xe8me, great film")
