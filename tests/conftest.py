@@ -5,6 +5,7 @@ Labs have file names that start with a digit, so they cannot be imported with a 
 `if __name__ == "__main__"`.
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,12 @@ def all_labs():
 
 
 def lab_path(relative: str) -> Path:
+    """The lab under test: the file in the repository, or the learner's practice copy of it when
+    LAB_FILE names one (several copies: joined with os.pathsep), e.g.
+    `LAB_FILE=practice/09_vae.py python -m pytest -m exercise -n 0 tests/test_09_vae.py`."""
+    for practice_copy in filter(None, os.environ.get("LAB_FILE", "").split(os.pathsep)):
+        if Path(practice_copy).name == Path(relative).name:
+            return Path(practice_copy).resolve()
     return REPO / relative
 
 
@@ -119,3 +126,34 @@ def run_on_simulated_cuda(code: str, timeout=120):
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)
+
+
+# Exercises (practice.py): a test marked `@pytest.mark.exercise("name")` grades the exercise of that
+# name in the lab its file tests. With EXERCISE_REPORT set, each result is written there (one JSON
+# line) for `python practice.py score`; with LAB_FILE set, the run ends with one line per exercise.
+EXERCISE_RESULTS = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("exercise")
+    if marker is None or not (report.when == "call" or report.failed):
+        return
+    why = call.excinfo.exconly().strip().splitlines()[0][:300] if call.excinfo else ""
+    lab_file = Path(item.module.LAB).name if hasattr(item.module, "LAB") else "?"
+    result = {"lab": lab_file, "exercise": marker.args[0], "test": item.nodeid, "passed": report.passed, "why": why}
+    EXERCISE_RESULTS.append(result)
+    if os.environ.get("EXERCISE_REPORT"):
+        with open(os.environ["EXERCISE_REPORT"], "a", encoding="utf-8") as report_file:
+            report_file.write(json.dumps(result) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not os.environ.get("LAB_FILE") or not EXERCISE_RESULTS:
+        return
+    terminalreporter.section("exercises")
+    for name in dict.fromkeys(r["exercise"] for r in EXERCISE_RESULTS):
+        failed = [r for r in EXERCISE_RESULTS if r["exercise"] == name and not r["passed"]]
+        terminalreporter.write_line(f"{name}: " + (f"FAILED ({failed[0]['why']})" if failed else "passed"))

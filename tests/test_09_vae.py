@@ -15,6 +15,7 @@ LAB = "week4_transformer_vae/09_vae.py"
 lab = load_lab(LAB)
 
 
+@pytest.mark.exercise("reparameterize")
 def test_reparameterization_passes_gradients_to_mu_and_sigma():
     torch.manual_seed(0)
     mu = torch.randn(4, 3, requires_grad=True)
@@ -29,6 +30,7 @@ def test_reparameterization_passes_gradients_to_mu_and_sigma():
     torch.testing.assert_close(logvar.grad, 0.5 * sigma * eps)  # dz/dlogvar = dz/dsigma * dsigma/dlogvar
 
 
+@pytest.mark.exercise("reparameterize")
 def test_reparameterized_samples_have_the_right_mean_and_spread():
     mu, logvar = torch.full((200_000, 1), 1.5), torch.full((200_000, 1), math.log(0.25))
     z = lab.reparameterize(mu, logvar, torch.Generator().manual_seed(0))
@@ -36,6 +38,7 @@ def test_reparameterized_samples_have_the_right_mean_and_spread():
     assert z.std().item() == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.exercise("kl_divergence")
 def test_analytic_kl_matches_monte_carlo_and_torch_distributions():
     torch.manual_seed(0)
     mu, logvar = torch.randn(3, 5), torch.randn(3, 5) * 0.5

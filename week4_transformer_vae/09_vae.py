@@ -112,6 +112,9 @@ def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
 # drawn outside the graph, makes z a differentiable function of mu and sigma: dz/dmu = 1,
 # dz/dsigma = eps. The encoder predicts log(sigma^2) because it can be any real number.
 def reparameterize(mu, logvar, generator=None):
+    # Exercise reparameterize: return a sample mu + sigma * eps (sigma from logvar, eps ~ N(0, I)
+    # drawn with `generator`, on mu's device and dtype), so that gradients reach mu and logvar.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.randn.html
     std = torch.exp(0.5 * logvar)
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + std * eps
@@ -125,6 +128,9 @@ def reparameterize(mu, logvar, generator=None):
 # Appendix B); the tests check it against a Monte-Carlo estimate E_q[log q(z) - log p(z)].
 def kl_divergence(mu, logvar):
     """Per image: KL from N(mu, exp(logvar)) to N(0, I), summed over latent dimensions. (B, D) -> (B,)"""
+    # Exercise kl_divergence: the closed form above, one value per image; check it against
+    # torch.distributions.kl_divergence(Normal(mu, sigma), Normal(0, 1)).
+    # Docs: https://pytorch.org/docs/stable/distributions.html#module-torch.distributions.kl
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
