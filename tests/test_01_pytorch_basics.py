@@ -18,6 +18,7 @@ def lab():
     return load_lab(LAB)
 
 
+@pytest.mark.exercise("logistic_gradients_by_hand")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_hand_derived_logistic_gradient_equals_autograd(lab, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -33,6 +34,35 @@ def test_hand_derived_logistic_gradient_equals_autograd(lab, seed):
     assert lab.check_hand_gradient(seed) < 1e-12
 
 
+@pytest.mark.exercise("silu_forward")
+def test_silu_forward_matches_f_silu_and_saves_the_input_for_backward(lab):
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    y = lab.SiLUFunction.apply(x)
+    assert y.shape == x.shape and y.requires_grad
+    torch.testing.assert_close(y, F.silu(x))
+    saved = y.grad_fn.saved_tensors                      # what ctx.save_for_backward kept
+    assert len(saved) == 1 and torch.equal(saved[0], x), "save the input x for backward"
+
+
+@pytest.mark.exercise("silu_backward")
+def test_silu_backward_is_the_derivative_of_silu(lab):
+    """The lab's backward alone: called with the input saved, and under gradcheck behind a reference forward."""
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    grad_output = torch.randn(3, 7, dtype=torch.float64)
+    ours = lab.SiLUFunction.backward(types.SimpleNamespace(saved_tensors=(x.detach(),)), grad_output)
+    (theirs,) = torch.autograd.grad(F.silu(x), x, grad_output)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, theirs)
+
+    class ReferenceForward(lab.SiLUFunction):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return F.silu(x)
+
+    assert torch.autograd.gradcheck(ReferenceForward.apply, (x,))
+
+
 def test_custom_silu_function_passes_gradcheck_and_matches_pytorch(lab):
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lab.SiLUFunction.apply, (x,))
@@ -44,6 +74,7 @@ def test_custom_silu_function_passes_gradcheck_and_matches_pytorch(lab):
     assert passed and difference < 1e-12
 
 
+@pytest.mark.exercise("shares_storage")
 def test_views_share_storage_and_contiguous_copies_do_not(lab):
     base = torch.arange(12.0).reshape(3, 4)
     transposed = base.t()

@@ -145,6 +145,11 @@ def tour_of_indexing_and_broadcasting() -> None:
 # dimension; transpose only swaps strides, so the result is no longer contiguous in memory.
 def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when two tensors read the same block of memory (one is a view of the other)."""
+    # Exercise shares_storage: return True when tensors a and b read the same memory block. A view
+    # (view, t, slicing, expand) keeps the base's storage and only changes shape/strides/offset,
+    # so compare where the two storages start (the storage, not the tensor's own first element:
+    # base[1:] starts later in memory but is still a view). clone()/contiguous() copies must give False.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.Tensor.untyped_storage.html
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
@@ -258,6 +263,10 @@ def tour_of_autograd() -> None:
 # We check it against autograd through PyTorch's own loss, in float64 so only rounding remains.
 def logistic_gradients_by_hand(X, y, w, b):
     """(dL/dw, dL/db) of the mean BCE of logistic regression. X (N, D), y (N,), w (D,), b scalar."""
+    # Exercise logistic_gradients_by_hand: without autograd, return (dL/dw of shape (D,), dL/db a
+    # 0-dim tensor) from the derivation above: the error p - y with p = sigmoid(Xw + b), then
+    # dL/dw = X^T (p - y) / N and dL/db = sum(p - y) / N. The test compares with autograd in float64.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.functional.binary_cross_entropy_with_logits.html
     error = torch.sigmoid(X @ w + b) - y                        # (N,)
     return X.T @ error / len(y), error.sum() / len(y)           # (D,), scalar
 
@@ -289,11 +298,18 @@ def check_hand_gradient(seed: int, samples: int = 64, features: int = 5) -> floa
 class SiLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
+        # Exercise silu_forward: return x * sigmoid(x) (same shape as x), and keep on ctx what
+        # backward will need to compute the derivative (the input x, via ctx.save_for_backward).
+        # Docs: https://pytorch.org/docs/stable/generated/torch.autograd.Function.forward.html
         ctx.save_for_backward(x)                                # backward needs the input
         return x * torch.sigmoid(x)
 
     @staticmethod
     def backward(ctx, grad_output):
+        # Exercise silu_backward: read x back from ctx.saved_tensors and return dL/dx, shape of x:
+        # the chain rule multiplies grad_output (dL/dSiLU) by dSiLU/dx = s (1 + x (1 - s)),
+        # s = sigmoid(x). gradcheck compares it with finite differences in float64.
+        # Docs: https://pytorch.org/docs/stable/notes/extending.html#extending-torch-autograd
         (x,) = ctx.saved_tensors
         s = torch.sigmoid(x)
         return grad_output * s * (1 + x * (1 - s))
