@@ -19,26 +19,51 @@ NO_NETWORK = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy
 NO_NETWORK |= {"no_proxy": "", "NO_PROXY": ""}
 
 
-def test_linear_relu_forward_and_backward_match_autograd():
+def layer_at_relus_kink():
+    """A float64 layer, an input, dL/dy, and autograd's answers; row 0 meets zero bias, so some
+    pre-activations are exactly 0, at ReLU's kink."""
     torch.manual_seed(0)
     layer = nn.Linear(20, 7).double()
     x = torch.randn(5, 20, dtype=torch.float64, requires_grad=True)
-    with torch.no_grad():  # row 0 meets zero bias: pre-activations exactly 0, at ReLU's kink
+    with torch.no_grad():
         x[0] = 0
         layer.bias[:3] = 0
     grad_output = torch.randn(5, 7, dtype=torch.float64)
     expected = F.relu(layer(x))
     expected.backward(grad_output)
+    return layer, x, grad_output, expected
 
-    output, cache = lab.linear_relu_forward(x.detach(), layer.weight.detach(), layer.bias.detach())
-    grad_x, grad_weight, grad_bias = lab.linear_relu_backward(grad_output, cache)
+
+@pytest.mark.exercise("linear_relu_forward")
+def test_linear_relu_forward_matches_f_relu_of_the_layer_and_caches_its_inputs():
+    layer, x, _grad_output, expected = layer_at_relus_kink()
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    output, cache = lab.linear_relu_forward(x.detach(), weight, bias)
+    assert output.shape == (5, 7)
     torch.testing.assert_close(output, expected.detach())
+    cached_x, cached_weight, pre_activation = cache
+    assert torch.equal(cached_x, x.detach()) and torch.equal(cached_weight, weight)
+    torch.testing.assert_close(pre_activation, F.linear(x.detach(), weight, bias))
+
+
+@pytest.mark.exercise("linear_relu_backward")
+def test_linear_relu_backward_matches_autograd():
+    """The lab's backward alone, given the cache the forward would make."""
+    layer, x, grad_output, _expected = layer_at_relus_kink()
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    cache = (x.detach(), weight, F.linear(x.detach(), weight, bias))
+    grad_x, grad_weight, grad_bias = lab.linear_relu_backward(grad_output, cache)
+    assert (grad_x.shape, grad_weight.shape, grad_bias.shape) == ((5, 20), (7, 20), (7,))
     torch.testing.assert_close(grad_x, x.grad)
     torch.testing.assert_close(grad_weight, layer.weight.grad)
     torch.testing.assert_close(grad_bias, layer.bias.grad)
+
+
+def test_the_labs_own_layer_check_finds_only_rounding():
     assert lab.check_layer_against_autograd(seed=3) < 1e-12
 
 
+@pytest.mark.exercise("label_smoothed_cross_entropy")
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.35, 1.0])
 def test_label_smoothed_cross_entropy_matches_pytorch(smoothing):
     generator = torch.Generator().manual_seed(1)
@@ -48,6 +73,7 @@ def test_label_smoothed_cross_entropy_matches_pytorch(smoothing):
                                F.cross_entropy(logits, targets, label_smoothing=smoothing))
 
 
+@pytest.mark.exercise("label_smoothed_cross_entropy")
 def test_label_smoothed_cross_entropy_gradient_matches_pytorch():
     logits = torch.randn(8, 10, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 10, (8,))

@@ -209,12 +209,21 @@ def describe_model(model: nn.Module) -> None:
 # line: the ReLU lets gradient through only where its input was positive; then the three
 # matrix products below give dL/dx, dL/dW and dL/db. Autograd does exactly this for us.
 def linear_relu_forward(x, weight, bias):
+    # Exercise linear_relu_forward: x (B, in), weight (out, in) as nn.Linear stores it, bias (out,).
+    # Return (y, cache): y = relu(x W^T + b), shape (B, out), and cache = (x, weight, pre_activation)
+    # where pre_activation = x W^T + b is kept for the backward pass (ReLU's derivative needs its sign).
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.Linear.html
     pre_activation = x @ weight.T + bias            # (B, in) @ (in, out) -> (B, out)
     return pre_activation.clamp(min=0), (x, weight, pre_activation)
 
 
 def linear_relu_backward(grad_output, cache):
     """Given dL/dy, return (dL/dx, dL/dW, dL/db) for y = relu(x W^T + b)."""
+    # Exercise linear_relu_backward: unpack cache = (x, weight, pre_activation). First through the
+    # ReLU: dL/dpre = grad_output where pre_activation > 0, else 0 (0 at exactly 0, as autograd).
+    # Then one matrix product each: dL/dx (B, in), dL/dW (out, in), and dL/db (out,), the sum over
+    # the batch because b was added to every row. Match the shapes and the products follow.
+    # Docs: https://pytorch.org/docs/stable/notes/autograd.html
     x, weight, pre_activation = cache
     grad_pre = grad_output * (pre_activation > 0)   # (B, out): ReLU's derivative is 0 or 1
     grad_x = grad_pre @ weight                      # (B, out) @ (out, in) -> (B, in)
@@ -245,6 +254,11 @@ def check_layer_against_autograd(seed: int, batch: int = 16, fan_in: int = 784, 
 # Label smoothing trains towards a softened target, (1 - eps) on the true class plus eps/K on
 # every class, which stops the model pushing its logits to extremes: a mild regulariser.
 def label_smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    # Exercise label_smoothed_cross_entropy: logits (B, K), targets (B,) class indices -> the mean
+    # loss over the batch, a 0-dim tensor, equal to F.cross_entropy(..., label_smoothing=smoothing).
+    # Per example: (1 - eps) * (-log p(true class)) + eps * (-mean over the K classes of log p(k)),
+    # with log p from log_softmax (stable, unlike log(softmax)); gather picks the true class.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.CrossEntropyLoss.html
     log_probs = logits.log_softmax(dim=-1)                          # (B, K)
     nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)     # (B,): -log p(true class)
     uniform = -log_probs.mean(dim=-1)                               # (B,): -mean_k log p(k)
