@@ -29,6 +29,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.exercise("rnn_cell")
 def test_scratch_rnn_cell_equals_nn_rnncell_forward_and_backward(lab):
     torch.manual_seed(0)
     ours, theirs = lab.ScratchRNNCell(5, 7), nn.RNNCell(5, 7)
@@ -40,6 +41,7 @@ def test_scratch_rnn_cell_equals_nn_rnncell_forward_and_backward(lab):
         torch.testing.assert_close(getattr(ours, name).grad, param.grad)
 
 
+@pytest.mark.exercise("lstm_cell")
 def test_scratch_lstm_cell_equals_nn_lstmcell_forward_and_backward(lab):
     torch.manual_seed(1)
     ours, theirs = lab.ScratchLSTMCell(5, 7), nn.LSTMCell(5, 7)
@@ -54,6 +56,7 @@ def test_scratch_lstm_cell_equals_nn_lstmcell_forward_and_backward(lab):
         torch.testing.assert_close(getattr(ours, name).grad, param.grad)
 
 
+@pytest.mark.exercise("gradient_vs_distance")
 def test_rnn_gradient_vanishes_faster_than_the_lstms(lab):
     torch.manual_seed(0)
     inputs = torch.randn(8, 60, 8)

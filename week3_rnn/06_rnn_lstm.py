@@ -187,6 +187,11 @@ class ScratchRNNCell(nn.Module):
         self.bias_hh = nn.Parameter(torch.empty(hidden_size).uniform_(-bound, bound))
 
     def forward(self, x, h=None):  # x: (B, I), h: (B, H)
+        # Exercise rnn_cell: one step of the vanilla RNN. Inputs x (B, I) and the previous hidden
+        # state h (B, H), or None at the first step (then start from zeros, (B, H), on x's device and
+        # dtype). Return the new hidden state (B, H) = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh), with
+        # the four parameters made in __init__ (a weight (H, I) is applied as x @ W.T, as nn.Linear does).
+        # Docs: https://pytorch.org/docs/stable/generated/torch.nn.RNNCell.html
         if h is None:
             h = x.new_zeros(x.shape[0], self.hidden_size)
         return torch.tanh(x @ self.weight_ih.T + self.bias_ih + h @ self.weight_hh.T + self.bias_hh)  # (B, H)
@@ -217,6 +222,13 @@ def compare_cells(scratch_cell, torch_cell, inputs):
 # LSTM with PyTorch's default init (f ~ 0.5) and the LSTM with the common forget-bias-1 init.
 def gradient_vs_distance(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Mean gradient norm of the last output w.r.t. each input, indexed by distance back in time."""
+    # Exercise gradient_vs_distance: let autograd measure how far back the last output still feels
+    # the input. Take a copy of inputs (B, T, I) that requires grad, run the batch-first recurrent
+    # `model` on it (it returns outputs (B, T, H) and its final state), backpropagate the sum of the
+    # last step's outputs, and reduce inputs.grad (B, T, I) to one number per time step: the L2 norm
+    # over features, averaged over the batch. Return (T,), reversed so entry d is the input d steps
+    # before the last (entry 0: the last input itself).
+    # Docs: https://pytorch.org/docs/stable/generated/torch.Tensor.backward.html
     inputs = inputs.clone().requires_grad_(True)
     outputs, _ = model(inputs)  # (B, T, H)
     outputs[:, -1].sum().backward()
@@ -278,6 +290,12 @@ class ScratchLSTMCell(nn.Module):
         self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size).uniform_(-bound, bound))
 
     def forward(self, x, state=None):  # x: (B, I), state: ((B, H), (B, H))
+        # Exercise lstm_cell: one step of the LSTM. Inputs x (B, I) and state = (h, c), each (B, H), or
+        # None at the first step (then both start at zeros). One matrix product per input gives all four
+        # gate blocks at once, (B, 4H) = x W_ih^T + b_ih + h W_hh^T + b_hh; cut it into i, f, g, o in
+        # that order (PyTorch's), squash i, f, o with a sigmoid and g with tanh, then
+        # c' = f * c + i * g and h' = o * tanh(c'). Return the tuple (h', c').
+        # Docs: https://pytorch.org/docs/stable/generated/torch.nn.LSTMCell.html
         if state is None:
             zeros = x.new_zeros(x.shape[0], self.hidden_size)
             state = (zeros, zeros)
