@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import assert_clean_failure, failure_of, load_lab, run_lab, run_on_simulated_cuda
 
@@ -47,6 +48,41 @@ def padded_batch(lab, seed=0):
     return source, target
 
 
+@pytest.mark.exercise("additive_scores")
+def test_additive_scores_equal_bahdanaus_formula_one_position_at_a_time(lab):
+    torch.manual_seed(0)
+    attention = lab.AdditiveAttention(query_size=6, key_size=5, attention_size=4)
+    query, keys = torch.randn(3, 6), torch.randn(3, 7, 5)
+    scores = attention.scores(query, attention.prepare(keys))
+    assert scores.shape == (3, 7)
+    with torch.no_grad():  # v . tanh(W q + U k_s), written out for each source position s
+        expected = torch.stack([attention.v(torch.tanh(attention.query_proj(query) + attention.key_proj(keys[:, s])))
+                                .squeeze(1) for s in range(7)], dim=1)
+    torch.testing.assert_close(scores.detach(), expected)
+
+
+@pytest.mark.exercise("attend")
+def test_attend_equals_scaled_dot_product_attention_with_a_padding_mask(lab):
+    """Dot-product scores with W = I and scale 1 are plain q . k: attend's context is then what
+    PyTorch's fused attention computes with the same mask (True where a position may be attended)."""
+    torch.manual_seed(0)
+    attention = lab.DotProductAttention(query_size=6, key_size=6)
+    with torch.no_grad():
+        attention.key_proj.weight.copy_(torch.eye(6))
+    query, keys, values = torch.randn(3, 6), torch.randn(3, 7, 6), torch.randn(3, 7, 5)
+    source_mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None]  # (3, 7) lengths 7, 4, 1
+    with torch.no_grad():
+        context, weights = lab.attend(attention, query, attention.prepare(keys), values, source_mask)
+        expected = F.scaled_dot_product_attention(query[:, None], keys, values, attn_mask=source_mask[:, None],
+                                                  scale=1.0).squeeze(1)
+    assert context.shape == (3, 5) and weights.shape == (3, 7)
+    torch.testing.assert_close(context, expected)
+    torch.testing.assert_close(weights.sum(1), torch.ones(3))
+    assert torch.equal(weights[~source_mask], torch.zeros(int((~source_mask).sum())))  # exactly zero
+    torch.testing.assert_close(context[2], values[2, 0])  # one real word: its value is the context
+
+
+@pytest.mark.exercise("attend")
 @pytest.mark.parametrize("attention", ["additive", "dot"])
 def test_attention_weights_sum_to_one_and_padding_gets_zero(lab, attention):
     model = small_model(lab, attention)
@@ -59,6 +95,7 @@ def test_attention_weights_sum_to_one_and_padding_gets_zero(lab, attention):
     assert (weights[~padding] > 0).all()
 
 
+@pytest.mark.exercise("attend")
 @pytest.mark.parametrize("attention", ["additive", "dot"])
 def test_padding_does_not_change_the_output(lab, attention):
     model = small_model(lab, attention)
@@ -96,13 +133,14 @@ def until_eos(rows, eos):
     return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
+@pytest.mark.exercise("beam_search")
 @pytest.mark.parametrize("attention", ["additive", "dot"])
 def test_beam_width_one_equals_greedy(lab, attention):
     for seed in range(3):
         model = small_model(lab, attention, seed)
         source, _ = padded_batch(lab, seed)
-        greedy, _ = lab.greedy_decode(model, source, max_len=9)
         beam = lab.beam_search(model, source, max_len=9, beam_width=1)
+        greedy, _ = lab.greedy_decode(model, source, max_len=9)
         assert until_eos(beam.tolist(), lab.EOS) == until_eos(greedy.tolist(), lab.EOS)
 
 
@@ -118,6 +156,7 @@ def scores_by_hand(lab, model, source, tokens, alpha):
     return scores
 
 
+@pytest.mark.exercise("beam_search")
 @pytest.mark.parametrize("attention", ["additive", "dot"])
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_a_beam_that_holds_every_hypothesis_finds_the_exhaustive_best(lab, attention, alpha):
@@ -134,13 +173,14 @@ def test_a_beam_that_holds_every_hypothesis_finds_the_exhaustive_best(lab, atten
 
 # With these random models a plain beam search of width 2 or 3 ends below greedy on some sentence
 # (the beam's early favourites all collapse later); the lab keeps greedy's answer where it is better.
+@pytest.mark.exercise("beam_search")
 @pytest.mark.parametrize("attention, seeds", [("additive", (15, 16)), ("dot", (6, 7))])
 def test_beam_search_never_scores_below_greedy(lab, attention, seeds):
     for seed, width, alpha in itertools.product(seeds, (2, 3), (0.0, 1.0)):
         model = small_model(lab, attention, seed)
         source, _ = padded_batch(lab, seed)
-        greedy, _ = lab.greedy_decode(model, source, max_len=9)
         beam = lab.beam_search(model, source, max_len=9, beam_width=width, length_penalty=alpha)
+        greedy, _ = lab.greedy_decode(model, source, max_len=9)
         for ours, baseline in zip(scores_by_hand(lab, model, source, beam, alpha),
                                   scores_by_hand(lab, model, source, greedy, alpha)):
             assert ours >= baseline - 1e-5, (seed, width, alpha)

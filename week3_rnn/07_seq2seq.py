@@ -349,6 +349,12 @@ class AdditiveAttention(nn.Module):
         return self.key_proj(keys)
 
     def scores(self, query, prepared_keys):  # query (B, D) -> (B, S)
+        # Exercise additive_scores: Bahdanau's score of every source position for one decoder state:
+        # score_s = v . tanh(W q + U k_s). query (B, D) is the decoder state; prepared_keys (B, S, A)
+        # already hold U k_s + b (prepare() ran key_proj once per sentence). Project the query with
+        # query_proj to (B, A), broadcast it over the S positions (unsqueeze), add, tanh, and let v
+        # turn each (A,) vector into one number: return (B, S), no softmax yet (attend does that).
+        # Docs: https://pytorch.org/docs/stable/notes/broadcasting.html
         return self.v(torch.tanh(self.query_proj(query).unsqueeze(1) + prepared_keys)).squeeze(2)
 
 
@@ -368,6 +374,12 @@ class DotProductAttention(nn.Module):
 
 def attend(attention, query, prepared_keys, values, source_mask):
     """Returns (context (B, K), weights (B, S)); masked positions get weight exactly 0."""
+    # Exercise attend: score every source position with attention.scores(query, prepared_keys)
+    # -> (B, S); set the scores where source_mask (B, S) is False (padding) to -inf, so that the
+    # softmax over S gives them weight exactly 0 and each row of weights sums to 1 over the real
+    # words; the context is the weighted sum of the values (B, S, K) -> (B, K) (a batched matrix
+    # product of the (B, 1, S) weights with the values). Return (context, weights).
+    # Docs: https://pytorch.org/docs/stable/generated/torch.Tensor.masked_fill.html
     scores = attention.scores(query, prepared_keys).masked_fill(~source_mask, float("-inf"))
     weights = torch.softmax(scores, dim=1)  # (B, S), each row sums to 1 over real positions
     context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)  # (B, 1, S) @ (B, S, K) -> (B, K)
@@ -502,6 +514,17 @@ def sequence_scores(model, source, tokens, length_penalty=1.0):
 @torch.no_grad()
 def beam_search(model, source, max_len, beam_width, length_penalty=1.0):
     """Returns the best token sequence per sentence, (B, T), padded with EOS after the end."""
+    # Exercise beam_search: decode all B sentences at once with k = beam_width hypotheses each.
+    # Encode once and repeat the memory and the state k times (B * k rows); the k beams start
+    # identical, so give all but the first a score of -inf. For up to max_len steps: model.step ->
+    # log_softmax (B * k, V); a finished hypothesis (it produced EOS) may only go on with EOS at no
+    # cost; add each beam's score, flatten to (B, k * V), keep the top k, and from each kept index
+    # recover its beam (index // V) and its token (index % V) to reorder state, tokens, lengths and
+    # finished; stop when every hypothesis is finished. Pick each sentence's best by
+    # score / length ** length_penalty (EOS counts once in the length). Finally compare with
+    # greedy_decode's answer (EOS after its first EOS), both scored by sequence_scores, and return
+    # the greedy one where it scores higher: (B, T) tokens, padded with EOS.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.topk.html
     batch, k = source.shape[0], beam_width
     memory, state = model.encode(source)
     memory = {name: value.repeat_interleave(k, dim=0) for name, value in memory.items()}  # (B*k, ...)
