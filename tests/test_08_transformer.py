@@ -14,6 +14,7 @@ LAB = "week4_transformer_vae/08_transformer.py"
 lab = load_lab(LAB)
 
 
+@pytest.mark.exercise("scaled_dot_product_attention")
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_by_hand_equals_scaled_dot_product_attention(causal):
     torch.manual_seed(0)
@@ -25,6 +26,7 @@ def test_attention_by_hand_equals_scaled_dot_product_attention(causal):
         assert (weights.triu(1) == 0).all(), "a position attends to the future"
 
 
+@pytest.mark.exercise("multi_head_attention")
 @pytest.mark.parametrize("causal", [False, True])
 def test_multi_head_attention_equals_nn_multiheadattention(causal):
     torch.manual_seed(0)
@@ -42,6 +44,7 @@ def test_multi_head_attention_equals_nn_multiheadattention(causal):
     torch.testing.assert_close(fused, expected)
 
 
+@pytest.mark.exercise("layer_norm")
 def test_layer_norm_by_hand_equals_nn_layer_norm():
     torch.manual_seed(0)
     theirs, mine = nn.LayerNorm(16), lab.LayerNormByHand(16)
@@ -53,11 +56,15 @@ def test_layer_norm_by_hand_equals_nn_layer_norm():
     torch.testing.assert_close(mine(x), theirs(x))
 
 
+@pytest.mark.exercise("sinusoidal_encoding")
 def test_sinusoidal_encoding_values_and_shift_invariance():
     table = lab.sinusoidal_positional_encoding(50, 16)
     assert table.shape == (50, 16)
     torch.testing.assert_close(table[0], torch.tensor([0.0, 1.0] * 8))  # sin 0, cos 0
     torch.testing.assert_close(table[3, 0], torch.sin(torch.tensor(3.0)))  # fastest channel: wavelength 2*pi
+    frequency = 10000.0 ** (-torch.arange(0, 16, 2) / 16)  # pair j turns at 10000^(-2j/dim)
+    torch.testing.assert_close(table[7, 0::2], torch.sin(7 * frequency))
+    torch.testing.assert_close(table[7, 1::2], torch.cos(7 * frequency))
     dots = table @ table.T  # the dot product of two positions depends only on their distance
     for offset in (1, 5, 20):
         diagonal = dots.diagonal(offset)

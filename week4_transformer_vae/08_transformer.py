@@ -118,6 +118,13 @@ def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
 # mask sets the scores of future positions to -inf, so position t only sees positions <= t.
 def scaled_dot_product_attention(q, k, v, causal=False):
     """q (..., Tq, d), k (..., Tk, d), v (..., Tk, dv) -> output (..., Tq, dv), weights (..., Tq, Tk)."""
+    # Exercise scaled_dot_product_attention: scores = q k^T / sqrt(d), (..., Tq, Tk) (transpose k's
+    # last two dimensions, so any leading batch and head dimensions ride along); with causal=True
+    # set the scores above the diagonal (a query looking at a later key) to -inf, e.g. with a
+    # lower-triangular boolean mask (tril); softmax over the keys (the last dimension) gives the
+    # weights; the output is weights @ v. Return (output, weights), as F.scaled_dot_product_attention
+    # (is_causal=...) returns the output.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (..., Tq, Tk)
     if causal:
         allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
@@ -142,6 +149,14 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(n_embd, n_embd)
 
     def forward(self, x, causal=True, by_hand=False):
+        # Exercise multi_head_attention: x (B, T, C) -> (output (B, T, C), weights (B, nh, T, T) or None).
+        # in_proj(x) makes q, k and v side by side, (B, T, 3C): split it in three; cut each one's C
+        # channels into n_head heads of C // n_head and move the head dimension in front of T,
+        # (B, nh, T, hs), so every head attends on its own. With by_hand use our
+        # scaled_dot_product_attention (it also returns the weights); otherwise PyTorch's fused
+        # F.scaled_dot_product_attention(..., is_causal=causal) and weights None. Then put the heads
+        # side by side again, (B, T, C), and mix them with out_proj.
+        # Docs: https://pytorch.org/docs/stable/generated/torch.nn.MultiheadAttention.html
         B, T, C = x.shape
         q, k, v = self.in_proj(x).split(C, dim=2)  # each (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -168,6 +183,12 @@ def copy_weights_from_torch(mine: MultiHeadAttention, theirs: nn.MultiheadAttent
 # a learned table (GPT's choice) is one more embedding the model fits to the data.
 def sinusoidal_positional_encoding(num_positions: int, dim: int) -> torch.Tensor:
     """(num_positions, dim): sin on even channels, cos on odd ones, wavelengths 2*pi ... 10000*2*pi."""
+    # Exercise sinusoidal_encoding: the 2017 paper's table, float32 (num_positions, dim). Channel pair
+    # (2j, 2j+1) turns at the frequency w_j = 10000 ** (-2j / dim): entry [p, 2j] = sin(p * w_j) and
+    # [p, 2j+1] = cos(p * w_j). Make positions (T, 1) times frequencies (dim / 2,) by broadcasting,
+    # then fill the even and odd columns (slices 0::2 and 1::2; with an odd dim there is one cosine
+    # column fewer than sines).
+    # Docs: https://pytorch.org/docs/stable/generated/torch.arange.html
     position = torch.arange(num_positions, dtype=torch.float32)[:, None]  # (T, 1)
     frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
     table = torch.zeros(num_positions, dim)
@@ -187,6 +208,11 @@ class LayerNormByHand(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
+        # Exercise layer_norm: normalise each token's features (the last dimension of x (..., C)) to
+        # mean 0 and variance 1: (x - mean) / sqrt(var + eps), with the biased variance (divide by C,
+        # as nn.LayerNorm does; keepdim=True so it broadcasts back), then scale by self.weight and shift
+        # by self.bias (each (C,)). Same shape out as in.
+        # Docs: https://pytorch.org/docs/stable/generated/torch.nn.LayerNorm.html
         mean = x.mean(dim=-1, keepdim=True)
         variance = x.var(dim=-1, keepdim=True, unbiased=False)
         return (x - mean) / torch.sqrt(variance + self.eps) * self.weight + self.bias
