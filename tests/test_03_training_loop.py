@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO, assert_clean_failure, failure_of, lab_path, load_lab, run_lab
 
@@ -53,6 +54,7 @@ def assert_same_checkpoint(resumed, expected, where="checkpoint"):
 
 
 # The pieces.
+@pytest.mark.exercise("random_shift")
 def test_random_shift_moves_each_image_by_at_most_max_shift_with_black_fill():
     images = torch.rand(16, 28, 28) + 0.1          # no zero pixels, so the black fill is visible
     torch.manual_seed(0)
@@ -118,6 +120,7 @@ def test_two_processes_at_batch_b_share_out_each_batch_of_one_process_at_2b():
     assert sum(len(loader.dataset) for loader in val_shares) == 44
 
 
+@pytest.mark.exercise("early_stopping_step")
 def test_early_stopping_counts_epochs_without_progress_and_round_trips():
     stopper = lab.EarlyStopping(patience=2)
     assert stopper.step(1.0) and stopper.step(0.9)
@@ -125,6 +128,57 @@ def test_early_stopping_counts_epochs_without_progress_and_round_trips():
     copy = lab.EarlyStopping(patience=99)
     copy.load_state_dict(stopper.state_dict())
     assert not copy.step(0.9) and copy.should_stop     # 0.9 is not *better* than 0.9
+
+
+def tiny_training(lr=1e-2):
+    torch.manual_seed(0)
+    model = lab.MLP(hidden_sizes=(16,), dropout=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=4)
+    return model, optimizer, scheduler
+
+
+def train_tiny_epoch(model, optimizer, scheduler, batches, lr_history, first_step=0):
+    cpu = torch.device("cpu")
+    return lab.train_one_epoch(model, batches, optimizer, scheduler, lab.grad_scaler(cpu, None), cpu, None,
+                               label_smoothing=0.1, max_shift=0, epoch=1, epochs=1, first_step=first_step,
+                               lr_history=lr_history, show_progress=False)
+
+
+@pytest.mark.exercise("train_one_epoch")
+def test_train_one_epoch_takes_the_steps_of_a_plain_training_loop():
+    raw = lab.make_smoke_digits(train_count=64, test_count=4)
+    batches = [(raw["train_images"][i:i + 16], raw["train_labels"][i:i + 16]) for i in range(0, 64, 16)]
+    model, optimizer, scheduler = tiny_training()
+    model.eval()
+    lr_history = []
+    loss, accuracy = train_tiny_epoch(model, optimizer, scheduler, batches, lr_history)
+    assert model.training, "train_one_epoch puts the model in training mode"
+
+    reference, reference_optimizer, reference_scheduler = tiny_training()
+    reference_lrs, losses, correct = [], [], 0
+    for images, labels in batches:
+        logits = reference(lab.to_model_input(images))
+        batch_loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
+        reference_optimizer.zero_grad()
+        batch_loss.backward()
+        reference_optimizer.step()
+        reference_lrs.append(reference_scheduler.get_last_lr()[0])
+        reference_scheduler.step()
+        losses.append(batch_loss.item())
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+    assert lr_history == reference_lrs, "one LR per step: the one the step used, before scheduler.step()"
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs)
+    assert isinstance(loss, float) and isinstance(accuracy, float)
+    assert loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert accuracy == pytest.approx(correct / 64)
+
+    broken, optimizer, scheduler = tiny_training()
+    with torch.no_grad():
+        broken.head.bias[0] = float("nan")                     # every loss from the first step on is NaN
+    with pytest.raises(lab.LabError, match="step 11"):
+        train_tiny_epoch(broken, optimizer, scheduler, batches, [], first_step=10)
 
 
 def test_nan_guard_keeps_the_first_bad_step_and_names_it():

@@ -261,6 +261,12 @@ class MNISTDataset(Dataset):
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Move every image (B, H, W) by its own random offset of up to max_shift pixels each way,
     filling the uncovered border with black: one batched gather on the images' device, no loop."""
+    # Exercise random_shift: images (B, H, W) -> (B, H, W), each image moved by its own random
+    # offset in [-max_shift, max_shift] along each axis, the uncovered border 0 (black). One way:
+    # zero-pad every side by max_shift, draw one top-left corner per image (torch.randint, on the
+    # images' device), and cut every H x W window at once with advanced indexing: index tensors for
+    # batch (B, 1, 1), rows (B, H, 1) and columns (B, 1, W) broadcast to (B, H, W). No Python loop.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.functional.pad.html
     batch, height, width = images.shape
     device = images.device
     padded = F.pad(images, (max_shift,) * 4)                                    # (B, H + 2s, W + 2s)
@@ -356,6 +362,10 @@ class EarlyStopping:
 
     def step(self, val_loss: float) -> bool:
         """Record one epoch's validation loss; True when it is the best so far."""
+        # Exercise early_stopping_step: a loss strictly below self.best_loss is new best: keep it,
+        # reset self.bad_epochs to 0, return True. Anything else (equal counts as no progress) adds
+        # one to self.bad_epochs and returns False; should_stop reads bad_epochs against patience.
+        # Docs: https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.ReduceLROnPlateau.html
         if val_loss < self.best_loss:
             self.best_loss, self.bad_epochs = val_loss, 0
             return True
@@ -521,6 +531,16 @@ def raise_if_diverged(first_bad: torch.Tensor) -> None:
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, dtype, *, label_smoothing: float,
                     max_shift: int, epoch: int, epochs: int, first_step: int, lr_history: list,
                     show_progress: bool = True) -> tuple[float, float]:
+    # Exercise train_one_epoch: one pass over `loader`, one optimizer step per batch; return (mean
+    # loss per image, accuracy) over the epoch as Python floats. model.train() first (dropout on).
+    # Per batch, numbered from first_step + 1: to the device, to_model_input(images, max_shift), the
+    # logits under autocast(device, dtype), F.cross_entropy on logits.float() with label_smoothing;
+    # clear the old gradients, backward and step through the GradScaler (scale, step, update), append
+    # the LR this step used to lr_history, then step the scheduler (it moves the LR every batch).
+    # No per-step .item(): sum loss, correct and images in a device tensor, track the first
+    # non-finite loss with note_non_finite, and after the loop call raise_if_diverged and read the
+    # sums, each through across_processes (a no-op without torchrun). A tqdm bar is optional.
+    # Docs: https://pytorch.org/docs/stable/optim.html#taking-an-optimization-step
     model.train()                                              # dropout on
     totals = torch.zeros(3, device=device)                     # loss sum, correct, images
     first_bad = torch.full((), NO_BAD_STEP, device=device)
