@@ -141,6 +141,12 @@ def unpack_and_check(raw: bytes, name: str, gzipped: bool) -> bytes:
 
 def read_idx(data: bytes) -> torch.Tensor:
     """Parse IDX bytes into a uint8 tensor: (N, 28, 28) for images, (N,) for labels."""
+    # Exercise read_idx: the IDX format is a 4-byte magic number (0, 0, 0x08 for unsigned bytes, then
+    # the number of dimensions), one 4-byte big-endian size per dimension, then the raw bytes. Check
+    # the magic (raise ValueError if it is not 0, 0, 8), read the sizes (int.from_bytes(..., "big")),
+    # raise ValueError if the file holds more or fewer bytes than their product, and return the data
+    # as a uint8 tensor of that shape (torch.frombuffer on a bytearray, then view).
+    # Docs: https://pytorch.org/docs/stable/generated/torch.frombuffer.html
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError("not an IDX file of unsigned bytes")
     ndim = data[3]
@@ -222,6 +228,12 @@ def synthetic_digits(count: int, seed: int):
 # 2-pixel shift at scale 1.1 moves the digit 2.2 pixels). The tests pin each of these down.
 def affine_matrices(angle_rad: torch.Tensor, scale: torch.Tensor, shift_px: torch.Tensor, size: int = 28):
     """(B,) angles, (B,) scales, (B, 2) shifts in pixels -> (B, 2, 3) matrices for affine_grid."""
+    # Exercise affine_matrices: one 2x3 matrix per image, [[cos/s, -sin/s, tx], [sin/s, cos/s, ty]],
+    # for angle a (cos a, sin a) and scale s. It maps OUTPUT positions to INPUT positions in
+    # coordinates from -1 to 1 (one pixel = 2 / size), so everything is the inverse of the motion:
+    # divide by the scale to magnify, and shift by MINUS shift_px in those units (a digit moved right
+    # is read from the left). Stack the rows to (B, 2, 3). The tests pin the directions down.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.functional.affine_grid.html
     cos, sin = angle_rad.cos() / scale, angle_rad.sin() / scale
     shift = -shift_px * (2.0 / size)  # the grid looks back: moving the digit right reads from the left
     row_x = torch.stack([cos, -sin, shift[:, 0]], dim=-1)
@@ -231,6 +243,10 @@ def affine_matrices(angle_rad: torch.Tensor, scale: torch.Tensor, shift_px: torc
 
 def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Apply one affine matrix per image: (B, 1, H, W) -> (B, 1, H, W); outside is black."""
+    # Exercise warp: F.affine_grid turns the (B, 2, 3) matrices into the input position every output
+    # pixel reads, (B, H, W, 2); F.grid_sample reads the images there, bilinearly, with zeros outside
+    # the image. Use align_corners=False in both, so -1 and 1 are the outer edges of the border pixels.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.functional.grid_sample.html
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -33,6 +33,7 @@ def idx_bytes(tensor: torch.Tensor) -> bytes:
 
 # --- data -----------------------------------------------------------------------------------------
 
+@pytest.mark.exercise("read_idx")
 def test_read_idx_round_trips_and_rejects_broken_files(lab):
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     assert torch.equal(lab.read_idx(idx_bytes(images)), images)
@@ -106,12 +107,28 @@ def one_image_theta(lab, degrees=0.0, scale=1.0, shift=(0.0, 0.0)):
                                torch.tensor([list(shift)]))
 
 
+@pytest.mark.exercise("warp")
+def test_warp_with_hand_written_matrices_is_the_identity_and_a_zero_filled_roll(lab):
+    """warp alone, with matrices written here (not by affine_matrices): the identity keeps the
+    images; a translation by 4/28 to the right (x) and -2/28 (y) reads 2 pixels to the right and
+    1 up, so the picture moves 2 pixels left and 1 down, with black coming in."""
+    images = torch.rand(2, 1, 28, 28)
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(2, 2, 3)
+    torch.testing.assert_close(lab.warp(images, identity), images, atol=1e-5, rtol=0)
+    shift = torch.tensor([[1.0, 0.0, 4 / 28], [0.0, 1.0, -2 / 28]]).expand(2, 2, 3)
+    expected = torch.zeros_like(images)
+    expected[..., 1:, :26] = images[..., :27, 2:]
+    torch.testing.assert_close(lab.warp(images, shift), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.exercise("affine_matrices")
 def test_identity_matrix_leaves_images_unchanged(lab):
     images = torch.rand(3, 1, 28, 28)
     theta = one_image_theta(lab).expand(3, 2, 3)
     torch.testing.assert_close(lab.warp(images, theta), images, atol=1e-5, rtol=0)
 
 
+@pytest.mark.exercise("affine_matrices")
 def test_integer_shift_equals_a_zero_filled_roll(lab):
     image = torch.rand(1, 1, 28, 28)
     shifted = lab.warp(image, one_image_theta(lab, shift=(3.0, -2.0)))  # 3 px right, 2 px up
@@ -120,6 +137,7 @@ def test_integer_shift_equals_a_zero_filled_roll(lab):
     torch.testing.assert_close(shifted, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.exercise("affine_matrices")
 def test_a_positive_angle_turns_the_digit_counter_clockwise(lab):
     # torch.rot90(k=1) over (rows, columns) is a quarter turn counter-clockwise as the image is
     # drawn (row 0 at the top): a dot right of the centre ends up above it.
@@ -142,6 +160,7 @@ def digit_in_the_middle():
     return image
 
 
+@pytest.mark.exercise("affine_matrices")
 def test_scale_two_is_the_centre_magnified_about_the_image_centre(lab):
     # Scale 2 about the centre shows the middle 14 x 14 pixels at twice the size: exactly bilinear
     # upsampling of that crop (the same sampling positions, align_corners=False in both).
@@ -151,6 +170,7 @@ def test_scale_two_is_the_centre_magnified_about_the_image_centre(lab):
     torch.testing.assert_close(grown, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.exercise("affine_matrices")
 def test_the_shift_comes_before_the_scale(lab):
     # A digit is shifted, then scaled about the centre: at scale 2 a 2-pixel shift moves it 4 pixels.
     image = digit_in_the_middle()
