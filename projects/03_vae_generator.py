@@ -216,6 +216,11 @@ def synthetic_digits(count: int, seed: int):
 #   KL = 0.5 * sum(mu^2 + sigma^2 - log sigma^2 - 1).
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) summed over `dim`: (B, Z) -> (B,) per example by default."""
+    # Exercise kl_to_standard_normal: the closed form above, with sigma^2 = exp(logvar):
+    # 0.5 * (mu^2 + sigma^2 - log sigma^2 - 1) for every latent dimension, summed over `dim`
+    # (dim=1: one number per example). Check it against torch.distributions.kl_divergence of
+    # Normal(mu, exp(logvar / 2)) and Normal(0, 1).
+    # Docs: https://pytorch.org/docs/stable/distributions.html#module-torch.distributions.kl
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=dim)
 
 
@@ -225,6 +230,11 @@ def reconstruction_nll(logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tens
     Written out: -(x * log sigmoid(l) + (1 - x) * log(1 - sigmoid(l))) = softplus(l) - x * l,
     the numerically stable form (no log of a probability that rounds to 0).
     """
+    # Exercise reconstruction_nll: from the decoder's logits l and the grey levels x in [0, 1], both
+    # (B, 1, 28, 28), the stable form above, softplus(l) - x * l, summed over every pixel of an
+    # image: return (B,). It must equal F.binary_cross_entropy_with_logits(..., reduction="none")
+    # summed per image, and stay finite for large logits.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.functional.binary_cross_entropy_with_logits.html
     return (F.softplus(logits) - pixels * logits).flatten(1).sum(dim=1)
 
 
@@ -235,6 +245,10 @@ def reconstruction_nll(logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tens
 # honest: the reported negative ELBO is always reconstruction + KL, beta = 1.
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator=None) -> torch.Tensor:
     """z = mu + sigma * eps: the randomness is in eps, so gradients flow to mu and logvar."""
+    # Exercise reparameterize: draw eps ~ N(0, I) of mu's shape with `generator`, on mu's device and
+    # dtype (it needs no gradient), take sigma = exp(logvar / 2), and return mu + sigma * eps: a
+    # sample of N(mu, sigma^2) that autograd can differentiate with respect to mu and logvar.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.randn.html
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + (0.5 * logvar).exp() * eps
 
@@ -511,6 +525,11 @@ def judge_agreement(vae, judge, per_digit: int, temperature: float, generator, d
 @torch.inference_mode()
 def interpolate(vae, image_a, label_a, image_b, label_b, steps: int) -> torch.Tensor:
     """Decode straight lines between the posterior means of two real digits, blending the labels too."""
+    # Exercise interpolate: encode the two images (a batch of two) to get their posterior means mu
+    # (2, Z); for `steps` weights w from 0 to 1 (torch.linspace) blend z = (1 - w) mu_a + w mu_b,
+    # (steps, Z), and the one-hot labels the same way, (steps, 10); decode and return the images
+    # sigmoid(logits), (steps, 1, 28, 28). The first and last are then the two digits' mean images.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.linspace.html
     vae.eval()
     mu, _ = vae.encode(torch.stack([image_a, image_b]), torch.stack([label_a, label_b]))
     weights = torch.linspace(0, 1, steps, device=mu.device).unsqueeze(1)                # (S, 1)

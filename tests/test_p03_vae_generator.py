@@ -27,6 +27,7 @@ def tiny_vae(lab):
 
 # --- the objective, by hand vs PyTorch ------------------------------------------------------------
 
+@pytest.mark.exercise("kl_to_standard_normal")
 def test_closed_form_kl_matches_torch_distributions(lab):
     mu, logvar = torch.randn(5, 7), torch.randn(5, 7)
     q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
@@ -37,12 +38,14 @@ def test_closed_form_kl_matches_torch_distributions(lab):
                                torch.distributions.kl_divergence(q, p).sum(dim=0))
 
 
+@pytest.mark.exercise("reconstruction_nll")
 def test_reconstruction_nll_is_summed_binary_cross_entropy(lab):
     logits, pixels = 5 * torch.randn(4, 1, 28, 28), torch.rand(4, 1, 28, 28)
     expected = F.binary_cross_entropy_with_logits(logits, pixels, reduction="none").flatten(1).sum(1)
     torch.testing.assert_close(lab.reconstruction_nll(logits, pixels), expected)
 
 
+@pytest.mark.exercise("reparameterize")
 def test_reparameterize_has_the_right_moments_and_passes_gradients(lab):
     mu = torch.tensor([1.0, -2.0], requires_grad=True)
     logvar = torch.tensor([0.0, 2 * torch.log(torch.tensor(3.0)).item()], requires_grad=True)  # sigma 1 and 3
@@ -63,6 +66,7 @@ def test_conditional_vae_shapes_and_deterministic_eval(lab, tiny_vae):
     torch.testing.assert_close(tiny_vae(x, y)[0], logits)  # eval mode decodes the mean
 
 
+@pytest.mark.exercise("interpolate")
 def test_interpolation_ends_decode_the_two_posterior_means(lab, tiny_vae):
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([4, 9])
     line = lab.interpolate(tiny_vae, x[0], y[0], x[1], y[1], steps=5)
