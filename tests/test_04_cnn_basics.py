@@ -31,6 +31,7 @@ CONV_CASES = [  # (in_channels, out_channels, kernel, stride, padding, dilation,
 ]
 
 
+@pytest.mark.exercise("conv2d_unfold")
 @pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, dilation, groups, bias", CONV_CASES)
 def test_conv2d_by_unfold_equals_f_conv2d(lab, c_in, c_out, kernel, stride, padding, dilation, groups, bias):
     torch.manual_seed(0)
@@ -41,6 +42,7 @@ def test_conv2d_by_unfold_equals_f_conv2d(lab, c_in, c_out, kernel, stride, padd
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.exercise("conv2d_one_pixel")
 @pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, dilation, groups, bias", CONV_CASES)
 def test_conv2d_one_pixel_loops_equal_f_conv2d_everywhere(lab, c_in, c_out, kernel, stride, padding, dilation,
                                                           groups, bias):
@@ -65,6 +67,7 @@ def test_output_size_formula_matches_f_conv2d(lab, size, kernel, stride, padding
     assert lab.conv_output_size(size, kernel, stride, padding, dilation) == out.shape[-1]
 
 
+@pytest.mark.exercise("pool2d_unfold")
 @pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 2), (3, 1), (2, 1)])
 def test_pooling_by_hand_equals_torch(lab, kernel, stride):
     x = torch.randn(2, 3, 9, 8)

@@ -171,6 +171,13 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, 
 
 def conv2d_one_pixel(x, weight, bias, n, out_channel, row, col, stride=1, padding=0, dilation=1, groups=1):
     """output[n, out_channel, row, col] of F.conv2d, with explicit loops over the kernel."""
+    # Exercise conv2d_one_pixel: one number, a 0-dim tensor: bias[out_channel] (0 when bias is None)
+    # plus, over this group's input channels c and the kernel taps (ky, kx), the products
+    # x[n, in_channel, y, xx] * weight[out_channel, c, ky, kx] with y = row*stride - padding + ky*dilation
+    # (xx likewise from col and kx). A tap that lands outside the image adds nothing: that is zero
+    # padding. With groups, out_channel sees only the in_channels of its own group; stride, padding
+    # and dilation may be an int or an (h, w) pair (_pair does the conversion).
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.Conv2d.html
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     dh, dw = _pair(dilation)
@@ -191,6 +198,12 @@ def conv2d_one_pixel(x, weight, bias, n, out_channel, row, col, stride=1, paddin
 
 def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """All output pixels at once: unfold patches into columns, then one (batched) matrix multiply."""
+    # Exercise conv2d_unfold: x (N, C, H, W), weight (O, C/groups, kh, kw) -> (N, O, out_h, out_w),
+    # equal to F.conv2d with the same stride/padding/dilation/groups. F.unfold gives every receptive
+    # field as a column, (N, C*kh*kw, L) with L = out_h*out_w (conv_output_size gives out_h, out_w).
+    # Split the rows into groups (N, G, C/G*kh*kw, L), the weight into (G, O/G, C/G*kh*kw): one
+    # batched matmul makes (N, G, O/G, L); reshape to the image and add the bias per channel.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.functional.unfold.html
     n, channels, height, width = x.shape
     out_channels, in_per_group, kh, kw = weight.shape
     out_h = conv_output_size(height, kh, _pair(stride)[0], _pair(padding)[0], _pair(dilation)[0])
@@ -207,6 +220,11 @@ def conv2d_unfold(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
 
 def pool2d_unfold(x, kernel: int, stride: int, mode: str = "max"):
     """Max or average pooling by hand: the same unfold trick, then a max or mean over each window."""
+    # Exercise pool2d_unfold: x (N, C, H, W) -> (N, C, out_h, out_w), equal to F.max_pool2d (mode
+    # "max") or F.avg_pool2d (otherwise) with no padding. Unfold each kernel x kernel window into a
+    # column, view it so each channel's window values sit on their own axis, reduce that axis with
+    # the max or the mean, and view the result back as an image. Pooling has no weights.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.MaxPool2d.html
     n, channels, height, width = x.shape
     out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
     cols = F.unfold(x, kernel, stride=stride).view(n, channels, kernel * kernel, out_h * out_w)
