@@ -270,6 +270,12 @@ def encode_all(token_lists, word_to_id: dict, max_len: int):
 # batches, sort each chunk by length and slice it into batches, then shuffle the batches: every
 # epoch still sees a new random order, but each batch holds reviews of about the same length.
 def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator):
+    # Exercise length_bucketed_batches: from lengths (N,) return a list of index tensors, each of at
+    # most batch_size reviews of about the same length, every review in exactly one. As above: a
+    # random order (torch.randperm with `generator`), cut into chunks of 50 batches, each chunk
+    # sorted by length (argsort) and split into batches, then the list of batches shuffled too (with
+    # the same generator), so each epoch sees a new order.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.randperm.html
     order = torch.randperm(len(lengths), generator=generator)
     batches = []
     chunk = batch_size * 50
@@ -294,6 +300,10 @@ def trim(ids: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor) -> torch
 # pictures); training uses `F.scaled_dot_product_attention`, the same sum in one fused kernel.
 def attention_by_hand(q, k, v, pad_mask):
     """q, k, v (B, H, T, hd); pad_mask (B, T) True at [PAD] -> output (B, H, T, hd), weights (B, H, T, T)."""
+    # Exercise attention_by_hand: scores q k^T / sqrt(hd), (B, H, T, T); set the score of every [PAD]
+    # key to -inf (pad_mask (B, T) indexes the LAST dimension, the keys: give it two new axes so it
+    # broadcasts over heads and queries); softmax over the keys; return (weights @ v, weights).
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, T)
     scores = scores.masked_fill(pad_mask[:, None, None, :], float("-inf"))  # no query may look at [PAD]
     weights = scores.softmax(dim=-1)
@@ -310,6 +320,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, pad_mask, by_hand=False):
         """x (B, T, C), pad_mask (B, T) -> (B, T, C) and, by hand, the weights (B, H, T, T)."""
+        # Exercise self_attention: qkv(x) is (B, T, 3C), q, k and v side by side, each cut into n_heads
+        # heads of C // n_heads: reshape and permute it to three (B, H, T, hd) tensors. With by_hand
+        # use attention_by_hand (it returns the weights); otherwise the fused
+        # F.scaled_dot_product_attention, whose attn_mask is True where attention is ALLOWED (the
+        # opposite of pad_mask; shape it to broadcast as (B, 1, 1, T)), and weights None. Put the heads
+        # side by side again, (B, T, C), and return (self.out(y), weights).
+        # Docs: https://pytorch.org/docs/stable/generated/torch.nn.MultiheadAttention.html
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         if by_hand:

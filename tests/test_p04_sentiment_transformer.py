@@ -83,6 +83,7 @@ def test_encode_all_pads_with_pad_id_and_reports_lengths(lab):
     assert lab.trim(ids, lengths, torch.tensor([0])).tolist() == [[2, 3]]
 
 
+@pytest.mark.exercise("length_bucketed_batches")
 def test_length_buckets_cover_every_review_once_and_group_similar_lengths(lab):
     lengths = torch.randint(5, 400, (1000,), generator=torch.Generator().manual_seed(0))
     batches = lab.length_bucketed_batches(lengths, batch_size=10, generator=torch.Generator().manual_seed(1))
@@ -142,10 +143,12 @@ def test_missing_data_without_network_names_url_layout_and_smoke(lab, tmp_path, 
 
 # --- attention: by hand against PyTorch, and the padding mask ---------------------------------------
 
+@pytest.mark.exercise("self_attention")
 def test_hand_attention_equals_nn_multiheadattention_on_a_padded_batch(lab):
     assert lab.check_attention_against_pytorch(seed=1) < 1e-5
 
 
+@pytest.mark.exercise("self_attention")
 def test_attention_module_equals_nn_multiheadattention_with_the_same_weights(lab):
     """The lab's SelfAttention against PyTorch's module directly (not through the lab's own check):
     both paths, every real position, and each head's weights."""
@@ -171,6 +174,7 @@ def test_attention_module_equals_nn_multiheadattention_with_the_same_weights(lab
     assert torch.all(weights[1, :, :, 7:] == 0), "a [PAD] key gets exactly zero weight"
 
 
+@pytest.mark.exercise("attention_by_hand")
 def test_hand_attention_equals_scaled_dot_product_attention(lab):
     q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)  # (B, H, T, hd)
     pad_mask = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
@@ -180,6 +184,7 @@ def test_hand_attention_equals_scaled_dot_product_attention(lab):
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 7))
 
 
+@pytest.mark.exercise("attention_by_hand")
 def test_padded_words_get_exactly_zero_attention(lab):
     model = tiny_model(lab)
     ids = torch.tensor([[2, 5, 6, 7, 0, 0], [2, 8, 9, 10, 11, 12]])
@@ -189,6 +194,7 @@ def test_padded_words_get_exactly_zero_attention(lab):
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 4, 6))
 
 
+@pytest.mark.exercise("self_attention")
 def test_padding_changes_nothing_however_much_and_whatever_it_holds(lab):
     model = tiny_model(lab)
     review = torch.tensor([[2, 5, 6, 7, 8]])
@@ -200,6 +206,7 @@ def test_padding_changes_nothing_however_much_and_whatever_it_holds(lab):
         torch.testing.assert_close(model(padded), reference, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.exercise("self_attention")
 def test_fused_and_hand_paths_of_the_whole_model_agree(lab):
     model = tiny_model(lab)
     ids = torch.tensor([[2, 5, 6, 7, 0, 0], [2, 8, 9, 10, 11, 12]])
