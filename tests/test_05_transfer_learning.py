@@ -50,12 +50,23 @@ def test_frozen_stages_do_not_change_after_an_optimizer_step(lab, strategy, open
             assert not changed, f"{stage} is frozen but {changed[:3]} changed"
 
 
+@pytest.mark.exercise("open_stages")
 def test_frozen_parameters_get_no_gradient(lab):
     model = small_resnet(lab)
     lab.open_stages(model, ["head"])
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert all(p.grad is None for p in lab.stage_parameters(model, "layer4"))
     assert all(p.grad is not None for p in lab.stage_parameters(model, "head"))
+
+
+@pytest.mark.exercise("set_train_mode")
+def test_open_stages_train_and_frozen_stages_stay_in_eval_mode(lab):
+    model = small_resnet(lab).eval()
+    lab.set_train_mode(model, ["layer4", "head"])
+    assert model.training
+    for stage, modules in lab.stage_modules(model).items():
+        flags = {m.training for module in modules for m in module.modules()}
+        assert flags == {stage in ("layer4", "head")}, stage
 
 
 def test_unfreezing_schedule_opens_exactly_the_named_stages_at_the_named_epochs(lab):
@@ -81,6 +92,7 @@ def test_bad_schedules_are_refused(lab, text):
         lab.parse_schedule(text)
 
 
+@pytest.mark.exercise("calibrate_batch_norm")
 def test_batch_norm_calibration_sets_running_statistics_from_the_data(lab):
     model = small_resnet(lab)
     images = 3 + 2 * torch.randn(8, 3, 64, 64)
@@ -90,9 +102,16 @@ def test_batch_norm_calibration_sets_running_statistics_from_the_data(lab):
     assert model.bn1.momentum == 0.1
 
 
+@pytest.mark.exercise("make_optimizer")
 def test_discriminative_learning_rates_fall_stage_by_stage(lab):
-    optimizer = lab.make_optimizer(small_resnet(lab), "fine_tuning", lr=0.01, lr_decay=0.5, weight_decay=0)
+    model = small_resnet(lab)
+    optimizer = lab.make_optimizer(model, "fine_tuning", lr=0.01, lr_decay=0.5, weight_decay=0)
+    assert isinstance(optimizer, torch.optim.SGD)
     rates = {group["stage"]: group["lr"] for group in optimizer.param_groups}
+    assert sorted(rates) == sorted(lab.STAGES)
+    for group in optimizer.param_groups:
+        assert group["momentum"] == 0.9
+        assert [id(p) for p in group["params"]] == [id(p) for p in lab.stage_parameters(model, group["stage"])]
     assert rates["head"] == pytest.approx(0.01)
     assert rates["layer4"] == pytest.approx(0.005)
     assert rates["stem"] == pytest.approx(0.01 * 0.5 ** 5)

@@ -293,6 +293,12 @@ def calibrate_batch_norm(model: nn.Module, loader, device, max_batches: int = 20
 
     A fresh BN layer believes its inputs have mean 0 and variance 1. A frozen stage runs in eval mode
     and trusts that belief, so random activations grow layer after layer into the thousands."""
+    # Exercise calibrate_batch_norm: for every nn.BatchNorm2d in the model, forget its running mean
+    # and variance and set momentum to None (a plain average over the batches seen, instead of an
+    # exponential one); run up to max_batches batches of the loader forward in train mode (that is
+    # when BN updates its statistics; no gradients needed: the decorator turns them off), images to
+    # `device` in channels_last; then put momentum back to PyTorch's default, 0.1, for training.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.BatchNorm2d.html
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for norm in norms:
         norm.reset_running_stats()
@@ -317,6 +323,10 @@ def stage_parameters(model: nn.Module, stage: str):
 
 def open_stages(model: nn.Module, stages) -> None:
     """Make exactly `stages` trainable; every other stage is frozen (no gradients, no updates)."""
+    # Exercise open_stages: for every stage in STAGES, set requires_grad on each of its parameters
+    # (stage_parameters gives them) to True when the stage is in `stages`, else False. A frozen
+    # parameter then gets no .grad in backward, and the optimizer leaves it alone.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.Tensor.requires_grad_.html
     for stage in STAGES:
         for p in stage_parameters(model, stage):
             p.requires_grad_(stage in stages)
@@ -324,6 +334,10 @@ def open_stages(model: nn.Module, stages) -> None:
 
 def set_train_mode(model: nn.Module, stages) -> None:
     """Train mode for open stages; frozen stages stay in eval so their batch-norm statistics stay put."""
+    # Exercise set_train_mode: the whole model to train mode, then every module of a stage that is
+    # not in `stages` (stage_modules gives them) back to eval mode: requires_grad=False stops the
+    # weights, but only eval mode stops a BatchNorm layer updating its running mean and variance.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.nn.Module.html#torch.nn.Module.eval
     model.train()
     for stage in STAGES:
         if stage not in stages:
@@ -373,6 +387,11 @@ def stages_open_at(strategy: str, epoch: int, schedule: dict) -> list:
 
 def make_optimizer(model: nn.Module, strategy: str, lr: float, lr_decay: float, weight_decay: float):
     """SGD with one parameter group per stage; lr * lr_decay**k for the stage k steps below the head."""
+    # Exercise make_optimizer: torch.optim.SGD (momentum 0.9, the given weight_decay) over parameter
+    # groups, one dict per stage: {"params": its parameters, "lr": ..., "stage": its name}. The head
+    # gets lr, the stage below it lr * lr_decay, and so on down to the stem (lr * lr_decay**5).
+    # Feature extraction trains only the head, so its optimizer holds the head's group alone.
+    # Docs: https://pytorch.org/docs/stable/optim.html#per-parameter-options
     stages = ["head"] if strategy == "feature_extraction" else list(STAGES)
     groups = [{"params": stage_parameters(model, stage), "lr": lr * lr_decay ** (len(STAGES) - 1 - STAGES.index(stage)),
                "stage": stage} for stage in stages]
