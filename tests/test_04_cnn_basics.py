@@ -91,6 +91,7 @@ def test_receptive_field_formula_matches_the_gradient(lab, layers):
     assert lab.measured_receptive_field(nn.Sequential(*modules), 64) == formula[-1][1]
 
 
+@pytest.mark.exercise("basic_block_forward")
 def test_basic_block_computes_what_torchvisions_does(lab):
     from torchvision.models.resnet import BasicBlock as TorchvisionBlock
     for in_ch, out_ch, stride in [(64, 128, 2), (32, 32, 1)]:

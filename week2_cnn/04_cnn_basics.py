@@ -333,6 +333,10 @@ class BasicBlock(nn.Module):
                                             nn.BatchNorm2d(out_channels))
 
     def forward(self, x):
+        # Exercise basic_block_forward: x (N, in, H, W) -> (N, out, H/stride, W/stride), as torchvision's
+        # BasicBlock: conv1 -> bn1 -> ReLU -> conv2 -> bn2, then add the shortcut (x itself, or
+        # self.downsample(x) when the shape changes) and apply the last ReLU after the sum.
+        # Docs: https://pytorch.org/vision/stable/models/generated/torchvision.models.resnet18.html
         shortcut = x if self.downsample is None else self.downsample(x)
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
