@@ -182,7 +182,7 @@ def test_checkpoint_from_another_lab_or_architecture_says_what_does_not_match(tm
 
 
 def test_checkpoint_missing_or_truncated_fails_cleanly(tmp_path):
-    result = run_lab(LAB, "--checkpoint", tmp_path / "absent.pt", "--out-dir", tmp_path / "out", timeout=120)
+    result = failure_of(lab.main, ["--checkpoint", tmp_path / "absent.pt", "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, "does not exist")
     truncated = tmp_path / "cvae.pt"
     torch.save({"model": nn.Linear(300, 300).state_dict()}, truncated)

@@ -298,8 +298,8 @@ def test_checkpoint_of_another_lab_says_so(lab, tmp_path):
 
 # --- bad input: one line on stderr, exit status 1, nothing written --------------------------------
 
-def test_eval_only_without_checkpoint_fails_cleanly(tmp_path):
-    result = run_lab(LAB, "--eval-only", "--out-dir", tmp_path / "out", timeout=60)
+def test_eval_only_without_checkpoint_fails_cleanly(lab, tmp_path):
+    result = failure_of(lab.main, ["--eval-only", "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, "--eval-only needs --checkpoint")
     assert not (tmp_path / "out").exists()
 
