@@ -24,7 +24,7 @@ Run it
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it; the
              `-f kernel.json` Colab adds is ignored.
 
-What the default run reaches (measured, `python projects/03_vae_generator.py --data-dir /tmp/labdata`):
+What the default run reaches (measured, `python projects/03_vae_generator.py`):
   2-core CPU (AMD EPYC, AVX2, torch 2.14.1), 10 epochs, beta = 1.5: test negative ELBO 89.79 nats
     per image (reconstruction 74.37 + KL 15.42; target 95), the judge agrees with the requested
     digit 97.89% of 20,000 samples at T = 1 (target 97%; weakest digits 5: 95.6%, 2: 96.0%);

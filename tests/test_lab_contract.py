@@ -68,6 +68,14 @@ def test_shape_of_a_lesson(lab):
 
 
 @pytest.mark.parametrize("lab", LABS, ids=IDS)
+def test_every_path_a_lab_names_is_in_a_clone(lab):
+    """Commands and paths in a lab's text work from a clone of this repository: no folder of the
+    machine the figures were measured on (a scratch /tmp folder, ../shared tools, a home folder)."""
+    outside = re.findall(r"(?:\.\./shared|/tmp/|/work/|/home/|/Users/)[^\s`'\")]*", lab.read_text(encoding="utf-8"))
+    assert not outside, f"paths outside the repository: {sorted(set(outside))}"
+
+
+@pytest.mark.parametrize("lab", LABS, ids=IDS)
 def test_nothing_runs_on_import(lab):
     tree = parse(lab)
     last = tree.body[-1]

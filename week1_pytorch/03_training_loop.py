@@ -53,7 +53,7 @@ Several GPUs: torchrun
   under torchrun with the same N. Plain `python week1_pytorch/03_training_loop.py` is one process.
 
 Measured (torch 2.14.1)
-  2-core CPU, default run (`python week1_pytorch/03_training_loop.py --data-dir /tmp/labdata`):
+  2-core CPU, default run (`python week1_pytorch/03_training_loop.py`):
     test accuracy 99.03% (target 98.5%) with the weights of the best validation epoch (15 of 15,
     validation accuracy 98.88%; early stopping did not fire). Its time is not measured yet: that
     run had one thread (OMP_NUM_THREADS=1) on a machine other jobs kept busy, 8 min 45 s wall.

@@ -29,7 +29,7 @@ Run it
   bf16 convolutions leave cuDNN for a slow path). --precision fp32, bf16 or fp16 overrides it.
 
 What the default run reaches (measured on a shared 2-core AMD EPYC CPU, torch 2.14.1, with
-`python ../shared/tools/offline_run.py week2_cnn/04_cnn_basics.py --data-dir /tmp/labdata`)
+`python week2_cnn/04_cnn_basics.py`, CIFAR-10 in ./data)
   CIFAR-10 test accuracy 85.99% after 8 epochs (85.39% without the test-time flip); training
   426 s at about 920 images/s, the whole run 450 s (454 s for the process). Timbre CNN: 100.0% on
   500 held-out generated notes, 10.7 s including synthesis. Target 85% in 10 minutes: reached.

@@ -38,7 +38,7 @@ What the default run reaches
   What was measured (shared 2-core AMD EPYC CPU, torch 2.14.1) is the mechanics of the default run
   on an ImageFolder of the same size cut from the real CIFAR-10 (cat vs dog, 244 training and
   152 validation 32x32 images, upscaled to 224 by the preprocessing), with --weights none:
-      python week2_cnn/05_transfer_learning.py --data-dir /tmp/cifar_cats_dogs --weights none
+      python week2_cnn/05_transfer_learning.py --data-dir data/cifar_cats_dogs --weights none
     | strategy           | best val accuracy | trainable parameters (max) | time (s) |
     | feature_extraction | 0.533             |      4,098                 | 164      |
     | fine_tuning        | 0.546             | 23,512,130                 | 328      |

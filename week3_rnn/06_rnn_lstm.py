@@ -30,7 +30,7 @@ The corpus is fetched on first use from the char-rnn repository
 into `--data-dir/tinyshakespeare/input.txt`; the first 90 % of it trains, the last 10 % validates.
 
 What the default run reaches (measured)
-  2-core CPU (AMD EPYC, torch 2.14.1), `python week3_rnn/06_rnn_lstm.py --data-dir /tmp/labdata`:
+  2-core CPU (AMD EPYC, torch 2.14.1), `python week3_rnn/06_rnn_lstm.py`:
     validation loss 1.491 and 1.493 nats/char in two runs (2.15 bits; target 1.88, stretch 1.70)
     from a 256-unit LSTM trained 100 s (6,220-6,546 steps, 12.7-13.4 passes over the training
     text); whole run 135-136 s in the lab, 137-138 s for the process. Part 4's 50-step forecasts:
