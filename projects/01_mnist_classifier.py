@@ -73,6 +73,11 @@ class LabError(Exception):
     """A problem the learner can fix (bad flag, missing data, broken checkpoint): message, no traceback."""
 
 
+def in_notebook() -> bool:
+    """In Jupyter or Colab: figures show inline and a bad flag prints one line instead of exiting."""
+    return "ipykernel" in sys.modules
+
+
 # %%
 # Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
 # --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
@@ -528,6 +533,10 @@ def train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
                 module.eval()  # normalise with the running statistics and leave them as they are
 
 
+def model_widths(args):
+    return (4, 8, 8) if args.smoke else tuple(args.widths)
+
+
 def train(args, model, data, device, out_dir: Path, writer, dtype, rank=0, world_size=1):
     """Train with one-cycle; rank 0 keeps the checkpoint with the best validation accuracy."""
     train_x, train_y, val_x, val_y, test_x, test_y = data
@@ -687,10 +696,6 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
-def in_notebook() -> bool:
-    return "ipykernel" in sys.modules
-
-
 def run(args):
     wall_start = time.perf_counter()
     out_dir = folder(args.out_dir, "--out-dir")  # both checked before anything is read or written
@@ -799,10 +804,6 @@ def train_and_report(args, out_dir, data_dir, device, dtype, precision, rank, wo
     if args.smoke:
         print("(smoke run on synthetic digits: the numbers above are not results)")
     return metrics
-
-
-def model_widths(args):
-    return (4, 8, 8) if args.smoke else tuple(args.widths)
 
 
 def show_augmentation(args, train_x, device, out_dir):

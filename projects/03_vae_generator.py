@@ -73,6 +73,11 @@ class LabError(Exception):
     """A problem the learner can fix (bad flag, missing data, broken checkpoint): message, no traceback."""
 
 
+def in_notebook() -> bool:
+    """In Jupyter or Colab: figures show inline and a bad flag prints one line instead of exiting."""
+    return "ipykernel" in sys.modules
+
+
 # %%
 # Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
 # --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
@@ -457,6 +462,28 @@ def evaluate_elbo(vae, pixels, labels, generator, batch_size=2000):
     return {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
+# %%
+# Generation. A sample is the decoder's mean image (sigmoid of the logits) for z ~ N(0, T^2 I):
+# temperature T < 1 stays near the centre of the prior (typical, tidy digits), T > 1 reaches
+# the tails (unusual, sometimes broken strokes).
+@torch.inference_mode()
+def generate(vae, digits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
+    """(B,) requested digits -> (B, 1, 28, 28) images in [0, 1]."""
+    vae.eval()
+    z = temperature * torch.randn(len(digits), vae.cfg.latent_dim, generator=generator, device=digits.device)
+    return torch.sigmoid(vae.decode(z, F.one_hot(digits, 10).float()))
+
+
+def judge_agreement(vae, judge, per_digit: int, temperature: float, generator, device) -> torch.Tensor:
+    """For each requested digit, the share of its samples the judge reads as that digit: (10,)."""
+    requested = torch.arange(10, device=device).repeat_interleave(per_digit)
+    agrees = classify(judge, generate(vae, requested, temperature, generator)) == requested
+    return agrees.float().view(10, per_digit).mean(dim=1)
+
+
+# %%
+# The VAE's training loop: each epoch it also asks the judge how many samples look like
+# the digit they were asked for (judge_agreement above), the number to watch besides the loss.
 def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dtype=None):
     steps_per_epoch = len(train_x) // args.batch_size
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
@@ -504,24 +531,7 @@ def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dty
 
 
 # %%
-# Generation. A sample is the decoder's mean image (sigmoid of the logits) for z ~ N(0, T^2 I):
-# temperature T < 1 stays near the centre of the prior (typical, tidy digits), T > 1 reaches
-# the tails (unusual, sometimes broken strokes).
-@torch.inference_mode()
-def generate(vae, digits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
-    """(B,) requested digits -> (B, 1, 28, 28) images in [0, 1]."""
-    vae.eval()
-    z = temperature * torch.randn(len(digits), vae.cfg.latent_dim, generator=generator, device=digits.device)
-    return torch.sigmoid(vae.decode(z, F.one_hot(digits, 10).float()))
-
-
-def judge_agreement(vae, judge, per_digit: int, temperature: float, generator, device) -> torch.Tensor:
-    """For each requested digit, the share of its samples the judge reads as that digit: (10,)."""
-    requested = torch.arange(10, device=device).repeat_interleave(per_digit)
-    agrees = classify(judge, generate(vae, requested, temperature, generator)) == requested
-    return agrees.float().view(10, per_digit).mean(dim=1)
-
-
+# The latent space: straight lines between two real digits, and one dimension at a time.
 @torch.inference_mode()
 def interpolate(vae, image_a, label_a, image_b, label_b, steps: int) -> torch.Tensor:
     """Decode straight lines between the posterior means of two real digits, blending the labels too."""
@@ -673,10 +683,6 @@ def folder(path, flag: str) -> Path:
     if folder.exists() and not folder.is_dir():
         raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
     return folder
-
-
-def in_notebook() -> bool:
-    return "ipykernel" in sys.modules
 
 
 def pick_device(name: str) -> torch.device:

@@ -76,6 +76,37 @@ def test_every_path_a_lab_names_is_in_a_clone(lab):
 
 
 @pytest.mark.parametrize("lab", LABS, ids=IDS)
+def test_nothing_is_used_before_the_cell_that_defines_it(lab):
+    """Run cell by cell from the top (a notebook, Colab), a function never needs a name that a later
+    `# %%` cell defines: the lab reads in the order it runs."""
+    text = lab.read_text(encoding="utf-8")
+    cell_starts = [n for n, line in enumerate(text.splitlines(), start=1) if line.startswith("# %%")]
+    cell_of = lambda line: sum(start <= line for start in cell_starts)
+    tree = ast.parse(text)
+    defined = {}  # top-level name -> the line that first defines it
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for name in names:
+            defined.setdefault(name, node.lineno)
+    too_early = set()
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            continue
+        inner = list(ast.walk(node))
+        local = {a.arg for f in inner if isinstance(f, (ast.FunctionDef, ast.Lambda))
+                 for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs}
+        local |= {n.id for n in inner if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        local |= {f.name for f in inner if isinstance(f, (ast.FunctionDef, ast.ClassDef)) and f is not node}
+        for name in inner:
+            if (isinstance(name, ast.Name) and isinstance(name.ctx, ast.Load) and name.id in defined
+                    and name.id not in local and cell_of(defined[name.id]) > cell_of(node.lineno)):
+                too_early.add(f"{node.name} (line {node.lineno}) uses {name.id}, defined in a later cell "
+                              f"(line {defined[name.id]})")
+    assert not too_early, sorted(too_early)
+
+
+@pytest.mark.parametrize("lab", LABS, ids=IDS)
 def test_nothing_runs_on_import(lab):
     tree = parse(lab)
     last = tree.body[-1]

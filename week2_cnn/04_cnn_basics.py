@@ -293,6 +293,14 @@ def measured_receptive_field(model: nn.Module, size: int) -> int:
     return int(touched_columns.max() - touched_columns.min() + 1)
 
 
+def cifar_net_layers():
+    """The CIFAR network of section 5 as (name, kernel, stride, dilation) for the receptive-field formula."""
+    layers = [("whiten conv2", 2, 1, 1)]
+    for i in (1, 2, 3):
+        layers += [(f"block{i} conv3", 3, 1, 1), (f"block{i} maxpool2", 2, 2, 1), (f"block{i} conv3", 3, 1, 1)]
+    return layers
+
+
 def demo_receptive_field() -> list:
     print("\n== 2. Receptive field growth ==")
     probe = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1), nn.AvgPool2d(2),
@@ -596,14 +604,6 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     for h in hooks:
         h.remove()
     return sum(total)
-
-
-def cifar_net_layers():
-    """The CIFAR network as (name, kernel, stride, dilation) for the receptive-field formula."""
-    layers = [("whiten conv2", 2, 1, 1)]
-    for i in (1, 2, 3):
-        layers += [(f"block{i} conv3", 3, 1, 1), (f"block{i} maxpool2", 2, 2, 1), (f"block{i} conv3", 3, 1, 1)]
-    return layers
 
 
 # %% 6. Training: one-cycle schedule, label smoothing, lookahead, test-time flips
