@@ -19,6 +19,7 @@ Run it
              python projects/02_text_generator.py --data-dir /tmp/labdata   (reads /tmp/labdata/tinyshakespeare/input.txt)
              python projects/02_text_generator.py --generate-only --checkpoint runs/02_text_generator/best.pt \\
                  --prompt "JULIET:" --temperature 0.8 --top-p 0.9
+             python projects/02_text_generator.py --text-file my_corpus.txt   (any UTF-8 text instead of Shakespeare)
              python projects/02_text_generator.py --smoke           (generated text, seconds, no network)
              python projects/02_text_generator.py --device cuda --precision fp16   (a T4's mixed precision on any GPU)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it; the
@@ -202,6 +203,23 @@ def load_shakespeare(data_dir: Path) -> str:
     if len(text) < 1_000_000:
         raise LabError(f"{path} holds only {len(text):,} characters (the corpus has 1,115,394): "
                        "it looks truncated; delete it to download it again")
+    return text
+
+
+def load_text_file(path: Path) -> str:
+    """--text-file: any UTF-8 text (ABC tunes, code, your own writing) instead of Shakespeare.
+    Missing, empty or not UTF-8: a LabError that says which."""
+    if not path.exists():
+        raise LabError(f"--text-file {path} does not exist; give a UTF-8 text file to train on")
+    if path.is_dir():
+        raise LabError(f"--text-file {path} is a folder; give a UTF-8 text file to train on")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LabError(f"--text-file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                       "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    if not text.strip():
+        raise LabError(f"--text-file {path} is empty; give a text file with something to learn")
     return text
 
 
@@ -521,7 +539,8 @@ def train(args, model, config, chars, train_data, val_data, device, dtype, out_d
             if val_loss < best_val:
                 best_val = val_loss
                 save_checkpoint(out_dir / "best.pt", model, config, chars, sample_inputs,
-                                {"step": step, "epoch": step / steps_per_epoch, "val_loss": val_loss})
+                                {"step": step, "epoch": step / steps_per_epoch, "val_loss": val_loss,
+                                 "prompt": args.prompt})
                 note = "  -> best.pt"
             eval_seconds += time.perf_counter() - eval_start
             elapsed = time.perf_counter() - phase_start
@@ -605,6 +624,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed for the weights, dropout and sampling")
     p.add_argument("--data-dir", type=Path, default=Path("./data"),
                    help="tiny Shakespeare is read from / downloaded to DATA_DIR/tinyshakespeare/input.txt")
+    p.add_argument("--text-file", type=Path, default=None, metavar="PATH",
+                   help="train on this UTF-8 text file instead of tiny Shakespeare (the first 90%% trains); "
+                        "the default --prompt is then its first line")
     p.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME,
                    help="where metrics.json, best.pt, loss_curve.png and samples.md go")
     p.add_argument("--smoke", action="store_true", help="tiny run of every code path on generated text (seconds)")
@@ -630,7 +652,8 @@ def build_parser():
     p.add_argument("--evals-per-epoch", type=positive_int, default=2, help="validation passes (and progress lines) per epoch")
     p.add_argument("--log-every", type=positive_int, default=25,
                    help="steps between reads of the training loss from the device (each read waits for a GPU)")
-    p.add_argument("--prompt", default="ROMEO:", help="text the samples continue")
+    p.add_argument("--prompt", default=None,
+                   help="text the samples continue (default: 'ROMEO:', or the first line of --text-file)")
     p.add_argument("--sample-chars", type=positive_int, default=400, help="characters drawn per sample")
     p.add_argument("--temperature", type=checked(float, lambda v: v >= 0, "0 or more (0 = greedy)"), default=0.8,
                    help="--generate-only: sampling temperature (0 = greedy)")
@@ -646,6 +669,8 @@ def build_parser():
 def generate_only(args, device, wall_start):
     """--generate-only: write one sample from a checkpoint; training outputs (metrics.json) are kept."""
     model, chars, saved = load_checkpoint(args.checkpoint, device)
+    if args.prompt is None:  # the prompt of the run that trained it (older checkpoints: Shakespeare's)
+        args.prompt = saved.get("prompt", "ROMEO:")
     prompt_ids = encode_prompt(args.prompt, chars)
     generator = torch.Generator().manual_seed(args.seed)
     drawn = generate(model, prompt_ids, args.sample_chars, device, generator,
@@ -688,8 +713,12 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
         args.hidden_size, args.embed_dim, args.sample_chars, args.time_budget = 32, 16, 60, 60.0
         args.tie_weights, args.log_every = True, 10  # the smoke run covers the tied path; tiny models do not care
         torch.set_num_threads(1)  # a 32-unit LSTM: two threads spend longer waiting on each other than working
+    elif args.text_file is not None:
+        text = load_text_file(args.text_file)
     else:
         text = load_shakespeare(data_dir)
+    if args.prompt is None:  # Shakespeare's speakers, or the way the learner's own text begins
+        args.prompt = text.splitlines()[0] + "\n" if args.text_file and not args.smoke else "ROMEO:"
     chars = build_vocabulary(text)
     prompt_ids = encode_prompt(args.prompt, chars)  # a bad prompt fails now, not after training
     data = encode_text(text, chars)  # (N,) character ids
@@ -723,6 +752,7 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
 
     metrics = {
         "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
+        "corpus": "generated" if args.smoke else str(args.text_file or "tiny Shakespeare"),
         "wall_time_s": round(time.perf_counter() - wall_start, 2), "train_time_s": round(train_seconds, 2),
         "epochs": round(epochs_done, 3), "steps": steps, "stopped_by_time_budget": stopped_early,
         "val_loss": val_loss, "val_bits_per_char": val_loss / math.log(2),
@@ -740,10 +770,12 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
     print(f"\nSummary: a {args.layers}-layer {args.hidden_size}-unit LSTM trained {train_seconds:.0f} s "
           f"({epochs_done:.2f} epochs, {steps} steps); best validation loss {val_loss:.3f} nats/char = "
           f"{val_loss / math.log(2):.3f} bits/char (step {saved['step']}).")
-    print(f"  target <= {TARGET_VAL_LOSS:.2f} nats/char {reached}; whole run {metrics['wall_time_s']:.0f} s.")
+    if args.text_file is None:  # the target is Shakespeare's; another text has its own difficulty
+        print(f"  target <= {TARGET_VAL_LOSS:.2f} nats/char {reached}.")
+    print(f"  whole run {metrics['wall_time_s']:.0f} s.")
     print(f"  outputs in {out_dir}/: metrics.json, best.pt, loss_curve.png, samples.md")
     print(f"  write more: python projects/{LAB_NAME}.py --generate-only --checkpoint {out_dir / 'best.pt'} "
-          "--prompt 'JULIET:' --temperature 0.7 --top-p 0.9")
+          f"--prompt {'YOUR_START' if args.text_file else repr('JULIET:')} --temperature 0.7 --top-p 0.9")
     if args.smoke:
         print("(smoke run on generated text: the numbers above are not results)")
     return metrics

@@ -224,6 +224,41 @@ def test_training_run_checks_the_prompt_before_training_and_keeps_old_outputs(la
     assert (out / "best.pt").read_bytes() == b"an earlier checkpoint"
 
 
+@pytest.mark.parametrize("content, fragment", [
+    (None, "does not exist"),
+    ("folder", "is a folder"),
+    (b"", "is empty"),
+    (b" \n\n", "is empty"),
+    (b"X:1\nT:Caf\xe9\n", "is not UTF-8"),  # Latin-1, as O'Neill's files are
+])
+def test_bad_text_file_is_one_line_and_writes_nothing(lab, tmp_path, content, fragment):
+    path = tmp_path / "corpus.txt"
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "out"
+    result = failure_of(lab.main, ["--text-file", path, "--out-dir", out, "--epochs", "1"])
+    assert_clean_failure(result, "--text-file", str(path), fragment)
+    assert not out.exists(), "nothing is written when the text cannot be read"
+
+
+def test_text_file_trains_on_any_utf8_text_and_prompts_with_its_first_line(lab, tmp_path):
+    tune = "M:6/8\nL:1/8\nK:G\nGAB cBA|B2G G2D|GAB cBA|B2G G3|]\n\n"
+    path = tmp_path / "tunes.txt"
+    path.write_text(tune * 60 + "Zoë: ünïcode too\n", encoding="utf-8")
+    out = tmp_path / "out"
+    lab.main(["--text-file", str(path), "--out-dir", str(out), "--epochs", "1", "--batch-size", "4",
+              "--bptt", "16", "--hidden-size", "16", "--layers", "1", "--embed-dim", "8", "--sample-chars", "20"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["corpus"] == str(path) and metrics["vocabulary_size"] == len(set(path.read_text(encoding="utf-8")))
+    assert all(row["text"].startswith("M:6/8\n") for row in metrics["samples"]), "the prompt is the first line"
+    saved = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert saved["prompt"] == "M:6/8\n" and "ë" in saved["chars"]
+    lab.main(["--generate-only", "--checkpoint", str(out / "best.pt"), "--out-dir", str(out), "--sample-chars", "10"])
+    assert (out / "generated.txt").read_text(encoding="utf-8").startswith("M:6/8\n"), "generate-only reuses it"
+
+
 def test_generate_only_without_checkpoint_fails_cleanly(lab, tmp_path):
     result = failure_of(lab.main, ["--generate-only", "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, "--generate-only needs --checkpoint")
