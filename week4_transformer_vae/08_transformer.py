@@ -18,6 +18,7 @@ Run it
              python week4_transformer_vae/08_transformer.py --checkpoint runs/08_transformer/model.pt \\
                  --prompt "ROMEO:" --temperature 0.8 --top-k 10        (sample from a saved model)
              python week4_transformer_vae/08_transformer.py --device cuda --precision fp16   (a T4's choice)
+             tensorboard --logdir runs/08_transformer/tensorboard
   Colab:     Runtime > Change runtime type > GPU, upload this file and run `!python 08_transformer.py`,
              or paste the file into a cell (figures show inline).
   Data:      tiny Shakespeare (1.1 M characters), downloaded on first use from
@@ -25,7 +26,8 @@ Run it
              into <data-dir>/tinyshakespeare/input.txt; first 90% train, last 10% validation (as
              nanoGPT splits it).
   Outputs in --out-dir (default runs/08_transformer): metrics.json, model.pt, samples.txt,
-  loss_curve.png, attention_heads.png, positional_encodings.png.
+  loss_curve.png, attention_heads.png, positional_encodings.png, tensorboard/ (the losses and learning
+  rate against the step, the attention of every head, the samples).
 
 How the run is budgeted
   Training stops after --time-budget seconds of wall time (default 135) and the learning rate
@@ -60,6 +62,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 LAB_NAME = "08_transformer"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -499,8 +503,20 @@ def read_losses(history: dict, losses: list, times: list, first_bad: torch.Tenso
 MIN_STEPS_PER_LOG = 4
 
 
-def train(model, train_ids, val_ids, args, device, dtype) -> dict:
-    """Train against the clock; train_ids and val_ids are already on `device`."""
+def log_scalars(writer: SummaryWriter, history: dict, first_step: int, step: int, val_estimate, lr: float) -> None:
+    """TensorBoard, at a log line: every training loss of the interval just read (steps first_step
+    to step), the validation estimate and the learning rate."""
+    interval = history["train_loss"][-(step - first_step + 1):]
+    for offset, value in enumerate(interval):
+        writer.add_scalar("loss/train", value, first_step + offset)
+    if val_estimate is not None:
+        writer.add_scalar("loss/val_estimate", val_estimate, step)
+    writer.add_scalar("lr", lr, step)
+
+
+def train(model, train_ids, val_ids, args, device, dtype, writer=None, show_progress=False) -> dict:
+    """Train against the clock; train_ids and val_ids are already on `device`. With a TensorBoard
+    WRITER, each log line's losses and learning rate also go there, against the step."""
     config = model.config
     optimizer = make_optimizer(model, args.lr)
     scaler = grad_scaler(device, dtype)
@@ -515,9 +531,16 @@ def train(model, train_ids, val_ids, args, device, dtype) -> dict:
     print(f"\n== Training: {sum(p.numel() for p in model.parameters()):,} parameters, batch "
           f"{args.batch_size} x {config.block_size} characters, peak lr {args.lr:g}, "
           f"budget {args.time_budget:g} s" + (f" or {args.max_steps} steps" if args.max_steps else "") + " ==")
+    # The bar counts percent of the budget (time, or steps with --max-steps), so its time left is
+    # right either way; it shows the step count, never a value from the GPU.
+    bar = tqdm(total=100, desc="training", leave=False, disable=None if show_progress else True,
+               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
     while True:
         elapsed = time.perf_counter() - started
         progress = max(elapsed / args.time_budget, step / args.max_steps if args.max_steps else 0.0)
+        if not bar.disable:
+            bar.update(100 * min(progress, 1.0) - bar.n)
+            bar.set_postfix_str(f"step {step}, {step / max(elapsed, 1e-9):.1f} steps/s", refresh=False)
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:
@@ -539,17 +562,24 @@ def train(model, train_ids, val_ids, args, device, dtype) -> dict:
         # Log (and read from the GPU) when the clock says so, but never more often than every
         # MIN_STEPS_PER_LOG steps: on a slow device every step could pass the clock's mark.
         if (times[-1] >= next_eval and len(losses) >= MIN_STEPS_PER_LOG) or step == args.max_steps:
+            first_step = step - len(losses) + 1
             smoothed = read_losses(history, losses, times, first_bad, smoothed, args.lr)
             estimate = evaluate(model, val_ids, config.block_size, dtype, max_windows=160)
             now = time.perf_counter() - started
             history["eval_time"].append(now)
             history["val_loss_estimate"].append(estimate)
-            print(f"  step {step:5d}  {now:6.1f} s  train {smoothed:.3f}  val~ {estimate:.3f}  "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}  {step * tokens_per_step / now:,.0f} chars/s  "
-                  f"{max(0.0, args.time_budget - now):5.1f} s left")
+            if writer:
+                log_scalars(writer, history, first_step, step, estimate, optimizer.param_groups[0]["lr"])
+            bar.write(f"  step {step:5d}  {now:6.1f} s  train {smoothed:.3f}  val~ {estimate:.3f}  "  # above the bar
+                      f"lr {optimizer.param_groups[0]['lr']:.2e}  {step * tokens_per_step / now:,.0f} chars/s  "
+                      f"{max(0.0, args.time_budget - now):5.1f} s left")
             next_eval += eval_every
+    bar.close()
     if losses:  # the steps since the last log line
+        first_step = step - len(losses) + 1
         read_losses(history, losses, times, first_bad, smoothed, args.lr)
+        if writer:
+            log_scalars(writer, history, first_step, step, None, optimizer.param_groups[0]["lr"])
     history["steps"] = step
     history["train_time_s"] = time.perf_counter() - started
     history["tokens_per_s"] = step * tokens_per_step / history["train_time_s"]
@@ -859,40 +889,49 @@ def train_and_report(args) -> None:
     model = GPT(config).to(device)
     trained = torch.compile(model) if args.compile else model
     train_ids, val_ids = train_ids.to(device), val_ids.to(device)  # 9 MB of ids: they live on the device
-    history = train(trained, train_ids, val_ids, args, device, dtype)
+    writer = SummaryWriter(out_dir / "tensorboard")  # closed in the finally, even after an error
+    try:
+        history = train(trained, train_ids, val_ids, args, device, dtype, writer, show_progress=not args.smoke)
 
-    print("\n== Validation: one pass over the whole validation split ==")
-    val_loss = evaluate(model, val_ids, config.block_size, dtype)
-    print(f"  validation loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.3f} bits/char) after "
-          f"{history['steps']} steps, {history['train_time_s']:.0f} s, {history['tokens_per_s']:,.0f} chars/s")
-    if not args.smoke:
-        verdict = "reached" if val_loss <= TARGET_VAL_LOSS else "missed"
-        print(f"  target <= {TARGET_VAL_LOSS}: {verdict}")
+        print("\n== Validation: one pass over the whole validation split ==")
+        val_loss = evaluate(model, val_ids, config.block_size, dtype)
+        print(f"  validation loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.3f} bits/char) after "
+              f"{history['steps']} steps, {history['train_time_s']:.0f} s, {history['tokens_per_s']:,.0f} chars/s")
+        if not args.smoke:
+            verdict = "reached" if val_loss <= TARGET_VAL_LOSS else "missed"
+            print(f"  target <= {TARGET_VAL_LOSS}: {verdict}")
 
-    print("\n== Samples ==")
-    generator = torch.Generator().manual_seed(args.seed)
-    prompt = encode(args.prompt or "\n", vocab)[None].to(device)
-    samples = {}
-    for label, temperature, top_k in (("temperature 1.0, all characters", 1.0, None),
-                                      (f"temperature {args.temperature:g}, top-k {args.top_k}", args.temperature,
-                                       args.top_k or None)):
-        out = generate(model, prompt, args.sample_length, temperature, top_k, generator)
-        samples[label] = decode(out[0].tolist(), vocab)
-        print(f"--- {label} ---{samples[label]}\n")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "samples.txt").write_text("".join(f"--- {k} ---{v}\n\n" for k, v in samples.items()))
+        print("\n== Samples ==")
+        generator = torch.Generator().manual_seed(args.seed)
+        prompt = encode(args.prompt or "\n", vocab)[None].to(device)
+        samples = {}
+        for label, temperature, top_k in (("temperature 1.0, all characters", 1.0, None),
+                                          (f"temperature {args.temperature:g}, top-k {args.top_k}", args.temperature,
+                                           args.top_k or None)):
+            out = generate(model, prompt, args.sample_length, temperature, top_k, generator)
+            samples[label] = decode(out[0].tolist(), vocab)
+            print(f"--- {label} ---{samples[label]}\n")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "samples.txt").write_text("".join(f"--- {k} ---{v}\n\n" for k, v in samples.items()))
 
-    print("== Attention per head on one validation line ==")
-    line_start = text.index("\n", split + 100) + 1
-    line = text[line_start:line_start + min(config.block_size, 40)]
-    maps = model.attention_maps(encode(line, vocab)[None].to(device))[:, 0].cpu()  # (n_layer, nh, T, T)
-    look_back = mean_look_back(maps)
-    for layer in range(config.n_layer):
-        print(f"  layer {layer}: heads look back " + ", ".join(f"{d:.1f}" for d in look_back[layer].tolist())
-              + " characters on average")
-    print("  short look-backs are heads reading the last few letters (spelling); long ones gather "
-          "context from the start of the word or line.")
-    plot_attention(maps, line, out_dir / "attention_heads.png")
+        print("== Attention per head on one validation line ==")
+        line_start = text.index("\n", split + 100) + 1
+        line = text[line_start:line_start + min(config.block_size, 40)]
+        maps = model.attention_maps(encode(line, vocab)[None].to(device))[:, 0].cpu()  # (n_layer, nh, T, T)
+        look_back = mean_look_back(maps)
+        for layer in range(config.n_layer):
+            print(f"  layer {layer}: heads look back " + ", ".join(f"{d:.1f}" for d in look_back[layer].tolist())
+                  + " characters on average")
+        print("  short look-backs are heads reading the last few letters (spelling); long ones gather "
+              "context from the start of the word or line.")
+        plot_attention(maps, line, out_dir / "attention_heads.png")
+        writer.add_scalar("loss/val", val_loss, history["steps"])
+        for label, sample in samples.items():
+            writer.add_text(f"samples/{label}", "    " + sample.replace("\n", "\n    "), history["steps"])  # indented: shown as is
+        for layer in range(config.n_layer):  # one grey image per head: row = query, column = key
+            writer.add_images(f"attention/layer_{layer}", maps[layer, :, None], history["steps"])
+    finally:
+        writer.close()
 
     sinusoidal = sinusoidal_positional_encoding(config.block_size, config.n_embd)
     learned = model.position_embedding.weight.detach().cpu() if config.pos_encoding == "learned" else None
@@ -935,7 +974,7 @@ def train_and_report(args) -> None:
     print(f"\nSummary: a {metrics['parameters']:,}-parameter character GPT trained {history['train_time_s']:.0f} s "
           f"({history['steps']} steps) reaches validation loss {val_loss:.3f} nats/char; whole run "
           f"{wall_time:.0f} s.\n  Outputs in {out_dir}/ (metrics.json, model.pt, samples.txt, loss_curve.png, "
-          "attention_heads.png, positional_encodings.png).\n"
+          "attention_heads.png, positional_encodings.png, tensorboard/).\n"
           f"  Try: --time-budget 600 --n-layer 6 --n-embd 192, --pos-encoding sinusoidal, --norm post, or\n"
           f"       --checkpoint {out_dir}/model.pt --prompt 'ROMEO:' --temperature 0.8")
 
