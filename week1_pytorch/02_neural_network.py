@@ -17,6 +17,7 @@ Run it
   Terminal:  python week1_pytorch/02_neural_network.py          (downloads MNIST, ~11 MB, into ./data)
              python week1_pytorch/02_neural_network.py --smoke  (generated digits, no network)
              python week1_pytorch/02_neural_network.py --epochs 3 --lr 1e-3 --batch-size 256
+             tensorboard --logdir runs/02_neural_network/tensorboard
   Colab:     upload this file and run `!python 02_neural_network.py`, or paste it into a cell
              (figures then show inline). Runtime > Change runtime type > GPU makes it faster.
   Notebook:  `jupytext --to notebook 02_neural_network.py`; the last cell runs main() with the
@@ -28,8 +29,13 @@ Run it
              for the GPU (but for the fp16 GradScaler's own overflow check).
   Bad input (missing data offline, --device cuda without a GPU, a flag out of range, --data-dir
   or --out-dir naming a file) ends with one line saying what to change, never a traceback.
+  Progress: a bar over each epoch's batches in a terminal or notebook (hidden under --smoke or
+  when the output is not a terminal); TensorBoard shows the loss of every step, the learning
+  rate, test accuracy per epoch, the first layer's weights as 28x28 pictures and the digits the
+  model gets wrong.
   Outputs in --out-dir (default runs/02_neural_network): metrics.json, optimizer_comparison.png,
-  confusion_matrix.png, misclassified.png, mlp_mnist.pt (model + config + sample predictions).
+  confusion_matrix.png, misclassified.png, mlp_mnist.pt (model + config + sample predictions),
+  tensorboard/.
 
 Measured (torch 2.14.1)
   2-core CPU, default run (`python week1_pytorch/02_neural_network.py`):
@@ -55,7 +61,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
 from torchvision.datasets import MNIST
+from tqdm.auto import tqdm
 
 LAB_NAME = "02_neural_network"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel mean and std of the 60,000 training images
@@ -340,14 +348,17 @@ def raise_if_not_finite(step_losses: torch.Tensor, first_step: int) -> None:
 
 
 def train_one_epoch(model, optimizer, images, labels, *, batch_size, generator, label_smoothing,
-                    device, dtype, scaler, scheduler=None, max_steps=None, first_step=0) -> torch.Tensor:
-    """Returns the loss of every step, shape (steps,)."""
+                    device, dtype, scaler, scheduler=None, max_steps=None, first_step=0,
+                    lr_history=None, progress="", show_progress=False) -> torch.Tensor:
+    """Returns the loss of every step, shape (steps,). With a scheduler, the LR each step used is
+    appended to lr_history; progress names the bar (steps, rate, time left) shown if show_progress."""
     model.train()                                    # dropout on
     order = torch.randperm(len(labels), generator=generator).to(device)
     step_losses = []
-    for start in range(0, len(labels), batch_size):
-        if max_steps is not None and len(step_losses) == max_steps:
-            break
+    batch_starts = range(0, len(labels), batch_size)[:max_steps]   # [:None] keeps them all
+    # disable=None hides the bar where the output is not a terminal (tests, log files)
+    bar = tqdm(batch_starts, desc=progress, unit="batch", leave=False, disable=None if show_progress else True)
+    for start in bar:
         batch = order[start:start + batch_size]
         with autocast(device, dtype):
             logits = model(images[batch])            # (B, 10)
@@ -357,6 +368,7 @@ def train_one_epoch(model, optimizer, images, labels, *, batch_size, generator, 
         scaler.step(optimizer)                       # skips the step if fp16 gradients overflowed
         scaler.update()
         if scheduler is not None:
+            lr_history.append(scheduler.get_last_lr()[0])   # a Python float: no GPU read
             scheduler.step()
         step_losses.append(loss.detach())
     step_losses = torch.stack(step_losses).cpu()
@@ -375,10 +387,34 @@ def predict(model, images, device, dtype, batch_size: int = 2000) -> torch.Tenso
 
 
 # %%
+# TensorBoard (`tensorboard --logdir runs/02_neural_network/tensorboard`): everything against the
+# optimizer step. The loss of every step was read from the device once at the end of the epoch,
+# so logging it costs no extra wait. The first layer's weights are shown as 28x28 pictures: each
+# hidden unit's template of the pixels it responds to (noise at the start, strokes later).
+def first_layer_pictures(model: MLP, count: int = 64) -> torch.Tensor:
+    weights = model.hidden[0].weight[:count].detach().float().cpu().view(-1, 1, 28, 28)   # (count, 1, 28, 28)
+    low = weights.amin(dim=(1, 2, 3), keepdim=True)
+    high = weights.amax(dim=(1, 2, 3), keepdim=True)
+    return (weights - low) / (high - low + 1e-12)      # each picture stretched to 0..1 on its own
+
+
+def log_epoch(writer: SummaryWriter, model: MLP, step_losses: torch.Tensor, lrs: list, test_accuracy: float,
+              steps_before: int) -> None:
+    for offset, (loss, lr) in enumerate(zip(step_losses.tolist(), lrs), start=1):
+        writer.add_scalar("loss/train", loss, steps_before + offset)
+        writer.add_scalar("lr", lr, steps_before + offset)
+    steps_done = steps_before + len(lrs)
+    writer.add_scalar("accuracy/test", test_accuracy, steps_done)
+    writer.add_images("first_layer_weights", first_layer_pictures(model), steps_done)
+    writer.flush()
+
+
+# %%
 # Optimizers: same model start, same batches, same number of steps; only the update rule
 # differs. SGD+momentum follows an averaged gradient with one global step size; Adam also
 # scales each weight's step by how large its recent gradients were.
-def compare_optimizers(config: Config, data: dict, device: torch.device, dtype, path: Path) -> dict:
+def compare_optimizers(config: Config, data: dict, device: torch.device, dtype, path: Path,
+                       writer: SummaryWriter) -> dict:
     torch.manual_seed(config.seed)
     start = MLP(config.hidden_sizes, config.dropout).to(device)
     contenders = {
@@ -398,8 +434,11 @@ def compare_optimizers(config: Config, data: dict, device: torch.device, dtype, 
                                            batch_size=config.batch_size, generator=generator, device=device,
                                            dtype=dtype, scaler=scaler,
                                            label_smoothing=0.0, max_steps=config.compare_steps - len(losses),
-                                           first_step=len(losses))
+                                           first_step=len(losses), progress=name.split(",")[0],
+                                           show_progress=not config.smoke)
             losses = torch.cat([losses, epoch_losses])
+        for step, loss in enumerate(losses.tolist(), start=1):   # both curves on one TensorBoard chart
+            writer.add_scalars("optimizer_comparison/loss", {name.split(",")[0]: loss}, step)
         accuracy = (predict(model, data["test_x"], device, dtype) == data["test_y"].cpu()).float().mean().item()
         curves[name] = losses
         results[name] = {"steps": len(losses), "first_50_steps_loss": losses[:50].mean().item(),
@@ -425,7 +464,8 @@ def compare_optimizers(config: Config, data: dict, device: torch.device, dtype, 
     return results
 
 
-def train_classifier(model, config: Config, data: dict, device: torch.device, dtype, train_model=None) -> list:
+def train_classifier(model, config: Config, data: dict, device: torch.device, dtype, writer: SummaryWriter,
+                     train_model=None) -> list:
     """AdamW + one-cycle LR: warm up to --lr, then anneal to ~0, stepping once per batch."""
     train_model = train_model or model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -436,12 +476,13 @@ def train_classifier(model, config: Config, data: dict, device: torch.device, dt
     generator = torch.Generator().manual_seed(config.seed)
     history, started = [], time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        epoch_started = time.perf_counter()
+        epoch_started, first_step, epoch_lrs = time.perf_counter(), (epoch - 1) * steps_per_epoch, []
         losses = train_one_epoch(train_model, optimizer, data["train_x"], data["train_y"],
                                  batch_size=config.batch_size, generator=generator, device=device,
                                  dtype=dtype, scaler=scaler,
                                  label_smoothing=config.label_smoothing, scheduler=scheduler,
-                                 first_step=(epoch - 1) * steps_per_epoch)
+                                 first_step=first_step, lr_history=epoch_lrs,
+                                 progress=f"epoch {epoch}/{config.epochs}", show_progress=not config.smoke)
         # We look at the test set after every epoch only to show progress; lab 03 holds out a
         # validation split so that no decision is ever made on the test set.
         accuracy = (predict(model, data["test_x"], device, dtype) == data["test_y"].cpu()).float().mean().item()
@@ -452,6 +493,7 @@ def train_classifier(model, config: Config, data: dict, device: torch.device, dt
         print(f"  epoch {epoch:2d}/{config.epochs}  train loss {losses.mean():.4f}  "
               f"test accuracy {accuracy:.2%}  {len(data['train_y']) / seconds:,.0f} images/s  "
               f"~{elapsed / epoch * (config.epochs - epoch):.0f} s left")
+        log_epoch(writer, model, losses, epoch_lrs, accuracy, first_step)
     return history
 
 
@@ -610,23 +652,31 @@ def run_lesson(args, device: torch.device, dtype, data_dir: Path, out_dir: Path,
     print(f"  label-smoothed cross-entropy by hand vs F.cross_entropy(label_smoothing={config.label_smoothing}): "
           f"|difference| = {loss_checks['label_smoothing_hand_vs_pytorch']:.1e}")
 
-    print(f"\n== Optimizers: SGD with momentum vs Adam, {config.compare_steps} steps each ==")
-    comparison_started = time.perf_counter()
-    comparison = compare_optimizers(config, data, device, dtype, out_dir / "optimizer_comparison.png")
-    comparison_seconds = time.perf_counter() - comparison_started
+    writer = SummaryWriter(out_dir / "tensorboard")
+    try:
+        print(f"\n== Optimizers: SGD with momentum vs Adam, {config.compare_steps} steps each ==")
+        comparison_started = time.perf_counter()
+        comparison = compare_optimizers(config, data, device, dtype, out_dir / "optimizer_comparison.png", writer)
+        comparison_seconds = time.perf_counter() - comparison_started
 
-    print(f"\n== Training the MNIST classifier: AdamW, one-cycle LR (peak {config.lr:g}), "
-          f"{config.epochs} epochs of {config.batch_size}-image batches ==")
-    train_model = torch.compile(model) if args.compile else model
-    train_started = time.perf_counter()
-    history = train_classifier(model, config, data, device, dtype, train_model)
-    train_seconds = time.perf_counter() - train_started
+        print(f"\n== Training the MNIST classifier: AdamW, one-cycle LR (peak {config.lr:g}), "
+              f"{config.epochs} epochs of {config.batch_size}-image batches ==")
+        train_model = torch.compile(model) if args.compile else model
+        train_started = time.perf_counter()
+        history = train_classifier(model, config, data, device, dtype, writer, train_model)
+        train_seconds = time.perf_counter() - train_started
 
-    predicted = predict(model, data["test_x"], device, dtype)
-    true_labels = data["test_y"].cpu()
-    test_accuracy = (predicted == true_labels).float().mean().item()
-    confusion = plot_confusion_matrix(true_labels, predicted, out_dir / "confusion_matrix.png")
-    errors = plot_misclassified(raw["test_images"], true_labels, predicted, out_dir / "misclassified.png")
+        predicted = predict(model, data["test_x"], device, dtype)
+        true_labels = data["test_y"].cpu()
+        test_accuracy = (predicted == true_labels).float().mean().item()
+        confusion = plot_confusion_matrix(true_labels, predicted, out_dir / "confusion_matrix.png")
+        errors = plot_misclassified(raw["test_images"], true_labels, predicted, out_dir / "misclassified.png")
+        wrong = (true_labels != predicted).nonzero().squeeze(1)[:32]
+        if len(wrong):                                  # pixels 0..1, as MNIST stores them
+            writer.add_images("misclassified_test_digits", raw["test_images"][wrong].unsqueeze(1).float() / 255,
+                              config.epochs * math.ceil(len(data["train_y"]) / config.batch_size))
+    finally:
+        writer.close()
     off_diagonal = confusion.clone().fill_diagonal_(0)
     true_digit, predicted_digit = divmod(off_diagonal.argmax().item(), 10)
     print(f"  most common mistake: {true_digit} read as {predicted_digit} "
@@ -655,9 +705,9 @@ def run_lesson(args, device: torch.device, dtype, data_dir: Path, out_dir: Path,
     print(f"  trained an MLP {config.hidden_sizes} ({metrics['parameters']:,d} weights) for {config.epochs} epochs "
           f"in {train_seconds:.0f} s: test accuracy {test_accuracy:.2%} ({errors} of {len(true_labels):,d} wrong)")
     print(f"  outputs in {out_dir}/: metrics.json, optimizer_comparison.png, confusion_matrix.png, "
-          f"misclassified.png, mlp_mnist.pt ({metrics['wall_time_s']:.0f} s in all)")
-    print("  next: try --lr 1e-2 (too high?) or --epochs 3; lab 03 adds validation, checkpoints to resume "
-          "from and TensorBoard")
+          f"misclassified.png, mlp_mnist.pt, tensorboard/ ({metrics['wall_time_s']:.0f} s in all)")
+    print("  next: try --lr 1e-2 (too high?) or --epochs 3; lab 03 adds validation and checkpoints to resume "
+          "from")
 
 
 def main(argv=None) -> None:
