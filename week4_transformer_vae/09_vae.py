@@ -38,12 +38,14 @@ Run it
                                                   (draw threes from the saved conditional VAE)
              python week4_transformer_vae/09_vae.py --device cuda --precision fp16
                                                   (the T4's fp16 + loss-scaling path on any CUDA GPU)
+             tensorboard --logdir runs/09_vae/tensorboard
   Colab:     Runtime > Change runtime type > GPU, upload this file and run `!python 09_vae.py`, or
              paste the file into a cell (figures show inline; a bad flag prints one line).
   Data:      MNIST through torchvision, downloaded on first use into <data-dir>/MNIST/raw/.
   Outputs in --out-dir (default runs/09_vae): metrics.json, vae.pt, cvae.pt, loss_curve.png,
   reconstructions.png, prior_samples.png, interpolation.png, latent_map_2d.png, latent_grid_2d.png,
-  cvae_all_digits.png, cvae_style.png, digit_<N>.png.
+  cvae_all_digits.png, cvae_style.png, digit_<N>.png, tensorboard/ (each model's losses and learning
+  rate against the step, reconstructions, prior samples and the conditional VAE's digits).
 
 Measured (default run, `python week4_transformer_vae/09_vae.py`, torch 2.14.1)
   2-core CPU: test negative ELBO 98.57 nats/image after 20 epochs (target 100); conditional
@@ -65,6 +67,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 LAB_NAME = "09_vae"
 IMAGE_PIXELS = 28 * 28
@@ -227,7 +231,9 @@ def batches(n: int, batch_size: int, generator, device):
 # guard (the first step whose loss was not finite), both read once per epoch. The forward pass runs
 # under autocast (--precision); the loss is computed in float32 from its outputs.
 def train_vae(model, images, labels, test_images, test_labels, epochs, batch_size, lr, seed, name, device,
-              dtype=None, log_every_epoch=True):
+              dtype=None, log_every_epoch=True, writer=None, show_progress=False):
+    """Train MODEL; with a WRITER, each epoch's losses and learning rate also go to TensorBoard under
+    NAME, against the optimizer step. SHOW_PROGRESS: a bar over each epoch's batches."""
     conditional = model.num_classes > 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scaler = grad_scaler(device, dtype)
@@ -241,7 +247,10 @@ def train_vae(model, images, labels, test_images, test_labels, epochs, batch_siz
         model.train()
         total = torch.zeros((), device=device)
         first_bad = torch.full((), -1, device=device)  # step of the first non-finite loss, -1 while none
-        for step, index in enumerate(batches(len(images), batch_size, generator, images.device)):
+        bar = tqdm(batches(len(images), batch_size, generator, images.device), total=steps_per_epoch,
+                   desc=f"{name} epoch {epoch}/{epochs}", unit="batch", leave=False,
+                   disable=None if show_progress else True)
+        for step, index in enumerate(bar):
             x = images[index].to(device, non_blocking=True)
             y = labels[index].to(device, non_blocking=True) if conditional else None
             with autocast(device, dtype):
@@ -261,11 +270,17 @@ def train_vae(model, images, labels, test_images, test_labels, epochs, batch_siz
         history["train"].append(total.item() / len(images))
         history["test"].append(evaluate_neg_elbo(model, test_images, test_labels if conditional else None, seed, device))
         elapsed = time.perf_counter() - started
+        if writer is not None:
+            tag, steps_done = name.replace(" ", "_"), epoch * steps_per_epoch  # a tag has no spaces
+            writer.add_scalar(f"{tag}/loss/train", history["train"][-1], steps_done)
+            writer.add_scalar(f"{tag}/loss/test", history["test"][-1], steps_done)
+            writer.add_scalar(f"{tag}/lr", schedule.get_last_lr()[0], steps_done)
         if log_every_epoch or epoch == epochs:
             print(f"  {name} epoch {epoch:2d}/{epochs}  train {history['train'][-1]:7.2f}  test {history['test'][-1]:7.2f}"
                   f" nats/image  {epoch * len(images) / elapsed:,.0f} images/s  "
                   f"{elapsed / epoch * (epochs - epoch):4.0f} s left")
     history["train_time_s"] = time.perf_counter() - started
+    history["steps"] = epochs * steps_per_epoch
     return history
 
 
@@ -298,15 +313,18 @@ class DigitClassifier(nn.Module):
         return self.net(x)  # (B, 10) logits
 
 
-def train_classifier(images, labels, test_images, test_labels, epochs, batch_size, seed, device, dtype=None):
+def train_classifier(images, labels, test_images, test_labels, epochs, batch_size, seed, device, dtype=None,
+                     show_progress=False):
     torch.manual_seed(seed)
     model = DigitClassifier().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scaler = grad_scaler(device, dtype)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         model.train()
-        for index in batches(len(images), batch_size, generator, images.device):
+        for index in tqdm(batches(len(images), batch_size, generator, images.device),
+                          total=math.ceil(len(images) / batch_size), desc=f"judge epoch {epoch}/{epochs}",
+                          unit="batch", leave=False, disable=None if show_progress else True):
             with autocast(device, dtype):
                 logits = model(images[index].to(device))
             loss = F.cross_entropy(logits.float(), labels[index].to(device))
@@ -618,47 +636,56 @@ def train_and_report(args) -> None:
         images, labels, test_images, test_labels = (t.to(device) for t in (images, labels, test_images, test_labels))
     print(f"\n== Data: {len(images):,} training and {len(test_images):,} test images of 784 grey levels in [0, 1] ==")
 
-    print(f"\n== VAE: latent {args.latent_dim}-D, epochs {epochs}; loss = summed BCE + KL, nats per image ==")
-    torch.manual_seed(args.seed)
-    vae = VAE(args.latent_dim, args.hidden).to(device)
-    vae_history = train_vae(vae, images, labels, test_images, test_labels, epochs, args.batch_size, args.lr,
-                            args.seed, "VAE", device, dtype)
-    test_neg_elbo = vae_history["test"][-1]
-    kl_test = evaluate_kl(vae, test_images, device)
-    print(f"  test negative ELBO {test_neg_elbo:.2f} nats/image = reconstruction {test_neg_elbo - kl_test:.2f} "
-          f"+ KL {kl_test:.2f}" + ("" if args.smoke else
-                                   f"  (target <= {TARGET_NEG_ELBO:g}: "
-                                   f"{'reached' if test_neg_elbo <= TARGET_NEG_ELBO else 'missed'})"))
+    writer = SummaryWriter(out_dir / "tensorboard")  # closed in the finally, even after an error
+    try:
+        print(f"\n== VAE: latent {args.latent_dim}-D, epochs {epochs}; loss = summed BCE + KL, nats per image ==")
+        torch.manual_seed(args.seed)
+        vae = VAE(args.latent_dim, args.hidden).to(device)
+        vae_history = train_vae(vae, images, labels, test_images, test_labels, epochs, args.batch_size, args.lr,
+                                args.seed, "VAE", device, dtype, writer=writer,
+                                show_progress=not args.smoke)
+        test_neg_elbo = vae_history["test"][-1]
+        kl_test = evaluate_kl(vae, test_images, device)
+        print(f"  test negative ELBO {test_neg_elbo:.2f} nats/image = reconstruction {test_neg_elbo - kl_test:.2f} "
+              f"+ KL {kl_test:.2f}" + ("" if args.smoke else
+                                       f"  (target <= {TARGET_NEG_ELBO:g}: "
+                                       f"{'reached' if test_neg_elbo <= TARGET_NEG_ELBO else 'missed'})"))
 
-    print(f"\n== Latent space: a VAE with a 2-D latent, epochs {map_epochs}, for the map and the grid ==")
-    torch.manual_seed(args.seed)
-    vae_2d = VAE(2, args.hidden).to(device)
-    map_history = train_vae(vae_2d, images, labels, test_images, test_labels, map_epochs, args.batch_size, args.lr,
-                            args.seed, "2-D VAE", device, dtype, log_every_epoch=False)
+        print(f"\n== Latent space: a VAE with a 2-D latent, epochs {map_epochs}, for the map and the grid ==")
+        torch.manual_seed(args.seed)
+        vae_2d = VAE(2, args.hidden).to(device)
+        map_history = train_vae(vae_2d, images, labels, test_images, test_labels, map_epochs, args.batch_size, args.lr,
+                                args.seed, "2-D VAE", device, dtype, log_every_epoch=False,
+                                writer=writer, show_progress=not args.smoke)
 
-    print(f"\n== Conditional VAE: the label joins encoder and decoder, latent {args.cvae_latent_dim}-D, "
-          f"epochs {cvae_epochs} ==")
-    torch.manual_seed(args.seed)
-    cvae = VAE(args.cvae_latent_dim, args.hidden, NUM_CLASSES).to(device)
-    cvae_history = train_vae(cvae, images, labels, test_images, test_labels, cvae_epochs, args.batch_size, args.lr,
-                             args.seed, "CVAE", device, dtype)
+        print(f"\n== Conditional VAE: the label joins encoder and decoder, latent {args.cvae_latent_dim}-D, "
+              f"epochs {cvae_epochs} ==")
+        torch.manual_seed(args.seed)
+        cvae = VAE(args.cvae_latent_dim, args.hidden, NUM_CLASSES).to(device)
+        cvae_history = train_vae(cvae, images, labels, test_images, test_labels, cvae_epochs, args.batch_size, args.lr,
+                                 args.seed, "CVAE", device, dtype, writer=writer,
+                                 show_progress=not args.smoke)
 
-    print(f"\n== The judge: an MNIST classifier (MLP), epochs {classifier_epochs} on the training images ==")
-    classifier, classifier_accuracy = train_classifier(images, labels, test_images, test_labels, classifier_epochs,
-                                                       args.batch_size, args.seed, device, dtype)
-    print(f"  classifier test accuracy {classifier_accuracy:.4f}")
-    per_digit = 20 if args.smoke else 500
-    cond_accuracy, per_class = conditional_accuracy(cvae, classifier, per_digit, args.seed, device)
-    print(f"  conditional accuracy: {cond_accuracy:.4f} of {per_digit * NUM_CLASSES} generated digits are "
-          f"the digit asked for" + ("" if args.smoke else
-                                    f"  (target >= {TARGET_CONDITIONAL_ACCURACY:g}: "
-                                    f"{'reached' if cond_accuracy >= TARGET_CONDITIONAL_ACCURACY else 'missed'})"))
-    print("  per digit: " + "  ".join(f"{d}:{a:.2f}" for d, a in enumerate(per_class)))
-    train_time = vae_history["train_time_s"] + map_history["train_time_s"] + cvae_history["train_time_s"]
+        print(f"\n== The judge: an MNIST classifier (MLP), epochs {classifier_epochs} on the training images ==")
+        classifier, classifier_accuracy = train_classifier(images, labels, test_images, test_labels, classifier_epochs,
+                                                           args.batch_size, args.seed, device, dtype,
+                                                           show_progress=not args.smoke)
+        print(f"  classifier test accuracy {classifier_accuracy:.4f}")
+        per_digit = 20 if args.smoke else 500
+        cond_accuracy, per_class = conditional_accuracy(cvae, classifier, per_digit, args.seed, device)
+        print(f"  conditional accuracy: {cond_accuracy:.4f} of {per_digit * NUM_CLASSES} generated digits are "
+              f"the digit asked for" + ("" if args.smoke else
+                                        f"  (target >= {TARGET_CONDITIONAL_ACCURACY:g}: "
+                                        f"{'reached' if cond_accuracy >= TARGET_CONDITIONAL_ACCURACY else 'missed'})"))
+        print("  per digit: " + "  ".join(f"{d}:{a:.2f}" for d, a in enumerate(per_class)))
+        train_time = vae_history["train_time_s"] + map_history["train_time_s"] + cvae_history["train_time_s"]
 
-    print("\n== Figures ==")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    make_figures(vae, vae_2d, cvae, vae_history, cvae_history, test_images, test_labels, args, device, out_dir)
+        print("\n== Figures ==")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        make_figures(vae, vae_2d, cvae, vae_history, cvae_history, test_images, test_labels, args, device, out_dir)
+        log_pictures(writer, vae, cvae, test_images, args.seed, device, vae_history["steps"])
+    finally:
+        writer.close()
 
     first = torch.stack([torch.nonzero(test_labels == d)[0, 0] for d in range(2)]).cpu()  # a 0 and a 1
     save_checkpoint(vae, "vae", (test_images[first].to(device),), out_dir / "vae.pt",
@@ -687,6 +714,21 @@ def train_and_report(args) -> None:
           f"{classifier_accuracy:.1%}-accurate classifier). Whole run {wall_time:.0f} s, training {train_time:.0f} s.\n"
           f"  Outputs in {out_dir}/ (metrics.json, vae.pt, cvae.pt and the figures).\n"
           f"  Try: --checkpoint {out_dir}/cvae.pt --digit 3, --latent-dim 2, or --epochs 50")
+
+
+@torch.no_grad()
+def log_pictures(writer: SummaryWriter, vae, cvae, test_images, seed: int, device, step: int) -> None:
+    """TensorBoard: test images over their reconstructions, 64 prior samples, and the conditional
+    VAE's digits (10 draws of each, one row per digit), as (N, 1, 28, 28) grey images."""
+    vae.eval()
+    originals = test_images[:10].to(device)
+    reconstructions = torch.sigmoid(vae(originals)[0])
+    prior = torch.sigmoid(vae.decode(torch.randn(64, vae.latent_dim, device=device)))
+    digits = torch.cat([generate_digits(cvae, digit, 10, seed + digit, device) for digit in range(NUM_CLASSES)])
+    as_images = lambda pixels: pixels.reshape(-1, 1, 28, 28).cpu()
+    writer.add_images("VAE/test_images_then_reconstructions", as_images(torch.cat([originals, reconstructions])), step)
+    writer.add_images("VAE/prior_samples", as_images(prior), step)
+    writer.add_images("CVAE/digits_0_to_9", as_images(digits), step)
 
 
 @torch.no_grad()
