@@ -22,7 +22,7 @@ Run it
                                             (the T4's fp16 + loss-scaling path on any CUDA GPU)
              torchrun --nproc_per_node=2 projects/01_mnist_classifier.py --batch-size 64
                                             (2 GPUs, or 2 CPU processes with --device cpu; batch 64 each)
-             tensorboard --logdir runs/01_mnist_classifier
+             tensorboard --logdir runs/01_mnist_classifier/tensorboard
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it; the
              `-f kernel.json` Colab adds is ignored, and a bad flag prints one line.
 
@@ -45,7 +45,7 @@ image at a time would spend more time on the 2 CPU cores than the network itself
 """
 # %%
 # Imports. A capstone imports only the standard library and torch at module level: matplotlib
-# and the TensorBoard writer are imported where they are used, and skipped if missing.
+# the TensorBoard writer and tqdm are imported where they are used, and skipped if missing.
 import argparse
 import gzip
 import hashlib
@@ -432,6 +432,16 @@ def open_tensorboard(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
+def progress_bar(iterable, total: int, desc: str, show: bool):
+    """A tqdm bar over ITERABLE (steps, rate, time left) that clears itself when done; hidden
+    where the output is not a terminal or SHOW is false, and the plain ITERABLE without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="step", leave=False, disable=None if show else True)
+
+
 def misclassified(images, labels, predictions, limit=32):
     wrong = (predictions != labels).nonzero().flatten()[:limit]
     titles = [f"true {labels[i].item()} / said {predictions[i].item()}" for i in wrong]
@@ -561,7 +571,10 @@ def train(args, model, data, device, out_dir: Path, writer, dtype, rank=0, world
         shard = order[rank::world_size]  # this rank's images: every world_size-th of the shuffled order
         loss_sum = torch.zeros((), device=device)
         first_bad = torch.full((), -1, device=device)  # step of the first non-finite loss, -1 while none
-        for i in range(steps_per_epoch):
+        sampled_losses = []  # every 50th step's loss for TensorBoard, kept on the device until the epoch ends
+        bar = progress_bar(range(steps_per_epoch), steps_per_epoch, f"epoch {epoch}/{args.epochs}",
+                           show=main_process and not args.smoke)
+        for i in bar:
             index = shard[i * args.batch_size:(i + 1) * args.batch_size]
             batch = train_x[index]
             if args.augment:
@@ -577,8 +590,8 @@ def train(args, model, data, device, out_dir: Path, writer, dtype, rank=0, world
             step += 1
             loss_sum += loss.detach()
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
-            if writer and step % 50 == 0:  # a TensorBoard point: one read every 50 steps
-                writer.add_scalar("train/loss", loss.item(), step)
+            if writer and step % 50 == 0:  # a TensorBoard point; the LR is a Python number, no GPU read
+                sampled_losses.append((step, loss.detach()))
                 writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
         if world_size > 1:
             dist.all_reduce(loss_sum)  # summed over the ranks: the loss of every image of the epoch
@@ -586,6 +599,10 @@ def train(args, model, data, device, out_dir: Path, writer, dtype, rank=0, world
         if bad_step >= 0:
             raise LabError(f"the loss was not finite at step {bad_step} (epoch {epoch}); lower --lr (now {args.lr:g})")
         train_loss = loss_sum.item() / (steps_per_epoch * world_size)
+        if sampled_losses:  # one read per epoch for all of them
+            values = torch.stack([loss for _, loss in sampled_losses]).tolist()
+            for (at_step, _), value in zip(sampled_losses, values):
+                writer.add_scalar("train/loss", value, at_step)
         epoch_seconds = time.perf_counter() - tic
         train_seconds += epoch_seconds  # the clock of seconds_to_target: evaluation is not training
         if not main_process:
@@ -762,24 +779,27 @@ def train_and_report(args, out_dir, data_dir, device, dtype, precision, rank, wo
         writer = open_tensorboard(out_dir / "tensorboard")
         if writer:
             writer.add_images("train/augmented_examples", shown, 0)
-    history, train_seconds, seconds_to_target, steps = train(
-        args, model, (train_x, train_y, val_x, val_y, test_x, test_y), device, out_dir, writer, dtype,
-        rank, world_size)
-    if not main_process:
-        return None
+    try:  # the writer is closed in the finally, even after an error
+        history, train_seconds, seconds_to_target, steps = train(
+            args, model, (train_x, train_y, val_x, val_y, test_x, test_y), device, out_dir, writer, dtype,
+            rank, world_size)
+        if not main_process:
+            return None
 
-    # the best epoch, reloaded from disk as a user of the checkpoint would
-    best, saved = load_checkpoint(out_dir / "best.pt", device)
-    test_acc, test_loss, predictions = evaluate(best, test_x, test_y, dtype=dtype)
-    wrong_images, wrong_titles = misclassified(test_x, test_y, predictions)
-    save_digit_grid(out_dir / "misclassified.png", wrong_images, wrong_titles, columns=8,
-                    suptitle=f"test digits the best model gets wrong ({(predictions != test_y).sum().item()} of {len(test_y)})")
-    save_curves(out_dir / "curves.png", history, args.target)
-    if writer:
-        if len(wrong_images):
-            writer.add_images("test/misclassified", wrong_images, steps)
-        writer.add_scalar("test/accuracy_best_checkpoint", test_acc, steps)
-        writer.close()
+        # the best epoch, reloaded from disk as a user of the checkpoint would
+        best, saved = load_checkpoint(out_dir / "best.pt", device)
+        test_acc, test_loss, predictions = evaluate(best, test_x, test_y, dtype=dtype)
+        wrong_images, wrong_titles = misclassified(test_x, test_y, predictions)
+        save_digit_grid(out_dir / "misclassified.png", wrong_images, wrong_titles, columns=8,
+                        suptitle=f"test digits the best model gets wrong ({(predictions != test_y).sum().item()} of {len(test_y)})")
+        save_curves(out_dir / "curves.png", history, args.target)
+        if writer:
+            if len(wrong_images):
+                writer.add_images("test/misclassified", wrong_images, steps)
+            writer.add_scalar("test/accuracy_best_checkpoint", test_acc, steps)
+    finally:
+        if writer:
+            writer.close()
 
     metrics = {
         "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
@@ -799,7 +819,8 @@ def train_and_report(args, out_dir, data_dir, device, dtype, precision, rank, wo
     print(f"\nbest checkpoint (epoch {saved['epoch']}, val {100 * saved['val_accuracy']:.2f}%): "
           f"test accuracy {100 * test_acc:.2f}% ({metrics['test_errors']} errors in {len(test_y)})")
     print(f"{100 * args.target:.1f}% test accuracy {reached}; wall time {metrics['wall_time_s']:.0f}s")
-    print(f"outputs in {out_dir}/ (metrics.json, best.pt, augmentation.png, curves.png, misclassified.png)")
+    print(f"outputs in {out_dir}/ (metrics.json, best.pt, augmentation.png, curves.png, misclassified.png, "
+          "tensorboard/)")
     print(f"TensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}")
     if args.smoke:
         print("(smoke run on synthetic digits: the numbers above are not results)")
