@@ -21,6 +21,7 @@ Run it
              python projects/03_vae_generator.py --smoke        (synthetic digits, seconds)
              python projects/03_vae_generator.py --device cuda --precision fp16
                                           (the T4's fp16 + loss-scaling path on any CUDA GPU)
+             tensorboard --logdir runs/03_vae_generator/tensorboard
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it; the
              `-f kernel.json` Colab adds is ignored.
 
@@ -45,8 +46,8 @@ the training loops never wait for it: losses are summed on the device and read o
 GradScaler elsewhere (a Colab T4), and in fp32 on CPU and MPS; evaluation and sampling stay fp32.
 """
 # %%
-# Imports. A capstone imports only the standard library and torch at module level: matplotlib
-# is imported where a figure is drawn, and skipped with a note if it is missing.
+# Imports. A capstone imports only the standard library and torch at module level: matplotlib,
+# the TensorBoard writer and tqdm are imported where they are used, and skipped if missing.
 import argparse
 import gzip
 import hashlib
@@ -406,10 +407,22 @@ def batches(count: int, batch_size: int, generator, device):
         yield order[start:start + batch_size]
 
 
+def progress_bar(iterable, total: int, desc: str, show: bool):
+    """A tqdm bar over ITERABLE (steps, rate, time left) that clears itself when done; hidden
+    where the output is not a terminal or SHOW is false, and the plain ITERABLE without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="step", leave=False, disable=None if show else True)
+
+
 # On a GPU neither loop waits for it: losses are summed on the device and read once per epoch,
 # and so is the NaN guard (the first step whose loss was not finite). Forward passes run under
 # autocast (--precision); the VAE's loss is computed in float32 from the decoder's logits.
-def train_classifier(model, train_x, train_y, epochs, batch_size, generator, dtype=None):
+# With a TensorBoard WRITER, the numbers each epoch already reads go there too, against the step.
+def train_classifier(model, train_x, train_y, epochs, batch_size, generator, dtype=None, writer=None,
+                     show_progress=False):
     steps = epochs * (len(train_x) // batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=steps, pct_start=0.25)
@@ -419,7 +432,8 @@ def train_classifier(model, train_x, train_y, epochs, batch_size, generator, dty
         tic, count = time.perf_counter(), 0
         loss_sum = torch.zeros((), device=train_x.device)
         first_bad = torch.full((), -1, device=train_x.device)  # step of the first non-finite loss, -1 while none
-        for index in batches(len(train_x), batch_size, generator, train_x.device):
+        for index in progress_bar(batches(len(train_x), batch_size, generator, train_x.device),
+                                  len(train_x) // batch_size, f"judge epoch {epoch}/{epochs}", show_progress):
             with autocast(train_x.device, dtype):
                 logits = model(random_affine(train_x[index], generator))
             loss = F.cross_entropy(logits.float(), train_y[index], label_smoothing=0.1)
@@ -435,6 +449,9 @@ def train_classifier(model, train_x, train_y, epochs, batch_size, generator, dty
         if bad_step >= 0:
             raise LabError(f"the judge's loss was not finite at step {bad_step} of epoch {epoch}; "
                            "run with --smoke to check the setup")
+        if writer:
+            writer.add_scalar("judge/train_loss", mean_loss, epoch * count)
+            writer.add_scalar("judge/learning_rate", scheduler.get_last_lr()[0], epoch * count)
         print(f"judge epoch {epoch}/{epochs}  loss {mean_loss:.4f}  "
               f"{count * batch_size / (time.perf_counter() - tic):.0f} img/s", flush=True)
 
@@ -484,7 +501,8 @@ def judge_agreement(vae, judge, per_digit: int, temperature: float, generator, d
 # %%
 # The VAE's training loop: each epoch it also asks the judge how many samples look like
 # the digit they were asked for (judge_agreement above), the number to watch besides the loss.
-def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dtype=None):
+def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dtype=None, writer=None,
+              show_progress=False):
     steps_per_epoch = len(train_x) // args.batch_size
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     scaler = grad_scaler(train_x.device, dtype)
@@ -497,7 +515,8 @@ def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dty
         tic = time.perf_counter()
         elbo_sum = torch.zeros((), device=train_x.device)
         first_bad = torch.full((), -1, device=train_x.device)  # step of the first non-finite loss, -1 while none
-        for index in batches(len(train_x), args.batch_size, generator, train_x.device):
+        for index in progress_bar(batches(len(train_x), args.batch_size, generator, train_x.device),
+                                  steps_per_epoch, f"vae epoch {epoch}/{args.epochs}", show_progress):
             x, y = train_x[index], train_y[index]
             with autocast(train_x.device, dtype):
                 logits, mu, logvar = vae(x, y)
@@ -523,6 +542,12 @@ def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dty
         history.append({"epoch": epoch, "train_neg_elbo": train_loss, "test_neg_elbo": test["neg_elbo"],
                         "test_recon": test["recon"], "test_kl": test["kl"], "judge_agreement": agreement,
                         "train_seconds": train_seconds})
+        if writer:
+            writer.add_scalar("vae/train_neg_elbo", train_loss, step)
+            for name in ("neg_elbo", "recon", "kl"):
+                writer.add_scalar(f"vae/test_{name}", test[name], step)
+            writer.add_scalar("vae/judge_agreement", agreement, step)
+            writer.add_scalar("vae/learning_rate", scheduler.get_last_lr()[0], step)
         left = (args.epochs - epoch) * train_seconds / epoch
         print(f"vae epoch {epoch:2d}/{args.epochs}  train -ELBO {train_loss:6.2f}  test -ELBO {test['neg_elbo']:6.2f}"
               f" (recon {test['recon']:.2f} + KL {test['kl']:.2f}) nats/image  judge agrees {100 * agreement:.1f}%"
@@ -562,7 +587,18 @@ def latent_walk(vae, digit: int, dims, values, device) -> torch.Tensor:
 
 
 # %%
-# Figures (matplotlib, imported here so the capstone still runs where it is missing).
+# Figures (matplotlib, imported here so the capstone still runs where it is missing), and the
+# TensorBoard writer (the same: without it the run goes on, with a note).
+def open_tensorboard(log_dir: Path):
+    """A SummaryWriter, or None with a note when TensorBoard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("note: tensorboard is not installed, skipping TensorBoard logs")
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 def plot_grid(path: Path, images, rows: int, columns: int, title: str, row_labels=None, column_labels=None):
     """Save (rows * columns, 1, 28, 28) images in [0, 1] as one picture."""
     try:
@@ -731,72 +767,83 @@ def train_and_report(args):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     print(f"data: {len(train_x)} train / {len(test_x)} test images on {device}; training precision {precision}")
 
-    # 1. the judge, trained on real digits only
-    tic = time.perf_counter()
-    judge_config = {"kind": "classifier", "widths": [8, 8, 8] if args.smoke else [16, 32, 64]}
-    judge = build_model(judge_config).to(device)
-    if device.type != "mps":
-        judge = judge.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
-    train_classifier(judge, train_x, train_y, args.judge_epochs, 128, generator, dtype)
-    judge_accuracy = (classify(judge, test_x) == test_y).float().mean().item()
-    judge_seconds = time.perf_counter() - tic
-    print(f"judge: {100 * judge_accuracy:.2f}% on the test digits ({judge_seconds:.0f}s)")
-    save_checkpoint(out_dir / "judge.pt", judge, judge_config, test_x[:8])
+    writer = open_tensorboard(out_dir / "tensorboard")
+    try:  # the writer is closed in the finally, even after an error
+        # 1. the judge, trained on real digits only
+        tic = time.perf_counter()
+        judge_config = {"kind": "classifier", "widths": [8, 8, 8] if args.smoke else [16, 32, 64]}
+        judge = build_model(judge_config).to(device)
+        if device.type != "mps":
+            judge = judge.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+        train_classifier(judge, train_x, train_y, args.judge_epochs, 128, generator, dtype, writer,
+                         show_progress=not args.smoke)
+        judge_accuracy = (classify(judge, test_x) == test_y).float().mean().item()
+        judge_seconds = time.perf_counter() - tic
+        print(f"judge: {100 * judge_accuracy:.2f}% on the test digits ({judge_seconds:.0f}s)")
+        save_checkpoint(out_dir / "judge.pt", judge, judge_config, test_x[:8])
 
-    # 2. the conditional VAE
-    vae_config = {"kind": "vae", "latent_dim": args.latent_dim, "channels": [8, 8] if args.smoke else [32, 64],
-                  "hidden": 32 if args.smoke else 256}
-    vae = build_model(vae_config).to(device)
-    if device.type != "mps":
-        vae = vae.to(memory_format=torch.channels_last)  # measured ~10% faster training on a 2-core CPU
-    print(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, latent {args.latent_dim}; "
-          f"{args.epochs} epochs of AdamW, one-cycle peak lr {args.lr}, batch {args.batch_size}")
-    history, train_seconds, steps = train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dtype)
-    save_checkpoint(out_dir / "vae.pt", vae, vae_config, (test_x[:8], test_y[:8]), {"epochs": args.epochs})
-    vae, _ = load_checkpoint(out_dir / "vae.pt", device)  # everything below uses the saved model
-    final = evaluate_elbo(vae, test_x, test_y, torch.Generator(device=device).manual_seed(0))
+        # 2. the conditional VAE
+        vae_config = {"kind": "vae", "latent_dim": args.latent_dim, "channels": [8, 8] if args.smoke else [32, 64],
+                      "hidden": 32 if args.smoke else 256}
+        vae = build_model(vae_config).to(device)
+        if device.type != "mps":
+            vae = vae.to(memory_format=torch.channels_last)  # measured ~10% faster training on a 2-core CPU
+        print(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, latent {args.latent_dim}; "
+              f"{args.epochs} epochs of AdamW, one-cycle peak lr {args.lr}, batch {args.batch_size}")
+        history, train_seconds, steps = train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dtype,
+                                              writer, show_progress=not args.smoke)
+        save_checkpoint(out_dir / "vae.pt", vae, vae_config, (test_x[:8], test_y[:8]), {"epochs": args.epochs})
+        vae, _ = load_checkpoint(out_dir / "vae.pt", device)  # everything below uses the saved model
+        final = evaluate_elbo(vae, test_x, test_y, torch.Generator(device=device).manual_seed(0))
 
-    # 3. judge the generator, at the chosen temperature and a few others
-    sample_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    per_digit = 20 if args.smoke else 2000  # 20,000 samples: the headline's sampling error is ~0.1%
-    by_digit = judge_agreement(vae, judge, per_digit, args.temperature, sample_gen, device)
-    accuracy = by_digit.mean().item()
-    print(f"judge agrees with the requested digit at T = {args.temperature}: {100 * accuracy:.2f}%; per digit: "
-          + ", ".join(f"{d}: {100 * a:.1f}%" for d, a in enumerate(by_digit.tolist())))
-    temperatures = [0.5, 1.0, 1.5, 2.0]
-    by_temperature = {str(t): accuracy if t == args.temperature else
-                      judge_agreement(vae, judge, per_digit // 2, t, sample_gen, device).mean().item()
-                      for t in temperatures}
+        # 3. judge the generator, at the chosen temperature and a few others
+        sample_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+        per_digit = 20 if args.smoke else 2000  # 20,000 samples: the headline's sampling error is ~0.1%
+        by_digit = judge_agreement(vae, judge, per_digit, args.temperature, sample_gen, device)
+        accuracy = by_digit.mean().item()
+        print(f"judge agrees with the requested digit at T = {args.temperature}: {100 * accuracy:.2f}%; per digit: "
+              + ", ".join(f"{d}: {100 * a:.1f}%" for d, a in enumerate(by_digit.tolist())))
+        temperatures = [0.5, 1.0, 1.5, 2.0]
+        by_temperature = {str(t): accuracy if t == args.temperature else
+                          judge_agreement(vae, judge, per_digit // 2, t, sample_gen, device).mean().item()
+                          for t in temperatures}
 
-    # 4. figures
-    digits = torch.arange(10, device=device).repeat_interleave(args.samples)
-    plot_grid(out_dir / "sample_sheet.png", generate(vae, digits, args.temperature, sample_gen), 10, args.samples,
-              f"one row per requested digit, T = {args.temperature}", row_labels=[str(d) for d in range(10)])
-    page = generate(vae, torch.full((40,), args.digit, device=device), args.temperature, sample_gen)
-    plot_grid(out_dir / f"digit_{args.digit}.png", page, 4, 10, f"forty {args.digit}s, T = {args.temperature}")
-    pair = [int((test_y == 4).nonzero()[0]), int((test_y == 9).nonzero()[0])] if (test_y == 9).any() else [0, 1]
-    line = interpolate(vae, test_x[pair[0]], test_y[pair[0]], test_x[pair[1]], test_y[pair[1]], steps=10)
-    plot_grid(out_dir / "interpolation.png", torch.cat([test_x[pair[0]:pair[0] + 1], line, test_x[pair[1]:pair[1] + 1]]),
-              1, 12, f"real {test_y[pair[0]].item()} -> real {test_y[pair[1]].item()}: ends are the real test digits, "
-              "between them decoded blends of z and label")
-    with torch.inference_mode():
-        mu, logvar = vae.encode(test_x[:2000], test_y[:2000])
-    kl_per_dim = kl_to_standard_normal(mu, logvar, dim=0)  # (Z,): dims with ~0 KL are unused by the model
-    dims = kl_per_dim.argsort(descending=True)[:5].tolist()
-    values = [-2.5, -1.5, -0.75, 0.0, 0.75, 1.5, 2.5]
-    plot_grid(out_dir / "latent_walk.png", latent_walk(vae, args.digit, dims, values, device), len(dims), len(values),
-              f"digit {args.digit}: one latent dimension moved at a time (the 5 carrying most KL)",
-              row_labels=[f"z[{d}]" for d in dims], column_labels=[str(v) for v in values])
-    temp_rows = torch.cat([generate(vae, torch.arange(10, device=device), t, sample_gen) for t in temperatures])
-    plot_grid(out_dir / "temperature.png", temp_rows, len(temperatures), 10,
-              "rows: temperature of z; judge agreement " + ", ".join(
-                  f"T={t}: {100 * by_temperature[str(t)]:.1f}%" for t in temperatures),
-              row_labels=[f"T={t}" for t in temperatures], column_labels=[str(d) for d in range(10)])
-    with torch.inference_mode():
-        recon = torch.sigmoid(vae(test_x[:10], test_y[:10])[0])
-    plot_grid(out_dir / "reconstructions.png", torch.cat([test_x[:10], recon]), 2, 10,
-              "top: real test digits; bottom: decoded from their posterior mean")
-    plot_history(out_dir / "elbo.png", history)
+        # 4. figures
+        digits = torch.arange(10, device=device).repeat_interleave(args.samples)
+        sheet = generate(vae, digits, args.temperature, sample_gen)
+        plot_grid(out_dir / "sample_sheet.png", sheet, 10, args.samples,
+                  f"one row per requested digit, T = {args.temperature}", row_labels=[str(d) for d in range(10)])
+        page = generate(vae, torch.full((40,), args.digit, device=device), args.temperature, sample_gen)
+        plot_grid(out_dir / f"digit_{args.digit}.png", page, 4, 10, f"forty {args.digit}s, T = {args.temperature}")
+        pair = [int((test_y == 4).nonzero()[0]), int((test_y == 9).nonzero()[0])] if (test_y == 9).any() else [0, 1]
+        line = interpolate(vae, test_x[pair[0]], test_y[pair[0]], test_x[pair[1]], test_y[pair[1]], steps=10)
+        plot_grid(out_dir / "interpolation.png", torch.cat([test_x[pair[0]:pair[0] + 1], line, test_x[pair[1]:pair[1] + 1]]),
+                  1, 12, f"real {test_y[pair[0]].item()} -> real {test_y[pair[1]].item()}: ends are the real test digits, "
+                  "between them decoded blends of z and label")
+        with torch.inference_mode():
+            mu, logvar = vae.encode(test_x[:2000], test_y[:2000])
+        kl_per_dim = kl_to_standard_normal(mu, logvar, dim=0)  # (Z,): dims with ~0 KL are unused by the model
+        dims = kl_per_dim.argsort(descending=True)[:5].tolist()
+        values = [-2.5, -1.5, -0.75, 0.0, 0.75, 1.5, 2.5]
+        plot_grid(out_dir / "latent_walk.png", latent_walk(vae, args.digit, dims, values, device), len(dims), len(values),
+                  f"digit {args.digit}: one latent dimension moved at a time (the 5 carrying most KL)",
+                  row_labels=[f"z[{d}]" for d in dims], column_labels=[str(v) for v in values])
+        temp_rows = torch.cat([generate(vae, torch.arange(10, device=device), t, sample_gen) for t in temperatures])
+        plot_grid(out_dir / "temperature.png", temp_rows, len(temperatures), 10,
+                  "rows: temperature of z; judge agreement " + ", ".join(
+                      f"T={t}: {100 * by_temperature[str(t)]:.1f}%" for t in temperatures),
+                  row_labels=[f"T={t}" for t in temperatures], column_labels=[str(d) for d in range(10)])
+        with torch.inference_mode():
+            recon = torch.sigmoid(vae(test_x[:10], test_y[:10])[0])
+        plot_grid(out_dir / "reconstructions.png", torch.cat([test_x[:10], recon]), 2, 10,
+                  "top: real test digits; bottom: decoded from their posterior mean")
+        plot_history(out_dir / "elbo.png", history)
+        if writer:
+            writer.add_images("samples/one_row_per_digit", sheet, steps)
+            writer.add_images("samples/test_digits_then_reconstructions", torch.cat([test_x[:10], recon]), steps)
+    finally:
+        if writer:
+            writer.close()
 
     metrics = {
         "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
@@ -814,7 +861,8 @@ def train_and_report(args):
           f"KL {final['kl']:.2f}); the judge agrees with the requested digit {100 * accuracy:.2f}% of the time "
           f"at T = {args.temperature}")
     print(f"wall time {metrics['wall_time_s']:.0f}s; outputs in {out_dir}/ (metrics.json, vae.pt, judge.pt, "
-          f"sample_sheet.png, digit_{args.digit}.png, interpolation.png, latent_walk.png, temperature.png)")
+          f"sample_sheet.png, digit_{args.digit}.png, interpolation.png, latent_walk.png, temperature.png, "
+          "tensorboard/)")
     if args.smoke:
         print("(smoke run on synthetic digits: the numbers above are not results)")
     return metrics
