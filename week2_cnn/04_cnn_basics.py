@@ -22,11 +22,14 @@ Run it
              python week2_cnn/04_cnn_basics.py --smoke         # 10-second check, synthetic data
              python week2_cnn/04_cnn_basics.py --epochs 4      # half the training time, lower accuracy
              python week2_cnn/04_cnn_basics.py --precision fp32   # on a GPU: no mixed precision
+             tensorboard --logdir runs/04_cnn_basics/tensorboard  # loss, accuracy, LR, filters, images
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it;
              pick a GPU runtime (Runtime > Change runtime type > T4 GPU) for speed.
   On a GPU the forward passes run under autocast (--precision auto): bf16 where the GPU has it
   natively (Ampere and newer), fp16 with a GradScaler elsewhere (a T4 only emulates bf16, and its
   bf16 convolutions leave cuDNN for a slow path). --precision fp32, bf16 or fp16 overrides it.
+  Progress: a bar over each CIFAR-10 epoch's steps (steps, rate, time left) under the one line
+  per epoch; hidden under --smoke and when the output is not a terminal.
 
 What the default run reaches (measured on a shared 2-core AMD EPYC CPU, torch 2.14.1, with
 `python week2_cnn/04_cnn_basics.py`, CIFAR-10 in ./data)
@@ -73,6 +76,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -672,8 +677,10 @@ def predict(model, images, batch_size=250, flip=False):
     return torch.cat(outputs)
 
 
-def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None):
-    """Train in place. `dtype`: the autocast dtype from pick_precision (None: fp32).
+def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None, writer: SummaryWriter = None,
+                show_progress=False):
+    """Train in place. `dtype`: the autocast dtype from pick_precision (None: fp32). With a `writer`,
+    each epoch's numbers go to TensorBoard; show_progress draws a bar over each epoch's steps.
 
     No step waits for the GPU: the loss and accuracy are summed on the device and the first
     non-finite loss is remembered there; all three are read once per epoch, at the log line."""
@@ -706,7 +713,11 @@ def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None)
         order = torch.randperm(len(train_x), generator=generator).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
-        for i in range(steps_per_epoch):
+        epoch_lrs = []                                       # Python floats: no GPU read
+        # leave=False: the finished bar makes way for the epoch's log line. disable=None: no bar
+        # where the output is not a terminal (tests, log files).
+        for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False,
+                      disable=None if show_progress else True):
             index = order[i * config.batch_size:(i + 1) * config.batch_size]
             images = random_crop(train_x[index], config.crop_padding, crop_generator)
             images = flip_where(images, first_flip[index] ^ (epoch % 2 == 0))
@@ -719,6 +730,7 @@ def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            epoch_lrs.append(scheduler.get_last_lr()[1])      # the LR this step used (the weights' group)
             scheduler.step()
             step += 1
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
@@ -743,7 +755,32 @@ def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None)
         print(f"  epoch {epoch:2d}/{config.epochs}  loss {history[-1]['train_loss']:.3f}  "
               f"train acc {history[-1]['train_accuracy']:.3f}  test acc (first 1,000) {preview:.3f}  "
               f"{epoch * seen / elapsed:5.0f} images/s  {elapsed:4.0f}s elapsed, ~{left:.0f}s left", flush=True)
+        if writer is not None:
+            log_epoch(writer, history[-1], epoch_lrs, step)
     return history, time.perf_counter() - start
+
+
+# TensorBoard (`tensorboard --logdir runs/04_cnn_basics/tensorboard`): the numbers of each epoch's
+# log line and the LR of every step, against the optimizer step; after training, the first
+# layer's filters and a batch of test images with the class the network gives each.
+def log_epoch(writer: SummaryWriter, record: dict, lrs: list, steps_done: int) -> None:
+    for offset, lr in enumerate(lrs):
+        writer.add_scalar("lr", lr, steps_done - len(lrs) + 1 + offset)
+    writer.add_scalar("loss/train", record["train_loss"], steps_done)
+    writer.add_scalar("accuracy/train", record["train_accuracy"], steps_done)
+    writer.add_scalar("accuracy/test_first_1000", record["preview_test_accuracy"], steps_done)
+    writer.flush()
+
+
+def log_pictures(writer: SummaryWriter, model: CifarNet, images, predictions, steps_done: int) -> None:
+    weights = model.whiten.weight.detach().float().cpu()[:12]            # (12, 3, 2, 2), as in the PNG
+    weights = weights - weights.amin(dim=(1, 2, 3), keepdim=True)
+    weights = weights / weights.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8)
+    big = weights.repeat_interleave(16, dim=2).repeat_interleave(16, dim=3)   # 2x2 pixels -> 32x32 to be seen
+    writer.add_images("first_layer_filters", big, steps_done)
+    writer.add_images("test_images", images.float().cpu() / 255, steps_done)
+    names = [CIFAR10_CLASSES[k] for k in predictions.tolist()]
+    writer.add_text("test_images_predicted_as", ", ".join(names), steps_done)
 
 
 # %% 7. What the network learned: per-class accuracy, confusion matrix, filters, feature maps
@@ -1136,7 +1173,14 @@ def run(args):
     print(f"  CifarNet{config.widths}: {count_parameters(model):,} parameters, {macs / 1e6:.1f} M multiply-adds "
           "per image forward (training costs about 3x that: forward, and backward for inputs and weights)")
     trained = torch.compile(model) if args.compile else model
-    history, train_time = train_cifar(trained, (train_x, train_y, test_x, test_y), config, device, generator, dtype)
+    writer = SummaryWriter(out_dir / "tensorboard")
+    try:
+        history, train_time = train_cifar(trained, (train_x, train_y, test_x, test_y), config, device, generator,
+                                          dtype, writer, show_progress=not args.smoke)
+        log_pictures(writer, model, test_x[:16], predict(trained, test_x[:16]).argmax(1),
+                     config.epochs * (len(train_x) // config.batch_size))
+    finally:
+        writer.close()
 
     eval_start = time.perf_counter()
     logits = predict(trained, test_x, flip=config.test_time_flip)
@@ -1188,7 +1232,7 @@ def run(args):
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\nSummary: CifarNet{config.widths} trained {config.epochs} epochs in {train_time:.0f}s "
           f"-> CIFAR-10 test accuracy {test_accuracy:.2%}; timbre CNN {timbre_accuracy:.1%} on held-out notes. "
-          f"Wall time {wall_time:.0f}s.\n  Outputs in {out_dir}/ (metrics.json, *.png, *.pt). "
+          f"Wall time {wall_time:.0f}s.\n  Outputs in {out_dir}/ (metrics.json, *.png, *.pt, tensorboard/). "
           "Try --epochs 5 or --widths 64,128,256 to trade time for accuracy.")
     return metrics
 
