@@ -26,11 +26,14 @@ Run it
   terminal:  python week2_cnn/05_transfer_learning.py                         # ants vs bees, resnet50
              python week2_cnn/05_transfer_learning.py --data-dir my_photos    # my_photos/train/<class>/...
              python week2_cnn/05_transfer_learning.py --smoke                 # quick check, generated images
+             tensorboard --logdir runs/05_transfer_learning/tensorboard      # the strategies' curves, filters
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks); a GPU runtime
              (Runtime > Change runtime type > T4 GPU) helps a lot.
   On a GPU the forward passes run under autocast (--precision auto): bf16 where the GPU has it
   natively (Ampere and newer), fp16 with a GradScaler elsewhere (a T4 only emulates bf16, and its
   bf16 convolutions leave cuDNN for a slow path). --precision fp32, bf16 or fp16 overrides it.
+  Progress: a bar over the batches of each epoch and of each validation pass (steps, rate, time
+  left), above the one line per epoch; hidden under --smoke and when the output is not a terminal.
 
 What the default run reaches
   With ImageNet weights on ants vs bees: not measured here. This machine has no network, so
@@ -67,6 +70,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 ARCHES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -404,14 +409,20 @@ def make_optimizer(model: nn.Module, strategy: str, lr: float, lr_decay: float, 
 # the correct answers are summed on the device, and the first non-finite loss is remembered there;
 # all of it is read once, at the end of the epoch.
 
-def evaluate(model, loader, device, dtype):
+def progress(loader, description: str, show: bool):
+    """A bar over the loader's batches (steps, rate, time left). leave=False: the finished bar makes
+    way for the epoch's log line; disable=None: no bar where the output is not a terminal."""
+    return tqdm(loader, desc=description, unit="batch", leave=False, disable=None if show else True)
+
+
+def evaluate(model, loader, device, dtype, show_progress=False):
     """(accuracy, mean loss) over the loader, in eval mode."""
     model.eval()
     correct = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
     count = 0
     with torch.no_grad():
-        for images, labels in loader:
+        for images, labels in progress(loader, "validation", show_progress):
             images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, dtype):
@@ -422,13 +433,13 @@ def evaluate(model, loader, device, dtype):
     return correct.item() / count, loss_sum.item() / count
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, dtype, epoch, strategy):
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, dtype, epoch, strategy, show_progress=False):
     """One pass over the loader; returns (accuracy, mean loss) of the training batches."""
     correct = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device)        # the first step whose loss is not finite
     count = 0
-    for step, (images, labels) in enumerate(loader, start=1):
+    for step, (images, labels) in enumerate(progress(loader, f"{strategy} epoch {epoch}", show_progress), start=1):
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, dtype):
@@ -491,7 +502,27 @@ def load_checkpoint(path: Path) -> nn.Module:
     return model
 
 
-def run_strategy(strategy, start_state, args, data, device, dtype, out_dir: Path):
+# TensorBoard (`tensorboard --logdir runs/05_transfer_learning/tensorboard`): each strategy's
+# losses, accuracies and head learning rate per epoch against the optimizer step (the numbers of
+# the epoch's log line), so the strategies' curves sit side by side; and each strategy's first-layer
+# filters at its end (a fine-tuned stem moves them, a frozen one does not).
+def log_epoch(writer: SummaryWriter, strategy: str, record: dict, head_lr: float, steps_done: int) -> None:
+    for split in ("train", "val"):
+        writer.add_scalar(f"loss_{split}/{strategy}", record[f"{split}_loss"], steps_done)
+        writer.add_scalar(f"accuracy_{split}/{strategy}", record[f"{split}_accuracy"], steps_done)
+    writer.add_scalar(f"lr_head/{strategy}", head_lr, steps_done)
+    writer.flush()
+
+
+def first_layer_filters(model: nn.Module) -> torch.Tensor:
+    """conv1's 7x7 RGB filters, each stretched to 0..1, enlarged 4x so the pixels can be seen."""
+    weights = model.conv1.weight.detach().float().cpu()             # (64, 3, 7, 7)
+    weights = weights - weights.amin(dim=(1, 2, 3), keepdim=True)
+    weights = weights / weights.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8)
+    return weights.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
+
+
+def run_strategy(strategy, start_state, args, data, device, dtype, out_dir: Path, writer: SummaryWriter):
     train_loader, val_loader, class_names, sample_inputs = data
     model = build_model({"arch": args.arch, "num_classes": len(class_names)})
     model.load_state_dict(start_state)                     # every strategy starts from the same weights
@@ -507,9 +538,9 @@ def run_strategy(strategy, start_state, args, data, device, dtype, out_dir: Path
         set_train_mode(model, stages)
         epoch_start = time.perf_counter()
         train_accuracy, train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, device,
-                                                     dtype, epoch, strategy)
+                                                     dtype, epoch, strategy, show_progress=not args.smoke)
         train_seconds = time.perf_counter() - epoch_start
-        val_accuracy, val_loss = evaluate(model, val_loader, device, dtype)
+        val_accuracy, val_loss = evaluate(model, val_loader, device, dtype, show_progress=not args.smoke)
         seconds = time.perf_counter() - epoch_start
         history.append({"epoch": epoch, "open_stages": stages, "trainable_parameters": count_trainable(model),
                         "train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss,
@@ -525,6 +556,8 @@ def run_strategy(strategy, start_state, args, data, device, dtype, out_dir: Path
               f"trainable {count_trainable(model):>10,}  train loss {train_loss:.3f} acc {train_accuracy:.3f}  "
               f"val acc {val_accuracy:.3f}{' *' if improved else '  '}  {images_per_s:5.1f} train img/s  "
               f"{seconds:5.1f}s with validation", flush=True)
+        log_epoch(writer, strategy, history[-1], optimizer.param_groups[-1]["lr"], epoch * len(train_loader))
+    writer.add_images(f"first_layer_filters/{strategy}", first_layer_filters(model), args.epochs * len(train_loader))
     load_checkpoint(out_dir / f"best_{strategy}.pt")     # the saved best reloads and predicts as it did
     return {"history": history, "best_val_accuracy": best,
             "best_epoch": max(history, key=lambda h: h["val_accuracy"])["epoch"],
@@ -727,14 +760,22 @@ def run(args):
     del start_model
 
     results = {}
-    train_start = time.perf_counter()
-    for strategy in args.strategies:
-        print(f"\n== {strategy} ==")
-        torch.manual_seed(args.seed)                 # same data order and augmentation for every strategy
-        generator.manual_seed(args.seed)
-        results[strategy] = run_strategy(strategy, start_state, args, (*loaders(), class_names, sample_inputs),
-                                         device, dtype, out_dir)
-    train_time = time.perf_counter() - train_start
+    writer = SummaryWriter(out_dir / "tensorboard")
+    try:
+        # What the network sees: validation images after the weights' preprocessing, normalisation undone.
+        shown = torch.stack([val_set[i][0] for i in range(min(16, len(val_set)))])
+        mean, std = torch.tensor(preset.mean).view(1, 3, 1, 1), torch.tensor(preset.std).view(1, 3, 1, 1)
+        writer.add_images("validation_images", (shown * std + mean).clamp(0, 1), 0)
+        train_start = time.perf_counter()
+        for strategy in args.strategies:
+            print(f"\n== {strategy} ==")
+            torch.manual_seed(args.seed)                 # same data order and augmentation for every strategy
+            generator.manual_seed(args.seed)
+            results[strategy] = run_strategy(strategy, start_state, args, (*loaders(), class_names, sample_inputs),
+                                             device, dtype, out_dir, writer)
+        train_time = time.perf_counter() - train_start
+    finally:
+        writer.close()
 
     table = comparison_table(results)
     print("\n" + table)
@@ -757,7 +798,7 @@ def run(args):
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\nSummary: {args.arch} (weights {args.weights}) on {len(class_names)} classes; best validation accuracy "
           f"{results[best_strategy]['best_val_accuracy']:.3f} by {best_strategy}. Wall time {wall_time:.0f}s.\n"
-          f"  Outputs in {out_dir}/: comparison.md, strategy_comparison.png, best_<strategy>.pt, metrics.json.\n"
+          f"  Outputs in {out_dir}/: comparison.md, strategy_comparison.png, best_<strategy>.pt, metrics.json, tensorboard/.\n"
           "  Try --unfreeze-schedule \"2:layer4+layer3,4:layer2\" or --lr-decay 1 (no discriminative rates).")
     return metrics
 
