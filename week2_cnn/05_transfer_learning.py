@@ -33,7 +33,7 @@ Run it
   natively (Ampere and newer), fp16 with a GradScaler elsewhere (a T4 only emulates bf16, and its
   bf16 convolutions leave cuDNN for a slow path). --precision fp32, bf16 or fp16 overrides it.
   Progress: a bar over the batches of each epoch and of each validation pass (steps, rate, time
-  left), above the one line per epoch; hidden under --smoke and when the output is not a terminal.
+  left) that gives way to the epoch's line; hidden under --smoke and when the output is not a terminal.
 
 What the default run reaches
   With ImageNet weights on ants vs bees: not measured here. This machine has no network, so
