@@ -29,6 +29,7 @@ Run it
              python projects/04_sentiment_transformer.py --eval-only --checkpoint runs/04_sentiment_transformer/best.pt
              python projects/04_sentiment_transformer.py --smoke           (generated reviews, seconds)
              python projects/04_sentiment_transformer.py --device cuda --precision fp16   (a T4's choice)
+             tensorboard --logdir runs/04_sentiment_transformer/tensorboard
   Colab:     Runtime > Change runtime type > GPU, then paste the file into a cell (or cell by cell
              at the `# %%` marks); the `-f kernel.json` Colab adds is ignored.
   Data:      https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz, unpacked to
@@ -72,8 +73,8 @@ What the default run reaches (measured on the real data in ./data, torch 2.14.1)
   `--smoke`: 5.4-5.8 s for the whole process (generated reviews, a tiny BERT; its numbers are not results).
 """
 # %%
-# Imports. A capstone imports only the standard library and torch at module level:
-# transformers, datasets and matplotlib are imported inside the functions that use them.
+# Imports. A capstone imports only the standard library and torch at module level: transformers,
+# datasets, matplotlib, the TensorBoard writer and tqdm are imported inside the functions that use them.
 import argparse
 import json
 import math
@@ -471,20 +472,54 @@ def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
 
 
 # %%
+# Progress you can see: a bar over long loops and TensorBoard logs, each imported where it is
+# used and skipped where the package is missing.
+def open_tensorboard(log_dir: Path):
+    """A SummaryWriter, or None with a note when TensorBoard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("note: tensorboard is not installed, skipping TensorBoard logs")
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def progress_bar(iterable, total: int, desc: str, show: bool):
+    """A tqdm bar over ITERABLE (steps, rate, time left) that clears itself when done; hidden
+    where the output is not a terminal or SHOW is false, and the plain ITERABLE without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None if show else True)
+
+
+def say(text: str) -> None:
+    """print a log line above the progress bar, not through it (a plain print without tqdm)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(text, flush=True)
+        return
+    tqdm.write(text)
+
+
+# %%
 # Evaluation and checkpoints. Evaluation sorts the reviews by length (batches with almost no
 # padding) under inference_mode; the loss and the predictions stay on the device and are read
 # once, at the end. A checkpoint holds the weights, the config, the vocabulary (a model is
 # useless without the word -> id table it was trained with) and a few sample inputs and outputs;
 # it is written to a temporary file and renamed, and loaded with weights_only=True.
 @torch.inference_mode()
-def evaluate(model, ids, lengths, labels, device, dtype=None, batch_size=64):
+def evaluate(model, ids, lengths, labels, device, dtype=None, batch_size=64, show_progress=False):
     """Accuracy (0-1), mean cross-entropy and the (N,) predictions over a whole split."""
     model.eval()
     order = lengths.argsort(descending=True)
     labels_here = labels.to(device)
     predictions = torch.empty(len(ids), dtype=torch.long, device=device)
     total_loss = torch.zeros((), device=device)
-    for index in order.split(batch_size):
+    chunks = order.split(batch_size)
+    for index in progress_bar(chunks, len(chunks), "evaluating", show_progress):
         with autocast(device, dtype):
             logits = model(trim(ids, lengths, index).to(device)).float()  # (B, 2)
         total_loss += F.cross_entropy(logits, labels_here[index], reduction="sum")
@@ -687,7 +722,9 @@ def stop_if_not_finite(first_bad: torch.Tensor, when: str) -> None:
         raise LabError(f"the loss became NaN or infinite at step {int(first_bad)} ({when}); lower --lr")
 
 
-def train(args, model, data, vocab, device, out_dir: Path, dtype):
+def train(args, model, data, vocab, device, out_dir: Path, dtype, writer=None, show_progress=False):
+    """Train within --epochs and --time-budget; rank the epochs on validation accuracy (best.pt).
+    With a TensorBoard WRITER, each epoch's losses, accuracy and learning rate go there too."""
     train_ids, train_len, train_y, val_ids, val_len, val_y = data
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scaler = grad_scaler(device, dtype)
@@ -702,7 +739,8 @@ def train(args, model, data, vocab, device, out_dir: Path, dtype):
         model.train()
         tic = time.perf_counter()
         loss_sum, seen = torch.zeros((), device=device), 0  # summed on the device: no wait for it each step
-        for index in length_bucketed_batches(train_len, args.batch_size, generator):
+        epoch_batches = length_bucketed_batches(train_len, args.batch_size, generator)
+        for index in progress_bar(epoch_batches, len(epoch_batches), f"epoch {epoch}/{args.epochs}", show_progress):
             spent = train_seconds + time.perf_counter() - tic
             if spent > args.time_budget:
                 out_of_time = True
@@ -742,6 +780,11 @@ def train(args, model, data, vocab, device, out_dir: Path, dtype):
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_accuracy": val_acc, "train_seconds": round(train_seconds, 2),
                         "reviews_per_s": round(seen / epoch_seconds, 1)})
+        if writer:
+            writer.add_scalar("scratch/train_loss", train_loss, step)
+            writer.add_scalar("scratch/val_loss", val_loss, step)
+            writer.add_scalar("scratch/val_accuracy", val_acc, step)
+            writer.add_scalar("scratch/learning_rate", optimizer.param_groups[0]["lr"], step)
         saved_note = ""
         if val_acc > best_val:
             best_val = val_acc
@@ -836,7 +879,8 @@ def subsample(texts: list, labels: list, size: int, seed: int):
     return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
-def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_split, device, dtype) -> dict:
+def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_split, device, dtype,
+                writer=None) -> dict:
     transformers, datasets = libraries
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=2).to(device)
     print(f"\nfine-tuning {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters; "
@@ -880,7 +924,8 @@ def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_s
     tic, step = time.perf_counter(), 0
     for epoch in range(1, args.hf_epochs + 1):
         model.train()
-        for batch in train_batches:
+        for batch in progress_bar(train_batches, len(train_batches), f"fine-tune epoch {epoch}/{args.hf_epochs}",
+                                  not args.smoke):
             with autocast(device, dtype):
                 loss = model(**on_device(batch)).loss  # the batch carries "labels": the model computes the loss
             optimizer.zero_grad(set_to_none=True)
@@ -896,9 +941,11 @@ def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_s
                 if first_bad >= 0:
                     raise LabError(f"the fine-tuning loss became NaN or infinite at step {int(first_bad)}; lower --hf-lr")
                 loss_value, elapsed = loss.item(), time.perf_counter() - tic
-                print(f"  fine-tune step {step}/{total_steps}  loss {loss_value:.4f}  "
-                      f"{step * args.hf_batch_size / elapsed:.1f} reviews/s  ~{elapsed / step * (total_steps - step):.0f}s left",
-                      flush=True)
+                say(f"  fine-tune step {step}/{total_steps}  loss {loss_value:.4f}  "
+                    f"{step * args.hf_batch_size / elapsed:.1f} reviews/s  ~{elapsed / step * (total_steps - step):.0f}s left")
+                if writer:
+                    writer.add_scalar("finetune/train_loss", loss_value, step)
+                    writer.add_scalar("finetune/learning_rate", scheduler.get_last_lr()[0], step)
     train_seconds = time.perf_counter() - tic
 
     model.eval()
@@ -906,12 +953,15 @@ def finetune_hf(args, libraries, model_name: str, tokenizer, train_split, test_s
     with torch.inference_mode():  # longest first, so each batch is padded little
         correct = torch.zeros((), dtype=torch.long, device=device)  # counted on the device, read once
         longest_first = torch.tensor(test_set["length"]).argsort(descending=True).tolist()
-        for batch in loader(test_set.select(longest_first), shuffle=False):
+        test_batches = loader(test_set.select(longest_first), shuffle=False)
+        for batch in progress_bar(test_batches, len(test_batches), "fine-tune testing", not args.smoke):
             batch = on_device(batch)
             with autocast(device, dtype):
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             correct += (logits.argmax(-1) == batch["labels"]).sum()
     accuracy = correct.item() / len(test_set)
+    if writer:
+        writer.add_scalar("finetune/test_accuracy", accuracy, step)
     print(f"  fine-tuned test accuracy {100 * accuracy:.2f}% on {len(test_set):,} test reviews "
           f"({train_seconds:.0f}s fine-tuning, {time.perf_counter() - tic:.0f}s testing)")
     return {"hf_test_accuracy": accuracy, "hf_train_time_s": round(train_seconds, 2),
@@ -1104,19 +1154,24 @@ def train_and_report(args) -> None:
                "precision": str(dtype).removeprefix("torch.") if dtype else "float32", "train_reviews": len(train_index), "val_reviews": len(val_index), "test_reviews": len(test_split[0]),
                "train_time_s": 0.0, "epochs": 0, "steps": 0, "test_accuracy": None,
                "target_accuracy": args.target, "seconds_to_target": None}
-    if args.stage != "finetune":
-        metrics.update(train_from_scratch(args, device, dtype, train_texts, train_labels,
-                                          train_index, val_index, test_split, wall_start))
-    if hf is not None:
-        hf_train = subsample([train_texts[i] for i in train_index], [train_labels[i] for i in train_index],
-                             args.hf_train_size, args.seed)
-        hf_test = subsample(*test_split, args.hf_test_size, args.seed + 1)
-        metrics.update({"hf_model": hf[1], "hf_train_size": len(hf_train[0]), "hf_test_size": len(hf_test[0]),
-                        "hf_max_length": args.hf_max_length, "hf_epochs": args.hf_epochs})
-        if len(hf_test[0]) < len(test_split[0]):
-            print(f"note: the fine-tuned model is scored on a random {len(hf_test[0]):,} of the "
-                  f"{len(test_split[0]):,} test reviews, to keep a CPU run short (--hf-test-size 0 for all)")
-        metrics.update(finetune_hf(args, hf[0], hf[1], hf[2], hf_train, hf_test, device, dtype))
+    writer = open_tensorboard(args.out_dir / "tensorboard")
+    try:  # the writer is closed in the finally, even after an error
+        if args.stage != "finetune":
+            metrics.update(train_from_scratch(args, device, dtype, train_texts, train_labels,
+                                              train_index, val_index, test_split, wall_start, writer))
+        if hf is not None:
+            hf_train = subsample([train_texts[i] for i in train_index], [train_labels[i] for i in train_index],
+                                 args.hf_train_size, args.seed)
+            hf_test = subsample(*test_split, args.hf_test_size, args.seed + 1)
+            metrics.update({"hf_model": hf[1], "hf_train_size": len(hf_train[0]), "hf_test_size": len(hf_test[0]),
+                            "hf_max_length": args.hf_max_length, "hf_epochs": args.hf_epochs})
+            if len(hf_test[0]) < len(test_split[0]):
+                print(f"note: the fine-tuned model is scored on a random {len(hf_test[0]):,} of the "
+                      f"{len(test_split[0]):,} test reviews, to keep a CPU run short (--hf-test-size 0 for all)")
+            metrics.update(finetune_hf(args, hf[0], hf[1], hf[2], hf_train, hf_test, device, dtype, writer))
+    finally:
+        if writer:
+            writer.close()
     metrics["wall_time_s"] = round(time.perf_counter() - wall_start, 2)
     metrics["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -1124,7 +1179,7 @@ def train_and_report(args) -> None:
 
 
 def train_from_scratch(args, device, dtype, train_texts, train_labels, train_index, val_index,
-                       test_split, wall_start) -> dict:
+                       test_split, wall_start, writer=None) -> dict:
     tic = time.perf_counter()
     train_tokens = [tokenize(train_texts[i]) for i in train_index]
     vocab = build_vocab(train_tokens, args.vocab_size)
@@ -1150,16 +1205,24 @@ def train_from_scratch(args, device, dtype, train_texts, train_labels, train_ind
           f"{n_params:,} parameters; {args.epochs} epochs of AdamW, peak lr {args.lr}, batch {args.batch_size}, "
           f"time budget {args.time_budget:.0f}s")
     history, train_seconds, steps = train(args, model, (train_ids, train_len, train_y, val_ids, val_len, val_y),
-                                          vocab, device, args.out_dir, dtype)
+                                          vocab, device, args.out_dir, dtype, writer, show_progress=not args.smoke)
 
     # the best epoch, reloaded from disk as a user of the checkpoint would
     best, saved = load_checkpoint(args.out_dir / "best.pt", device)
-    test_acc, test_loss, predictions = evaluate(best, test_ids, test_len, test_y, device, dtype)
+    test_acc, test_loss, predictions = evaluate(best, test_ids, test_len, test_y, device, dtype,
+                                                show_progress=not args.smoke)
     seconds_to_test = time.perf_counter() - wall_start
     print(f"\nbest checkpoint (epoch {saved['epoch']}, val {100 * saved['val_accuracy']:.2f}%): test accuracy "
           f"{100 * test_acc:.2f}% on {len(test_y):,} test reviews, {seconds_to_test:.0f}s after the start")
     shown = show_attention(best, saved["vocab"], test_ids, test_len, test_y, device, args.out_dir / "attention.png")
     save_curves(args.out_dir / "curves.png", history, args.target)
+    if writer:
+        writer.add_scalar("scratch/test_accuracy_best_checkpoint", test_acc, steps)
+        for i in shown:  # what [CLS] attends to: one image row per layer and head, one column per word
+            ids = test_ids[i:i + 1, :int(test_len[i])].to(device)  # (1, T)
+            weights = cls_attention(best, ids).flatten(0, 1)  # (L * H, T)
+            writer.add_image(f"cls_attention/test_review_{i}", (weights / weights.max())[None], steps)
+            writer.add_text(f"cls_attention/test_review_{i}", " ".join(saved["vocab"][t] for t in ids[0].tolist()), steps)
     return {"train_time_s": round(train_seconds, 2), "epochs": len(history), "steps": steps,
             "test_accuracy": test_acc, "test_loss": test_loss, "best_epoch": saved["epoch"],
             "val_accuracy": saved["val_accuracy"], "val_loss": min(h["val_loss"] for h in history),
@@ -1181,7 +1244,7 @@ def print_summary(args, metrics):
         reached = ("not reached" if metrics["seconds_to_target"] is None
                    else f"reached, measured {metrics['seconds_to_target']:.0f}s after the start")
         print(f"{100 * args.target:.0f}% from-scratch test accuracy: {reached}")
-    written = ["metrics.json"] + (["best.pt", "curves.png", "attention.png"] if args.stage != "finetune" else [])
+    written = ["metrics.json", "tensorboard/"] + (["best.pt", "curves.png", "attention.png"] if args.stage != "finetune" else [])
     print(f"wall time {metrics['wall_time_s']:.0f}s; outputs in {args.out_dir}/ ({', '.join(written)})")
     print("rerun: --stage scratch (no fine-tuning), --hf-model PATH, --epochs N, --time-budget SECONDS")
     if args.smoke:
