@@ -16,6 +16,7 @@ Run it
              python week3_rnn/06_rnn_lstm.py --smoke            (every code path in seconds, no network)
              python week3_rnn/06_rnn_lstm.py --sample-from runs/06_rnn_lstm/char_lstm.pt --prompt "ROMEO:"
              python week3_rnn/06_rnn_lstm.py --device cuda --precision fp16   (a T4's mixed precision on any GPU)
+             tensorboard --logdir runs/06_rnn_lstm/tensorboard   (losses, learning rate, samples)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` markers) and run it; call
              `main(["--time-budget", "300"])` to train longer. As a notebook (jupytext), figures show
              inline and a bad flag prints one line.
@@ -62,6 +63,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 LAB_NAME = "06_rnn_lstm"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -350,7 +353,7 @@ class Forecaster(nn.Module):
         return torch.cat(forecast, dim=1)  # (B, horizon, 1)
 
 
-def train_forecaster(kind, steps, seed, context, series_options):
+def train_forecaster(kind, steps, seed, context, series_options, show_progress=False):
     """Adam with a cosine schedule on fresh batches; returns (model, ms per step, last train MSE)."""
     generator = torch.Generator().manual_seed(seed)  # the same batches for the LSTM and the GRU
     torch.manual_seed(seed)
@@ -358,7 +361,9 @@ def train_forecaster(kind, steps, seed, context, series_options):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     start = time.perf_counter()
-    for _ in range(steps):
+    # A bar (steps, rate, time left); disable=None hides it where the output is not a terminal.
+    for _ in tqdm(range(steps), desc=f"{kind.upper()} forecaster", unit="step", leave=False,
+                  disable=None if show_progress else True):
         _, noisy = noisy_sines(64, context + 1, generator, **series_options)
         series = noisy.unsqueeze(-1)  # (64, T+1, 1)
         predictions, _ = model(series[:, :-1])
@@ -371,13 +376,13 @@ def train_forecaster(kind, steps, seed, context, series_options):
     return model.eval(), 1000 * (time.perf_counter() - start) / steps, loss.item()
 
 
-def forecasting_demo(out_dir, steps, seed, context=100, horizon=50, **series_options):
+def forecasting_demo(out_dir, steps, seed, context=100, horizon=50, show_progress=False, **series_options):
     clean, noisy = noisy_sines(256, context + horizon, torch.Generator().manual_seed(seed + 1), **series_options)
     truth = clean[:, context:]  # (256, horizon): the test series, never trained on
     rmse = lambda guess: ((guess - truth) ** 2).mean().sqrt().item()  # noqa: E731 (a one-line metric)
     results, forecasts = {}, {}
     for kind in ("lstm", "gru"):
-        model, ms_per_step, train_mse = train_forecaster(kind, steps, seed, context, series_options)
+        model, ms_per_step, train_mse = train_forecaster(kind, steps, seed, context, series_options, show_progress)
         forecasts[kind] = model.forecast(noisy[:, :context].unsqueeze(-1), horizon).squeeze(-1)  # (256, horizon)
         results[kind] = {"recurrent_params": sum(p.numel() for p in model.rnn.parameters()),
                          "ms_per_step": ms_per_step, "final_train_mse": train_mse,
@@ -620,8 +625,10 @@ def read_train_loss(loss_sum, first_bad, steps: int) -> float:
     return total / steps
 
 
-def train_char_lstm(model, train_data, val_data, args, device, dtype):
+def train_char_lstm(model, train_data, val_data, args, device, dtype, writer: SummaryWriter = None,
+                    show_progress=False):
     """TBPTT training under a time budget (or --epochs). Returns the history and step count.
+    With a `writer`, the losses and learning rate read at the log lines go to TensorBoard.
 
     No step waits for the GPU: the loss is summed on the device and read every --log-every steps,
     which is also when the clock is checked for a validation pass."""
@@ -643,6 +650,10 @@ def train_char_lstm(model, train_data, val_data, args, device, dtype):
     loss_sum = torch.zeros((), device=device)  # summed on the device between two reads
     first_bad = torch.full((), -1, device=device)  # the first step with a NaN/inf loss, -1 while none
     read_at = 0  # the step of the last read
+    # A bar over the steps (rate, time left). Under a time budget the number of steps is not known
+    # in advance: its total is re-estimated from the speed so far at every read. leave=False and
+    # bar.write: the log lines stay in the terminal, the bar below them goes when training ends.
+    bar = tqdm(total=total_steps, desc="char LSTM", unit="step", leave=False, disable=None if show_progress else True)
     while True:
         elapsed = time.perf_counter() - start
         progress = step / total_steps if total_steps else elapsed / args.time_budget
@@ -667,6 +678,7 @@ def train_char_lstm(model, train_data, val_data, args, device, dtype):
         scaler.step(optimizer)
         scaler.update()
         step += 1
+        bar.update()
         loss_sum += loss.detach()
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0), first_bad, step)
         if step % args.log_every:
@@ -675,6 +687,12 @@ def train_char_lstm(model, train_data, val_data, args, device, dtype):
         history["time_s"].append(time.perf_counter() - start)
         loss_sum.zero_()
         read_at = step
+        if not total_steps:
+            bar.total = round(step * args.time_budget / history["time_s"][-1])
+        bar.set_postfix(train_loss=f"{history['train_loss'][-1]:.3f}")   # the value just read
+        if writer is not None:
+            writer.add_scalar("loss/train", history["train_loss"][-1], step)
+            writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)   # a Python float: no GPU read
         if history["time_s"][-1] >= next_report:
             next_report += args.eval_every
             val_loss = evaluate(model, val_data, device, dtype=dtype)
@@ -684,9 +702,13 @@ def train_char_lstm(model, train_data, val_data, args, device, dtype):
             if seconds_to_target is None and val_loss <= TARGET_VAL_LOSS:
                 seconds_to_target = now
             left = (total_steps - step) * now / step if total_steps else args.time_budget - now
-            print(f"  step {step:5d}  epoch {step / chunks_per_epoch:4.2f}  train {history['train_loss'][-1]:.3f}  "
-                  f"val {val_loss:.3f} nats/char  {step * inputs.numel() / now:,.0f} chars/s  "
-                  f"lr {optimizer.param_groups[0]['lr']:.1e}  {left:4.0f} s left", flush=True)
+            bar.write(f"  step {step:5d}  epoch {step / chunks_per_epoch:4.2f}  train {history['train_loss'][-1]:.3f}  "
+                      f"val {val_loss:.3f} nats/char  {step * inputs.numel() / now:,.0f} chars/s  "
+                      f"lr {optimizer.param_groups[0]['lr']:.1e}  {left:4.0f} s left")
+            if writer is not None:
+                writer.add_scalar("loss/val", val_loss, step)
+                writer.flush()
+    bar.close()
     if step > read_at:  # the steps since the last read: their loss, and the NaN guard
         history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at))
         history["time_s"].append(time.perf_counter() - start)
@@ -705,6 +727,17 @@ def sample(model, prompt_ids, length, temperature, device, generator):
         drawn.append(next_id)
         logits, state = model(torch.tensor([[next_id]], device=device), state)
     return drawn
+
+
+def draw_samples(model, chars, prompt_ids, args, device) -> list:
+    """One sample of --sample-chars characters after the prompt at --temperature and at 1.0."""
+    generator = torch.Generator().manual_seed(args.seed)
+    samples = []
+    for temperature in sorted({args.temperature, 1.0}):
+        drawn = sample(model, prompt_ids, args.sample_chars, temperature, device, generator)
+        samples.append(f"--- temperature {temperature} ---\n"
+                       + "".join(chars[i] for i in prompt_ids + drawn) + "\n")
+    return samples
 
 
 def plot_char_history(history, path):
@@ -868,7 +901,7 @@ def run_basics(args, out_dir):
     print(f"  max |ours - PyTorch| = {lstm_diff:.2e}")
 
     print("\n== Part 4: forecasting noisy sums of sines, LSTM vs GRU (hidden 64, same data and steps)")
-    forecast = forecasting_demo(out_dir, steps=steps(1500), seed=args.seed)
+    forecast = forecasting_demo(out_dir, steps=steps(1500), seed=args.seed, show_progress=not args.smoke)
     for kind in ("lstm", "gru"):
         r = forecast[kind]
         print(f"  {kind.upper():4s} {r['recurrent_params']:6,} recurrent parameters  {r['ms_per_step']:5.1f} ms/step  "
@@ -952,11 +985,21 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
     model = CharLSTM(config).to(device)
     print(f"  {len(text):,} characters, vocabulary of {len(chars)}; {len(train_data):,} train / "
           f"{len(val_data):,} validation; model {sum(p.numel() for p in model.parameters()):,} parameters")
-    train_start = time.perf_counter()
-    history, steps, epochs_done, seconds_to_target = train_char_lstm(model, train_data, val_data, args,
-                                                                     device, dtype)
-    train_time = time.perf_counter() - train_start
-    val_loss = evaluate(model, val_data, device, dtype=dtype)
+    # TensorBoard (`tensorboard --logdir runs/06_rnn_lstm/tensorboard`): the training and validation
+    # losses and the learning rate against the step, as read at the log lines, and the samples as text.
+    writer = SummaryWriter(out_dir / "tensorboard")
+    try:
+        train_start = time.perf_counter()
+        history, steps, epochs_done, seconds_to_target = train_char_lstm(
+            model, train_data, val_data, args, device, dtype, writer, show_progress=not args.smoke)
+        train_time = time.perf_counter() - train_start
+        val_loss = evaluate(model, val_data, device, dtype=dtype)
+        writer.add_scalar("loss/val", val_loss, steps)
+        samples = draw_samples(model, chars, prompt_ids, args, device)
+        for text in samples:                     # two spaces before each newline: markdown keeps the lines
+            writer.add_text("samples", text.replace("\n", "  \n"), steps)
+    finally:
+        writer.close()
     history["val_time_s"].append(time.perf_counter() - train_start)
     history["val_loss"].append(val_loss)
     if seconds_to_target is None and val_loss <= TARGET_VAL_LOSS:
@@ -970,12 +1013,6 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
     same = checkpoint_reproduces(checkpoint, device)
     print(f"  checkpoint {checkpoint} reloads and reproduces its predictions: {same}")
 
-    generator = torch.Generator().manual_seed(args.seed)
-    samples = []
-    for temperature in sorted({args.temperature, 1.0}):
-        drawn = sample(model, prompt_ids, args.sample_chars, temperature, device, generator)
-        samples.append(f"--- temperature {temperature} ---\n"
-                       + "".join(chars[i] for i in prompt_ids + drawn) + "\n")
     print("\n" + "\n".join(samples))
     (out_dir / "samples.txt").write_text("\n".join(samples), encoding="utf-8")
 
@@ -996,7 +1033,7 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
           f"validation loss {val_loss:.3f} nats/char (target <= {TARGET_VAL_LOSS}: "
           f"{'reached' if val_loss <= TARGET_VAL_LOSS else 'NOT reached'}); whole run "
           f"{metrics['wall_time_s']:.0f} s.\n  Outputs in {out_dir}: metrics.json, vanishing_gradient.png, "
-          f"sines_forecast.png, char_lstm_loss.png, samples.txt, char_lstm.pt.\n  Sample again: python "
+          f"sines_forecast.png, char_lstm_loss.png, samples.txt, char_lstm.pt, tensorboard/.\n  Sample again: python "
           f"week3_rnn/06_rnn_lstm.py --sample-from {checkpoint} --prompt 'JULIET:' --temperature 0.7\n"
           f"  Train longer: --time-budget 600 (or --epochs 5), bigger: --hidden-size 512 --layers 2 --dropout 0.2")
 
