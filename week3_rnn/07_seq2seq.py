@@ -23,6 +23,7 @@ Run it
              python week3_rnn/07_seq2seq.py --pairs-file fra.txt --tokenize word --epochs 10
              python week3_rnn/07_seq2seq.py --translate "the 3rd of May, 1999" --translate "12/25/2003"
              python week3_rnn/07_seq2seq.py --device cuda --precision fp16   (a T4's mixed precision on any GPU)
+             tensorboard --logdir runs/07_seq2seq/tensorboard   (losses, learning rate, attention maps)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` markers) and run it, or
              call `main(["--attention", "dot"])`. As a notebook (jupytext), the attention heatmaps
              show inline and a bad flag prints one line.
@@ -60,6 +61,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 LAB_NAME = "07_seq2seq"
 TARGET_EXACT_MATCH = 0.99  # on the held-out generated dates, within 3 minutes on a 2-core CPU
@@ -564,11 +567,13 @@ def beam_search(model, source, max_len, beam_width, length_penalty=1.0):
     return torch.where(greedy_better.unsqueeze(1), greedy, found)
 
 
-def decode_all(model, source, max_len, beam_width, batch_size, length_penalty):
-    """Decode a whole tensor of sources in batches; beam_width 0 means greedy."""
+def decode_all(model, source, max_len, beam_width, batch_size, length_penalty, progress=None):
+    """Decode a whole tensor of sources in batches; beam_width 0 means greedy. With a `progress`
+    name, a bar over the batches (steps, rate, time left), hidden where the output is not a terminal."""
     model.eval()
     outputs = []
-    for start in range(0, source.shape[0], batch_size):
+    for start in tqdm(range(0, source.shape[0], batch_size), desc=progress, unit="batch", leave=False,
+                      disable=None if progress else True):
         chunk = source[start:start + batch_size]
         if beam_width == 0:
             outputs.extend(greedy_decode(model, chunk, max_len)[0].tolist())
@@ -578,9 +583,9 @@ def decode_all(model, source, max_len, beam_width, batch_size, length_penalty):
 
 
 def exact_match(model, source, references, target_vocab, mode, max_len, beam_width, batch_size,
-                length_penalty):
+                length_penalty, progress=None):
     """Fraction of sentences decoded exactly right, and the decoded strings."""
-    decoded = decode_all(model, source, max_len, beam_width, batch_size, length_penalty)
+    decoded = decode_all(model, source, max_len, beam_width, batch_size, length_penalty, progress)
     texts = [detokenize(target_vocab.decode(ids), mode) for ids in decoded]
     correct = sum(hyp == ref for hyp, ref in zip(texts, references))
     return correct / len(references), texts
@@ -609,10 +614,12 @@ def plot_attention(source_tokens, output_tokens, weights, path, title):
 # %%
 # Training: Adam with a one-cycle learning rate, gradient clipping, teacher forcing on its
 # schedule, and after every epoch a greedy check on the validation pairs.
-def train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, device, max_len, dtype=None):
+def train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, device, max_len, dtype=None,
+          writer: SummaryWriter = None, show_progress=False):
     """The pairs live on the device as two tensors; batches are picked there. No step waits for the
     GPU: batch lengths come from the CPU copy, and the loss and the NaN guard are summed on the
-    device and read once per epoch."""
+    device and read once per epoch. With a `writer`, each epoch's numbers go to TensorBoard;
+    show_progress draws a bar over each epoch's batches."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = grad_scaler(device, dtype)
     steps_per_epoch = math.ceil(train_src.shape[0] / args.batch_size)
@@ -633,8 +640,11 @@ def train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, de
         order = torch.cat([batch[source_lengths[batch].argsort(descending=True, stable=True)]
                            for batch in order.split(args.batch_size)])
         order_on_device = order.to(device)  # one copy per epoch, not one per batch
-        total, seen = torch.zeros((), device=device), 0
-        for first in range(0, len(order), args.batch_size):
+        total, seen, epoch_lrs = torch.zeros((), device=device), 0, []
+        # leave=False: the finished bar makes way for the epoch's log line. disable=None: no bar
+        # where the output is not a terminal (tests, log files).
+        for first in tqdm(range(0, len(order), args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}",
+                          unit="batch", leave=False, disable=None if show_progress else True):
             batch, rows = order[first:first + args.batch_size], order_on_device[first:first + args.batch_size]
             # trim the columns that are padding in every row: less work for the encoder and attention
             lengths = source_lengths[batch]
@@ -649,6 +659,7 @@ def train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, de
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             scaler.step(optimizer)
             scaler.update()
+            epoch_lrs.append(scheduler.get_last_lr()[0])  # the LR this step used: a Python float, no GPU read
             scheduler.step()
             step += 1
             total += loss.detach() * len(batch)
@@ -667,7 +678,21 @@ def train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, de
         print(f"  epoch {epoch + 1:2d}/{args.epochs}  loss {total / seen:.4f}  val exact match (greedy) "
               f"{val_accuracy:6.1%}  teacher forcing {ratio:.2f}  {seen / (elapsed / (epoch + 1)):,.0f} pairs/s  "
               f"{left:4.0f} s left", flush=True)
+        if writer is not None:
+            log_epoch(writer, history[-1], epoch_lrs, step)
     return history, time.perf_counter() - start
+
+
+# TensorBoard (`tensorboard --logdir runs/07_seq2seq/tensorboard`): the numbers of each epoch's log
+# line and the LR of every step, against the optimizer step; after training, the attention maps
+# (output tokens down, source tokens across, as in the PNGs) and a few decoded test sentences.
+def log_epoch(writer: SummaryWriter, record: dict, lrs: list, steps_done: int) -> None:
+    for offset, lr in enumerate(lrs):
+        writer.add_scalar("lr", lr, steps_done - len(lrs) + 1 + offset)
+    writer.add_scalar("loss/train", record["train_loss"], steps_done)
+    writer.add_scalar("exact_match/val_greedy", record["val_exact_match"], steps_done)
+    writer.add_scalar("teacher_forcing", record["teacher_forcing"], steps_done)
+    writer.flush()
 
 
 def save_checkpoint(model, source_vocab, target_vocab, sample_inputs, path: Path, mode):
@@ -856,17 +881,37 @@ def lesson(args, device, dtype, out_dir, wall_start):
     print(f"  {sum(p.numel() for p in model.parameters()):,} parameters; teacher forcing "
           f"{args.teacher_forcing} -> {args.teacher_forcing_end if args.tf_schedule != 'constant' else args.teacher_forcing} "
           f"({args.tf_schedule})")
-    history, train_time = train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, device, max_len,
-                                dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    test_src_device = test_src.to(device)
+    writer = SummaryWriter(out_dir / "tensorboard")
+    try:
+        history, train_time = train(model, train_src, train_tgt, val_src, val_refs, target_vocab, args, device,
+                                    max_len, dtype, writer, show_progress=not args.smoke)
+        model.eval()
+        steps_done = args.epochs * math.ceil(train_src.shape[0] / args.batch_size)
+        heatmaps = []
+        outputs, weights = greedy_decode(model, test_src_device[:3], max_len)
+        for i in range(min(3, len(test_pairs))):
+            source_tokens = tokenize(test_pairs[i][0], mode)
+            output_ids = outputs[i].tolist()
+            steps = output_ids.index(EOS) + 1 if EOS in output_ids else len(output_ids)
+            output_tokens = [target_vocab.itos[t] for t in output_ids[:steps]]
+            path = out_dir / f"attention_{i}.png"
+            attention_map = weights[i, :steps, : len(source_tokens)].float().cpu()   # (output, source), 0..1
+            plot_attention(source_tokens, output_tokens, attention_map.numpy(),
+                           path, f"{args.attention} attention: {test_pairs[i][0]!r}")
+            heatmaps.append(path.name)
+            writer.add_image(f"attention/{i}", attention_map, steps_done, dataformats="HW")
+            writer.add_text(f"attention/{i}", f"{test_pairs[i][0]!r} -> {' '.join(output_tokens)}", steps_done)
+    finally:
+        writer.close()
 
     print("\n== Part 5: greedy decoding vs beam search on the held-out test set")
-    model.eval()
-    test_src_device = test_src.to(device)
     timings, results = {}, {}
     for name, width in (("greedy", 0), (f"beam k={args.beam_width}", args.beam_width)):
         begin = time.perf_counter()
         results[name] = exact_match(model, test_src_device, test_refs, target_vocab, mode, max_len, width,
-                                    256, args.length_penalty)
+                                    256, args.length_penalty, progress=None if args.smoke else name)
         timings[name] = time.perf_counter() - begin
         print(f"  {name:10s} exact match {results[name][0]:7.2%}  ({timings[name]:.1f} s for {len(test_refs):,} sentences)")
     greedy_em, greedy_texts = results["greedy"]
@@ -879,19 +924,6 @@ def lesson(args, device, dtype, out_dir, wall_start):
     mistakes = [(s, h, r) for (s, _), h, r in zip(test_pairs, greedy_texts, test_refs) if h != r]
     for source, hyp, ref in mistakes[:5]:
         print(f"    greedy mistake: {source!r} -> {hyp!r}, want {ref!r}")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    heatmaps = []
-    outputs, weights = greedy_decode(model, test_src_device[:3], max_len)
-    for i in range(min(3, len(test_pairs))):
-        source_tokens = tokenize(test_pairs[i][0], mode)
-        output_ids = outputs[i].tolist()
-        steps = output_ids.index(EOS) + 1 if EOS in output_ids else len(output_ids)
-        output_tokens = [target_vocab.itos[t] for t in output_ids[:steps]]
-        path = out_dir / f"attention_{i}.png"
-        plot_attention(source_tokens, output_tokens, weights[i, :steps, : len(source_tokens)].cpu().numpy(),
-                       path, f"{args.attention} attention: {test_pairs[i][0]!r}")
-        heatmaps.append(path.name)
 
     translations = []
     for sentence in args.translate:
@@ -927,7 +959,7 @@ def lesson(args, device, dtype, out_dir, wall_start):
     print(f"\nSummary: a {args.attention}-attention GRU seq2seq ({task}) trained {args.epochs} epochs in "
           f"{train_time:.0f} s; held-out exact match: greedy {greedy_em:.2%}, beam (k={args.beam_width}) "
           f"{beam_em:.2%} (target >= {TARGET_EXACT_MATCH:.0%}); whole run {metrics['wall_time_s']:.0f} s.\n"
-          f"  Outputs in {out_dir}: metrics.json, attention_*.png, seq2seq.pt.\n"
+          f"  Outputs in {out_dir}: metrics.json, attention_*.png, seq2seq.pt, tensorboard/.\n"
           f"  Try: --attention dot, --tf-schedule constant --teacher-forcing 1.0, --beam-width 8, "
           f"--translate 'the 1st of April 2001'")
 
