@@ -76,7 +76,7 @@ def test_event_tokens_round_trip(lab):
         for quarters in lab.DURATIONS:
             assert lab.token_event(lab.event_token(pitch, quarters)) == (pitch, quarters)
     assert lab.token_event(lab.event_token(67, 0.74)) == (67, 0.75)  # snapped to the nearest duration
-    assert max(lab.event_token(p, q) for p in (0, lab.PITCH_HIGH) for q in lab.DURATIONS) == lab.MELODY_VOCAB - 1
+    assert max(lab.event_token(p, q) for p in (0, lab.PITCH_HIGH) for q in lab.DURATIONS) == lab.EVENT_TOKENS - 1
     with pytest.raises(ValueError):
         lab.event_token(lab.PITCH_HIGH + 1, 1.0)
 
@@ -86,11 +86,20 @@ def test_transposition_moves_pitches_and_keeps_rests_and_rhythm(lab):
     up = lab.transpose(melody, 5)
     assert up == [(65, 1.0), (0, 0.5), (69, 0.5), (72, 2.0)]
     assert lab.transpose(melody, lab.PITCH_HIGH - 66) is None  # would leave the pitch range
-    versions = lab.augment([melody])
-    assert len(versions) == 12 and melody in versions
+    versions = lab.augment([(melody, 0, "major")])
+    assert len(versions) == 12 and (melody, 0, "major") in versions
     intervals = lambda m: [b[0] - a[0] for a, b in zip(m, m[1:]) if a[0] and b[0]]  # noqa: E731
-    assert all(intervals(v) == intervals(melody) for v in versions)
-    assert len({v[0][0] % 12 for v in versions}) == 12  # all 12 keys
+    assert all(intervals(v) == intervals(melody) for v, _, _ in versions)
+    assert len({v[0][0] % 12 for v, _, _ in versions}) == 12  # all 12 keys
+    assert all((v[0][0] - tonic) % 12 == 0 and mode == "major" for v, tonic, mode in versions), "the key moves along"
+
+
+def test_a_melody_starts_with_its_key_token(lab):
+    keys = {lab.key_token(tonic, mode) for tonic in range(12) for mode in lab.MODES}
+    assert keys == set(lab.KEY_TOKENS) and min(keys) == lab.EVENT_TOKENS and max(keys) == lab.MELODY_VOCAB - 1
+    assert lab.key_token(14, "dorian") == lab.key_token(2, "dorian")  # a pitch class, whatever the octave
+    tokens = lab.encode_melody([(62, 1.0), (0, 0.5)], 2, "dorian")
+    assert tokens == [lab.key_token(2, "dorian"), lab.event_token(62, 1.0), lab.event_token(0, 0.5), lab.EOS]
 
 
 def test_split_is_by_tune_and_stable(lab):
@@ -101,11 +110,25 @@ def test_split_is_by_tune_and_stable(lab):
 
 
 def test_normalise_abc_keeps_the_music_and_drops_the_rest(lab):
-    raw = 'X: 7\nT: A title\nM: 6/8\nL: 1/8\nK:G\n"G"(3ABc ~d2{e}d .B|(GA)B !trill!c3|]\n'
+    raw = 'X: 7\nT: A title\nM: 6/8\nL: 1/8\nK:G\n"G"(3ABc ~d2{e}d .B|(GA)B !trill!c3|\\\nP:B\nd3 B3|]\n'
     text = lab.normalise_abc(raw)
-    assert text.startswith("M:6/8\nL:1/8\nK:G\n")
-    assert "T:" not in text and '"' not in text and "{" not in text and "~" not in text and "!" not in text
-    assert "(3ABc" in text and "GAB" in text  # the tuplet stays, the slur goes
+    assert text == "M:6/8\nL:1/8\nK:G\n(3ABcd2dB|GABc3|d3B3|]\n"  # the tuplet stays; slurs, layout and ornaments go
+    assert lab.normalise_abc(raw.replace("M: 6/8", "M:C|")).startswith("M:2/2\n")  # C| is cut time, 2/2
+    assert lab.normalise_abc(raw.replace("M: 6/8", "M:C")).startswith("M:4/4\n")
+    assert lab.normalise_abc(raw.replace("M: 6/8", "M:12/8")) is None  # not one of the common metres
+    assert lab.normalise_abc(raw.replace("L: 1/8", "L:1/16")) is None
+    assert lab.normalise_abc(raw.replace("P:B", "K:D")) is None  # the key changes half-way
+    assert lab.normalise_abc(raw.replace("d3 B3", "[M:3/4]d3 B3")) is None
+
+
+def test_normalised_real_tunes_sound_the_same(lab):
+    """Layout is not music: music21 reads the same notes and bars from a tune before and after."""
+    music21 = pytest.importorskip("music21")
+    raw = "X:1\nM:C|\nL:1/8\nK:D\nA|dfaf gfed|cABc dAFA|\ndfaf gfed|1 cABc d3A:|2 cABc d2||\n"
+    def notes(text):
+        score = music21.converter.parse(text, format="abc")
+        return [(n.pitch.midi, float(n.quarterLength), float(n.getOffsetInHierarchy(score))) for n in score.recurse().notes]
+    assert notes(raw) == notes("X:1\n" + lab.normalise_abc(raw))
     assert lab.parse_key_field("Gm") == (7, "minor")
     assert lab.parse_key_field("ADor") == (9, "dorian")
     assert lab.parse_key_field("Bb") == (10, "major")
