@@ -395,7 +395,7 @@ def test_under_bf16_autocast_the_lstm_runs_in_fp32(lab):
 def training_args(**overrides):
     return argparse.Namespace(**{"batch_size": 4, "bptt": 16, "epochs": 1, "evals_per_epoch": 1, "lr": 1e-2,
                                  "weight_decay": 0.0, "warmup": 0.1, "clip": 1.0, "time_budget": 600.0,
-                                 "log_every": 5, **overrides})
+                                 "log_every": 5, "prompt": "ab", **overrides})
 
 
 def test_a_non_finite_loss_stops_training_naming_its_step(lab, tmp_path):
@@ -420,7 +420,7 @@ device = torch.device("cuda")
 data = torch.randint(0, 12, (1000,))  # 4 streams of 250: 15 steps of 16 characters
 config = lab.CharConfig(vocab_size=12, embed_dim=8, hidden_size=16, num_layers=2)
 args = argparse.Namespace(batch_size=4, bptt=16, epochs=1, evals_per_epoch=1, lr=1e-2, weight_decay=0.0, warmup=0.1,
-                          clip=1.0, time_budget=600.0, log_every=5)
+                          clip=1.0, time_budget=600.0, log_every=5, prompt="ab")
 for name, lstm_dtype in (("auto", torch.float16), ("bf16", torch.float32)):
     model = lab.CharLSTM(config).to(device)
     seen = set()
