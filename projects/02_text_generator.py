@@ -338,6 +338,9 @@ def detach_state(state):
 #                least p ("nucleus"): few choices where the model is sure, many where it is not.
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Logits (..., V) with all but exactly the k largest set to -inf (ties broken by topk)."""
+    # Exercise top_k_filter: leave the logits alone when k is 0 or covers the vocabulary; otherwise
+    # keep exactly the k largest along the last dimension and set every other one to -inf.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.topk.html
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     keep = logits.topk(k, dim=-1).indices
@@ -346,6 +349,10 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Logits (..., V) keeping the smallest most-likely prefix with probability mass >= p."""
+    # Exercise top_p_filter: sort the logits (descending), turn them into probabilities, and drop a
+    # character when the mass of the strictly more likely ones already reaches p (the most likely one
+    # always stays); scatter the decision back to vocabulary order and set the dropped logits to -inf.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.cumsum.html
     if p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)

@@ -32,6 +32,7 @@ def small_ngram(lab, order):
     return lab.NGramModel(order, 8).fit(sequences)
 
 
+@pytest.mark.exercise("ngram_prob")
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 @pytest.mark.parametrize("context", [[0], [0, 2], [0, 2, 3], [2, 3, 4], [7, 7, 7], [6], []])
 def test_ngram_probabilities_sum_to_one(lab, order, context):
@@ -41,6 +42,7 @@ def test_ngram_probabilities_sum_to_one(lab, order, context):
     assert min(probabilities) > 0  # smoothing: nothing is impossible, not even a token never seen
 
 
+@pytest.mark.exercise("ngram_prob")
 def test_unigram_is_add_one(lab):
     model = small_ngram(lab, 1)
     tokens = 6 + 4 + 4  # every token after BOS
@@ -48,12 +50,14 @@ def test_unigram_is_add_one(lab):
     assert model.prob([], 7) == pytest.approx(1 / (tokens + 8))
 
 
+@pytest.mark.exercise("ngram_prob")
 def test_unseen_context_falls_back_to_the_lower_order(lab):
     bigram, unigram = small_ngram(lab, 2), small_ngram(lab, 1)
     for token in range(8):
         assert bigram.prob([7], token) == pytest.approx(unigram.prob([], token))  # 7 never seen as a context
 
 
+@pytest.mark.exercise("ngram_prob")
 def test_witten_bell_trusts_a_deterministic_context(lab):
     bigram, unigram = small_ngram(lab, 2), small_ngram(lab, 1)
     # after 2 come 3, 3, 3 and EOS: 4 counts of 2 types, so Witten-Bell gives the unigram weight 2 / (4 + 2)
@@ -146,6 +150,7 @@ def test_chord_labels(lab):
 
 # %%
 # Part 6: the tonic-relative histogram (an exact property) and the statistics.
+@pytest.mark.exercise("tonic_relative_histogram")
 def test_tonic_relative_histogram_is_invariant_under_transposition(lab):
     melody = [(62, 1.0), (66, 0.5), (0, 0.5), (69, 1.0), (74, 2.0), (73, 0.5), (71, 0.5)]
     original = lab.tonic_relative_histogram([(melody, 2)])
@@ -170,6 +175,7 @@ def test_music_statistics_of_a_scale(lab):
 
 # %%
 # Part 4: the validity checker on hand-written tunes.
+@pytest.mark.exercise("abc_validity")
 def test_validity_accepts_pickups_and_repeat_endings(lab):
     assert lab.abc_validity(VALID_WITH_PICKUP_AND_ENDINGS) == (True, "valid")
     no_x = VALID_WITH_PICKUP_AND_ENDINGS.split("\n", 1)[1]  # generated tunes start at M:
@@ -178,6 +184,7 @@ def test_validity_accepts_pickups_and_repeat_endings(lab):
     assert lab.abc_validity(reel)[0]
 
 
+@pytest.mark.exercise("abc_validity")
 @pytest.mark.parametrize("tune, reason", [
     ("M:6/8\nL:1/8\nK:G\nGAB cBA|B2G G2DD|GAB cBA|B2G G3|]\n", "lasts"),  # a bar too long
     ("M:6/8\nL:1/8\nK:G\nGAB cBA|B2G G|GAB cBA|B2G G3|]\n", "lasts"),  # a short bar mid-tune

@@ -41,6 +41,7 @@ def tiny_model(lab, vocab_size=12, **overrides):
 
 # --- sampling: temperature, top-k, top-p ---------------------------------------------------------
 
+@pytest.mark.exercise("top_k_filter")
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_top_k_keeps_exactly_the_k_most_likely(lab, k):
     logits = torch.randn(5, 20)
@@ -54,17 +55,19 @@ def test_top_k_keeps_exactly_the_k_most_likely(lab, k):
     torch.testing.assert_close(probs[kept], (logits.softmax(-1) * kept / (logits.softmax(-1) * kept).sum(-1, keepdim=True))[kept])
 
 
+@pytest.mark.exercise("top_k_filter")
 def test_top_k_keeps_exactly_k_even_with_ties(lab):
     logits = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.0])
     assert (lab.next_char_probs(logits, top_k=2) > 0).sum().item() == 2
 
 
+@pytest.mark.exercise("top_p_filter")
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.99])
 def test_top_p_keeps_the_smallest_prefix_with_enough_mass(lab, p):
     torch.manual_seed(1)
     logits = torch.randn(8, 30) * 2
     probs = logits.softmax(-1)
-    filtered = lab.next_char_probs(logits, top_p=p)
+    filtered = lab.top_p_filter(logits, p).softmax(-1)  # what next_char_probs draws from at T = 1, no top-k
     for row in range(8):
         sorted_probs, order = probs[row].sort(descending=True)
         n_kept = int((filtered[row] > 0).sum())

@@ -674,7 +674,6 @@ def load_music(args, data_dir: Path):
 # before it, by counting. Unseen contexts are the problem: Witten-Bell smoothing mixes each order
 # with the one below it, trusting a context more the more often it was seen and the fewer different
 # continuations it had. Every order ends in an add-one unigram, so no event ever gets probability 0.
-# Exercise: write NGramModel.prob (Witten-Bell interpolation) and check it sums to 1 over the vocabulary.
 class NGramModel:
     def __init__(self, order: int, vocab_size: int):
         self.order, self.vocab_size = order, vocab_size
@@ -698,6 +697,11 @@ class NGramModel:
 
     def prob(self, context, token: int) -> float:
         """P(token | the last order-1 tokens of context), interpolated down to the add-one unigram."""
+        # Exercise ngram_prob: start from the add-one unigram (count + 1) / (total + vocabulary size);
+        # then for k = 1 .. order-1, while the last k tokens of context were seen in training, mix in
+        # that order: p = (count of token after the context + types * p) / (total + types), types
+        # being how many different tokens followed it. Check it sums to 1 over the vocabulary.
+        # Docs: https://docs.python.org/3/library/collections.html#collections.Counter
         unigram = self.counts[0][()]
         p = (unigram[token] + 1) / (self.totals[0].get((), 0) + self.vocab_size)
         for k in range(1, self.order):
@@ -933,9 +937,13 @@ def load_checkpoint(path: Path, device, task: str):
 # bar of the metre. Short bars are allowed only where ABC allows them: the pick-up at the start, the
 # last bar, and bars next to a repeat sign, a double bar or a 1st/2nd-time ending (a tune's pick-up
 # is often split across the repeat). No bar may be too long.
-# Exercise: write abc_validity (which bars may be short, and why) and test it on your own tunes.
 def abc_validity(tune: str, music21=None):
     """(valid, reason) for one ABC tune (header fields M:, L:, K: and the notes)."""
+    # Exercise abc_validity: parse the tune with music21 (the ABC format), refuse it with a reason
+    # when it has no metre or key, fewer than two bars, a change of metre, or a bar longer than the
+    # metre; a bar shorter than the metre only at the start, the end, or next to a repeat sign,
+    # double bar or 1st/2nd-time ending (is_section_edge). Return (True, "valid") otherwise.
+    # Docs: https://www.music21.org/music21docs/moduleReference/moduleMeter.html
     music21 = music21 or import_music21()
     if not abc_field(tune, "M"):
         return False, "no metre (M:) field"
@@ -1118,10 +1126,12 @@ def random_melody(length: int, low: int, high: int, duration_weights, generator)
 # Part 6b. Musical statistics: does the generated music sound like the real music? Each melody's
 # pitches are counted relative to ITS tonic (so a tune in D and one in G are compared as degrees of
 # the scale), pooled, and compared by histogram intersection: sum of min(p_i, q_i), 1 = identical.
-# Exercise: write tonic_relative_histogram and check that transposing a melody (and its tonic)
-# leaves it unchanged.
 def tonic_relative_histogram(melodies) -> list:
     """melodies: [(events, tonic pitch class)] -> 12 shares (degree 0 = the tonic), rests ignored."""
+    # Exercise tonic_relative_histogram: count every sounding pitch by its distance above the tonic,
+    # (pitch - tonic) % 12, over all melodies, and return the 12 shares (all zeros when there are
+    # no notes). Transposing a melody and its tonic together must leave the histogram unchanged.
+    # Docs: https://pytorch.org/docs/stable/generated/torch.bincount.html
     counts = [0] * 12
     for events, tonic in melodies:
         for pitch, _ in events:
