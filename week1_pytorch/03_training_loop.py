@@ -85,7 +85,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset, random_split
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.datasets import MNIST
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 LAB_NAME = "03_training_loop"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel mean and std of the 60,000 training images
@@ -563,8 +563,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, dtype, 
         totals[0] += loss.detach() * len(labels)
         totals[1] += (logits.argmax(dim=1) == labels).sum()
         totals[2] += len(labels)
-        if step % 50 == 0 and not bar.disable:
-            bar.set_postfix(loss=f"{loss.item():.3f}")         # one read every 50 steps, for the eye
     raise_if_diverged(across_processes(first_bad, minimum=True))
     loss_sum, correct, images_seen = across_processes(totals).tolist()
     return loss_sum / images_seen, correct / images_seen
@@ -830,55 +828,57 @@ def train_and_report(args, started: float, device: torch.device, dtype, data_dir
         first_images = loaders["train"].dataset[list(range(32))][0].to(device)
         writer = start_tensorboard(out_dir / "tensorboard", start_epoch * steps_per_epoch, model,
                                    to_model_input(first_images, config.max_shift))
-    if resumed:
-        restore_rng_state(resumed["rng"][rank], device)             # last, so nothing above disturbs it
-        if start_epoch >= config.epochs or early_stopping.should_stop:
-            print("  that run had already finished: nothing left to train, so it is only evaluated again")
+    try:  # the TensorBoard files are closed however training ends
+        if resumed:
+            restore_rng_state(resumed["rng"][rank], device)             # last, so nothing above disturbs it
+            if start_epoch >= config.epochs or early_stopping.should_stop:
+                print("  that run had already finished: nothing left to train, so it is only evaluated again")
 
-    print(f"\n== Training an MLP {config.hidden_sizes}: AdamW, one-cycle LR (peak {config.lr:g}), "
-          f"up to {config.epochs} epochs, early stopping after {config.patience} without progress ==")
-    train_started = time.perf_counter()
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        if early_stopping.should_stop:
-            break
-        epoch_started, first_step = time.perf_counter(), (epoch - 1) * steps_per_epoch
-        loaders["train_order"].set_epoch(epoch)                    # this epoch's shuffle
-        epoch_lrs = []
-        train_loss, train_accuracy = train_one_epoch(
-            train_model, loaders["train"], optimizer, scheduler, scaler, device, dtype,
-            label_smoothing=config.label_smoothing, max_shift=config.max_shift, epoch=epoch, epochs=config.epochs,
-            first_step=first_step, lr_history=epoch_lrs, show_progress=rank == 0)
-        val_loss, val_accuracy = evaluate(model, loaders["val"], device, dtype, config.label_smoothing)
-        improved = early_stopping.step(val_loss)
-        record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-                  "val_loss": val_loss, "val_accuracy": val_accuracy, "lr_steps": epoch_lrs,
-                  "seconds": time.perf_counter() - epoch_started}
-        history.append(record)
-        lr_steps += epoch_lrs
-        rng = rng_states_of_all_processes(device)                  # every process takes part
-        if rank == 0:
-            log_epoch(writer, model, record, epoch_lrs, first_step)
-            state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
-                     "epoch": epoch, "early_stopping": early_stopping, "rng": rng, "config": config,
-                     "history": history, "sample_inputs": sample_inputs}
-            save_checkpoint(out_dir / "last.pt", **state)
-            if improved:
-                save_checkpoint(out_dir / "best.pt", **state)
-        this_run = history[start_epoch:]
-        seconds_left = sum(r["seconds"] for r in this_run) / len(this_run) * (config.epochs - epoch)
-        print(f"  epoch {epoch:2d}/{config.epochs}  train loss {train_loss:.4f} acc {train_accuracy:.2%}  "
-              f"val loss {val_loss:.4f} acc {val_accuracy:.2%}  lr {epoch_lrs[-1]:.1e}  "
-              f"{sizes['train'] / record['seconds']:,.0f} img/s  ~{seconds_left:.0f} s left"
-              f"{'  (best so far: saved best.pt)' if improved else ''}")
-        if early_stopping.should_stop:
-            print(f"  early stopping: no better validation loss for {config.patience} epochs")
-        elif args.stop_after == epoch and epoch < config.epochs:
-            print(f"  stopping after epoch {epoch} as asked (--stop-after): continue with "
-                  f"--resume {out_dir / 'last.pt'}")
-            break
-    train_seconds = time.perf_counter() - train_started
-    if writer:
-        writer.close()
+        print(f"\n== Training an MLP {config.hidden_sizes}: AdamW, one-cycle LR (peak {config.lr:g}), "
+              f"up to {config.epochs} epochs, early stopping after {config.patience} without progress ==")
+        train_started = time.perf_counter()
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            if early_stopping.should_stop:
+                break
+            epoch_started, first_step = time.perf_counter(), (epoch - 1) * steps_per_epoch
+            loaders["train_order"].set_epoch(epoch)                    # this epoch's shuffle
+            epoch_lrs = []
+            train_loss, train_accuracy = train_one_epoch(
+                train_model, loaders["train"], optimizer, scheduler, scaler, device, dtype,
+                label_smoothing=config.label_smoothing, max_shift=config.max_shift, epoch=epoch, epochs=config.epochs,
+                first_step=first_step, lr_history=epoch_lrs, show_progress=rank == 0)
+            val_loss, val_accuracy = evaluate(model, loaders["val"], device, dtype, config.label_smoothing)
+            improved = early_stopping.step(val_loss)
+            record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
+                      "val_loss": val_loss, "val_accuracy": val_accuracy, "lr_steps": epoch_lrs,
+                      "seconds": time.perf_counter() - epoch_started}
+            history.append(record)
+            lr_steps += epoch_lrs
+            rng = rng_states_of_all_processes(device)                  # every process takes part
+            if rank == 0:
+                log_epoch(writer, model, record, epoch_lrs, first_step)
+                state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+                         "epoch": epoch, "early_stopping": early_stopping, "rng": rng, "config": config,
+                         "history": history, "sample_inputs": sample_inputs}
+                save_checkpoint(out_dir / "last.pt", **state)
+                if improved:
+                    save_checkpoint(out_dir / "best.pt", **state)
+            this_run = history[start_epoch:]
+            seconds_left = sum(r["seconds"] for r in this_run) / len(this_run) * (config.epochs - epoch)
+            print(f"  epoch {epoch:2d}/{config.epochs}  train loss {train_loss:.4f} acc {train_accuracy:.2%}  "
+                  f"val loss {val_loss:.4f} acc {val_accuracy:.2%}  lr {epoch_lrs[-1]:.1e}  "
+                  f"{sizes['train'] / record['seconds']:,.0f} img/s  ~{seconds_left:.0f} s left"
+                  f"{'  (best so far: saved best.pt)' if improved else ''}")
+            if early_stopping.should_stop:
+                print(f"  early stopping: no better validation loss for {config.patience} epochs")
+            elif args.stop_after == epoch and epoch < config.epochs:
+                print(f"  stopping after epoch {epoch} as asked (--stop-after): continue with "
+                      f"--resume {out_dir / 'last.pt'}")
+                break
+        train_seconds = time.perf_counter() - train_started
+    finally:
+        if writer:
+            writer.close()
     if early_stopping.should_stop:
         stopped_by = "early stopping"
     elif len(history) < config.epochs:
