@@ -332,7 +332,7 @@ def test_default_stage_both_runs_to_the_end_with_a_local_model(lab, tmp_path, ca
     printed = capsys.readouterr().out
     assert f"fine-tuning sizes: {lab.CPU_HF_TRAIN_SIZE:,} training reviews, {lab.CPU_HF_TEST_SIZE:,} test reviews" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["hf_train_size"] == 4 and metrics["hf_test_size"] == 12  # fewer than 2,000: all of them
+    assert metrics["hf_train_size"] == 4 and metrics["hf_test_size"] == 12  # fewer than the CPU default: all of them
     assert 0 <= metrics["hf_test_accuracy"] <= 1 and 0 <= metrics["test_accuracy"] <= 1
     assert (out / "best.pt").is_file()
 
