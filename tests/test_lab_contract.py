@@ -124,3 +124,52 @@ def test_every_torch_load_is_weights_only(lab):
         if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("torch.load"):
             flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
             assert flags.get("weights_only") == "True", f"line {node.lineno}: torch.load without weights_only=True"
+
+
+# The plumbing (CONTRIBUTING.md, "The same plumbing in every lab"): labs stand alone, so each holds a
+# copy, and the copies are one text. Lab 03 is the reference; change it there and copy it everywhere.
+PLUMBING_START = "# %%\n# Plumbing: the same text in every lab of the course"
+REFERENCE_LAB = REPO / "week1_pytorch" / "03_training_loop.py"
+
+
+def plumbing_cell(source: str) -> str:
+    start = source.find(PLUMBING_START)
+    if start < 0:
+        return ""
+    end = source.find("\n# %%", start + 1)
+    return source[start:] if end < 0 else source[start:end + 1]
+
+
+def main_function(source: str) -> str:
+    start = source.rfind("\ndef main(argv=None)")
+    return source[start + 1:] if start >= 0 else ""
+
+
+def first_difference(text: str, reference: str) -> str:
+    for number, (line, wanted) in enumerate(zip(text.splitlines(), reference.splitlines()), 1):
+        if line != wanted:
+            return f"line {number} of the cell is\n  {line!r}\nin lab 03 it is\n  {wanted!r}"
+    return f"the cell has {len(text.splitlines())} lines, lab 03's has {len(reference.splitlines())}"
+
+
+@pytest.mark.parametrize("lab", LABS, ids=IDS)
+def test_the_plumbing_cell_is_the_same_text_in_every_lab(lab):
+    source, reference = lab.read_text(encoding="utf-8"), REFERENCE_LAB.read_text(encoding="utf-8")
+    assert source.count(PLUMBING_START) == 1, f"one cell starting {PLUMBING_START!r}, copied from lab 03"
+    cell = plumbing_cell(source)
+    assert cell == plumbing_cell(reference), first_difference(cell, plumbing_cell(reference))
+    assert main_function(source) == main_function(reference), "main() and the __main__ guard end the file as in lab 03"
+
+
+@pytest.mark.parametrize("lab", LABS, ids=IDS)
+def test_the_plumbing_is_defined_once_and_every_file_is_written_through_it(lab):
+    source = lab.read_text(encoding="utf-8")
+    cell_names = {node.name for node in ast.parse(plumbing_cell(source)).body
+                  if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    defined_twice = sorted(name for name in cell_names
+                           if len(re.findall(rf"^\s*(?:def|class) {name}\b", source, flags=re.M)) > 1)
+    assert not defined_twice, f"defined again outside the plumbing cell: {defined_twice}"
+    rest = source.replace(plumbing_cell(source), "")
+    for line_number, line in enumerate(rest.splitlines(), 1):
+        assert "torch.save(" not in line, f"a checkpoint is saved with torch_save_atomically: {line.strip()}"
+        assert not re.search(r"write_text\(json\.dumps", line), f"JSON is written with write_json_atomically: {line.strip()}"

@@ -94,31 +94,27 @@ TRAINING_CHECKPOINT_KEYS = {"lab", "model", "optimizer", "scheduler", "scaler", 
                             "rng", "config", "history", "sample_inputs", "sample_outputs"}
 
 
+# %%
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
 class LabError(Exception):
     """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
 
 
-@dataclass
-class Config:
-    """Every setting that defines a run, with its unit. A checkpoint stores it; --resume reuses it."""
-    hidden_sizes: tuple = (512, 512)  # widths of the MLP's hidden layers
-    dropout: float = 0.2              # probability of zeroing a hidden unit while training
-    epochs: int = 15                  # most passes over the training split (early stopping may end sooner)
-    batch_size: int = 128             # images per optimizer step in each process (see "Several GPUs")
-    lr: float = 2e-3                  # peak learning rate of the one-cycle schedule
-    weight_decay: float = 1e-4        # AdamW's decoupled pull of the weights towards zero
-    label_smoothing: float = 0.1      # share of each training target spread over all 10 classes
-    max_shift: int = 2                # training images move by up to this many pixels each way
-    val_size: int = 5000              # images held out of the 60,000 for validation
-    patience: int = 3                 # epochs without a better validation loss before stopping
-    world_size: int = 1               # processes training together (torchrun --nproc_per_node)
-    seed: int = 0
-    smoke: bool = False
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
 
 
-# %%
-# Setup: the device, folders, TF32, figures. Same helpers as lab 02 (each lab stands alone).
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
     if name == "auto":
         if torch.accelerator.is_available():
             return torch.accelerator.current_accelerator()
@@ -141,44 +137,9 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def tf32_matmuls(device: torch.device):
-    """float32 matmuls in TF32 on CUDA (Ampere and newer run them on tensor cores; older GPUs ignore
-    it), and the kernel's own setting back afterwards. No cudnn.benchmark: an MLP runs no convolutions."""
-    previous = torch.backends.cuda.matmul.fp32_precision
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = previous
-
-
-def in_notebook() -> bool:
-    return "ipykernel" in sys.modules
-
-
-def pyplot():
-    """matplotlib's pyplot, drawing to files (Agg) unless we are in a notebook."""
-    import matplotlib
-    if not in_notebook():
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    if in_notebook():
-        pyplot().show()
-    pyplot().close(fig)
-
-
-# %%
-# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
-# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
-# slowly. CPU and MPS train in fp32.
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -201,6 +162,105 @@ def autocast(device: torch.device, dtype):
 def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
     """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+# %%
+# The settings of a run.
+@dataclass
+class Config:
+    """Every setting that defines a run, with its unit. A checkpoint stores it; --resume reuses it."""
+    hidden_sizes: tuple = (512, 512)  # widths of the MLP's hidden layers
+    dropout: float = 0.2              # probability of zeroing a hidden unit while training
+    epochs: int = 15                  # most passes over the training split (early stopping may end sooner)
+    batch_size: int = 128             # images per optimizer step in each process (see "Several GPUs")
+    lr: float = 2e-3                  # peak learning rate of the one-cycle schedule
+    weight_decay: float = 1e-4        # AdamW's decoupled pull of the weights towards zero
+    label_smoothing: float = 0.1      # share of each training target spread over all 10 classes
+    max_shift: int = 2                # training images move by up to this many pixels each way
+    val_size: int = 5000              # images held out of the 60,000 for validation
+    patience: int = 3                 # epochs without a better validation loss before stopping
+    world_size: int = 1               # processes training together (torchrun --nproc_per_node)
+    seed: int = 0
+    smoke: bool = False
+
+
+# %%
+# Setup: TF32 matmuls and figures (the device and folders are in the plumbing cell above).
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """float32 matmuls in TF32 on CUDA (Ampere and newer run them on tensor cores; older GPUs ignore
+    it), and the kernel's own setting back afterwards. No cudnn.benchmark: an MLP runs no convolutions."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files (Agg) unless we are in a notebook."""
+    import matplotlib
+    if not in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    if in_notebook():
+        pyplot().show()
+    pyplot().close(fig)
 
 
 # %%
@@ -416,9 +476,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, epoch, e
         "config": asdict(config) | {"hidden_sizes": list(config.hidden_sizes)}, "history": history,
         "sample_inputs": sample_inputs.cpu(), "sample_outputs": sample_outputs.float().cpu(),
     }
-    temporary = path.with_suffix(".tmp")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    torch_save_atomically(checkpoint, path)
 
 
 def load_training_checkpoint(path: Path) -> dict:
@@ -648,50 +706,9 @@ def plot_lr_schedule(lr_steps: list, steps_per_epoch: int, path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_json_atomically(data: dict, path: Path) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
-
-
 # %%
-# The command line. A flag out of range is refused by its type= function before anything runs,
-# as one line (ArgumentParser below turns argparse's complaint into a LabError).
-def positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-        return value
-    return parse
-
-
-def whole_number(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive whole number, got {text!r}")
-    return int(text)
-
-
-def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text!r}")
-    return value
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
-
-
+# The command line. A flag out of range is refused by its type= function (positive_int and the
+# others of the plumbing cell) before anything runs, as one line.
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = ArgumentParser(description=__doc__.split("\n")[0])
@@ -706,12 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default runs/{LAB_NAME}; with --resume, the checkpoint's folder)")
     parser.add_argument("--smoke", action="store_true",
                         help="quick pass over every code path on generated digits (no network); numbers are not results")
-    parser.add_argument("--epochs", type=positive(int), default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help=f"most epochs to train, > 0 (default {defaults.epochs}; smoke 3)")
-    parser.add_argument("--batch-size", type=positive(int), default=defaults.batch_size,
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                         help="images per optimizer step in each process, > 0 (under torchrun with N processes, "
                              "a step sees N times as many)")
-    parser.add_argument("--lr", type=positive(float), default=defaults.lr,
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr,
                         help="peak learning rate of the one-cycle schedule, > 0")
     parser.add_argument("--dropout", type=probability, default=defaults.dropout,
                         help="probability of zeroing a hidden unit while training, 0 <= p < 1 (0: no dropout)")
@@ -726,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue the run saved in this last.pt/best.pt, with that run's settings "
                              "(under torchrun: with as many processes as that run had)")
-    parser.add_argument("--stop-after", type=positive(int), default=None, metavar="EPOCH",
+    parser.add_argument("--stop-after", type=positive_int, default=None, metavar="EPOCH",
                         help="stop once this epoch is done, as if interrupted (then try --resume OUT_DIR/last.pt)")
     parser.add_argument("--compile", action="store_true",
                         help="train through torch.compile (pays off on a GPU; a C++ compiler is needed on CPU)")
