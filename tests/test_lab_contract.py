@@ -173,3 +173,37 @@ def test_the_plumbing_is_defined_once_and_every_file_is_written_through_it(lab):
     for line_number, line in enumerate(rest.splitlines(), 1):
         assert "torch.save(" not in line, f"a checkpoint is saved with torch_save_atomically: {line.strip()}"
         assert not re.search(r"write_text\(json\.dumps", line), f"JSON is written with write_json_atomically: {line.strip()}"
+
+
+# Predict, then run (CONTRIBUTING.md, "Questions and drills"): every lab closes with a cell of 3-5
+# questions, each a command of this lab to run, a prediction to write down first, and the line the
+# lab prints (or the metrics.json key it writes) that answers it.
+QUESTIONS_START = "# %%\n# Predict, then run."
+QUESTION = re.compile(r"^# (\d)\. Run: +(python (\S+)[^\n]*)\n((?:#    [^\n]*\n)+)", flags=re.M)
+
+
+@pytest.mark.parametrize("lab", LABS, ids=IDS)
+def test_a_closing_cell_asks_predict_then_run_questions_about_this_lab(lab):
+    source = lab.read_text(encoding="utf-8")
+    assert source.count(QUESTIONS_START) == 1, f"one cell starting {QUESTIONS_START!r}"
+    start = source.index(QUESTIONS_START)
+    cell = source[start:source.index("\n# %%", start + 1) + 1]
+    assert "\ndef main(argv=None)" in source[start:], "the questions come after the lesson, before main()"
+    questions = QUESTION.findall(cell)
+    assert 3 <= len(questions) <= 5, f"3 to 5 questions '# N. Run: python ...', found {len(questions)}"
+    assert [int(q[0]) for q in questions] == list(range(1, len(questions) + 1)), "numbered 1, 2, 3, ..."
+    for number, command, path, rest, in questions:
+        assert path == lab.relative_to(REPO).as_posix(), f"question {number} runs {path}, not this lab"
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", command):
+            assert f'"{flag}"' in source, f"question {number}: {flag} is not a flag of this lab"
+        assert "Predict:" in rest and "Answer:" in rest, f"question {number} needs 'Predict:' and 'Answer:' lines"
+
+
+# A debugging drill in every training lab: --bug NAME plants one bug (CONTRIBUTING.md, "Questions
+# and drills"); the lab's own tests check the symptom it writes to metrics.json.
+@pytest.mark.parametrize("lab", [lab for lab in LABS if lab.stem != "01_pytorch_basics"],
+                         ids=[i for i, lab in zip(IDS, LABS) if lab.stem != "01_pytorch_basics"])
+def test_a_training_lab_offers_a_debugging_drill(lab):
+    source = lab.read_text(encoding="utf-8")
+    assert re.search(r'add_argument\(\s*"--bug"', source), "a --bug flag with the planted bugs as choices"
+    assert "# Drill:" in source, "a '# Drill:' comment says the symptom to look for and the tool that finds it"
