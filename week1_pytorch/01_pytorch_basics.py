@@ -49,14 +49,27 @@ import torch.nn.functional as F
 LAB_NAME = "01_pytorch_basics"
 
 
-class LabError(Exception):
-    """Something the learner can fix (a flag, a device that is not there); main() prints it, no traceback."""
-
-
 # %%
-# Setup: choosing the device. `auto` takes the accelerator PyTorch finds (CUDA, MPS, XPU...),
-# else the CPU. Asking for a device that is not there is an error you can act on, not a crash.
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
+class LabError(Exception):
+    """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
     if name == "auto":
         if torch.accelerator.is_available():
             return torch.accelerator.current_accelerator()
@@ -79,10 +92,85 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
-def in_notebook() -> bool:
-    return "ipykernel" in sys.modules
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+# %%
+# Setup: figures. The device comes from pick_device in the plumbing cell above: `auto` takes the
+# accelerator PyTorch finds (CUDA, MPS, XPU...), else the CPU; asking for a device that is not there
+# is an error you can act on, not a crash.
 def pyplot():
     """matplotlib's pyplot, drawing to files (Agg) unless we are in a notebook."""
     import matplotlib
@@ -429,8 +517,9 @@ def plot_benchmark(results: dict[str, list[dict]], path: Path) -> None:
 
 # %%
 # Putting it together: flags, the tours in order, the benchmark, and the files this run writes.
-# A flag out of range is refused by its type= function, before anything runs, as one line
-# (ArgumentParser below turns argparse's complaint into a LabError).
+# A flag out of range is refused by its type= function, before anything runs, as one line (the
+# plumbing cell's ArgumentParser turns argparse's complaint into a LabError). --sizes is a comma list,
+# so it has its own type= function here.
 def parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -440,23 +529,6 @@ def parse_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"every matrix size must be a positive whole number, got {text!r}")
     return sorted(set(sizes))
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise argparse.ArgumentTypeError(f"--bench-seconds must be a positive number of seconds, got {text!r}")
-    return seconds
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,15 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=parse_sizes, default=None,
                         help="comma-separated matrix sizes n to benchmark "
                              "(default 64,128,256,512,1024,2048,4096; smoke 32,64,128)")
-    parser.add_argument("--bench-seconds", type=positive_seconds, default=None,
+    parser.add_argument("--bench-seconds", type=positive_float, default=None,
                         help="seconds of timed runs per size and device, > 0 (default 0.3; smoke 0.02)")
     return parser
-
-
-def write_json_atomically(data: dict, path: Path) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
 
 
 def run(args) -> None:
@@ -553,6 +619,27 @@ def run(args) -> None:
     print("  next: rerun with --sizes 512,2048,8192 --bench-seconds 1 to push the hardware further")
 
 
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week1_pytorch/01_pytorch_basics.py --sizes 512,1024 --bench-seconds 1
+#    Predict: n=1024 is 8 times the arithmetic of n=512 (2n^3): how many times longer does one product
+#    take, and does the GFLOP/s figure go up, down or stay?
+#    Answer: the "cpu ms" and "cpu GFLOP/s" columns of the table; benchmark.cpu in metrics.json.
+# 2. Run: python week1_pytorch/01_pytorch_basics.py --sizes 16,64,256
+#    Predict: how many times fewer GFLOP/s does a 16 x 16 product reach than a 256 x 256 one, and why?
+#    Answer: the "cpu GFLOP/s" column (the cost of a call, not the arithmetic, dominates small sizes).
+# 3. Run: python week1_pytorch/01_pytorch_basics.py --sizes 2048   (after adding torch.set_num_threads(1)
+#    as the first line of run(), then without it)
+#    Predict: how much lower is one thread's GFLOP/s than all the cores'?
+#    Answer: the first line ("... N CPU threads") and the "cpu GFLOP/s" column; cpu_threads and
+#    cpu_peak_gflops in metrics.json.
+# 4. Run: python week1_pytorch/01_pytorch_basics.py --device cuda --sizes 64,4096   (on a GPU: Colab)
+#    Predict: is the GPU faster at n=64? How many times faster is it at n=4096?
+#    Answer: the "speed-up" column; speedup_at_largest_size in metrics.json.
+
+
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
