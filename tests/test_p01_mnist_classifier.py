@@ -219,6 +219,28 @@ def test_eval_only_reproduces_the_trained_test_accuracy(lab, tmp_path):
     evaluated = json.loads((out / "eval_only_metrics.json").read_text())
     assert evaluated["test_accuracy"] == pytest.approx(trained["test_accuracy"])
     assert json.loads((out / "metrics.json").read_text()) == trained, "eval-only keeps metrics.json"
+    # the drill's flag reaches evaluate(): the same checkpoint scored with --bug no-eval-mode
+    lab.main(["--smoke", "--eval-only", "--bug", "no-eval-mode", "--checkpoint", str(out / "best.pt"),
+              "--out-dir", str(out), "--data-dir", str(tmp_path / "none")])
+    bugged = json.loads((out / "eval_only_metrics.json").read_text())
+    assert trained["bug"] is None and evaluated["bug"] is None and bugged["bug"] == "no-eval-mode"
+    assert trained["eval_batch_dependence"] < 1e-5 and evaluated["eval_batch_dependence"] < 1e-5
+    assert bugged["eval_batch_dependence"] > 1e-3
+
+
+def test_drill_no_eval_mode_makes_a_digit_s_loss_depend_on_its_batch(lab):
+    """--bug no-eval-mode: evaluate() leaves batch norm in training mode (a model fresh from
+    build_model, as a reloaded checkpoint is), so 32 digits scored in one batch and in batches of 8
+    get different losses; in eval mode they differ only by rounding."""
+    torch.manual_seed(0)
+    images, labels = lab.synthetic_digits(32, 1)
+    pixels = lab.as_pixels(images, torch.device("cpu"))
+    clean = lab.eval_batch_dependence(lab.build_model({"widths": [4, 8, 8], "num_classes": 10}), pixels, labels)
+    bugged = lab.eval_batch_dependence(lab.build_model({"widths": [4, 8, 8], "num_classes": 10}), pixels, labels,
+                                       bug="no-eval-mode")
+    assert clean < 1e-5 and bugged > 1e-3, (clean, bugged)
+    args, _ = lab.build_parser().parse_known_args(["--bug", "no-eval-mode"])
+    assert args.bug == "no-eval-mode" and lab.build_parser().parse_known_args([])[0].bug is None
 
 
 # --- mixed precision: one policy (CONTRIBUTING.md), checked by faking the GPU's answers --------------
@@ -305,8 +327,9 @@ def test_eval_only_without_checkpoint_fails_cleanly(lab, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--epochs", "0", "at least 1"), ("--label-smoothing", "1", "[0, 1)"), ("--lr", "nan", "above 0"),
-    ("--target", "1.5", "(0, 1]"), ("--precision", "bf16", "--precision bf16 is for CUDA"),
+    ("--epochs", "0", "at least 1"), ("--label-smoothing", "1", "at least 0 and below 1"), ("--lr", "nan", "above 0"),
+    ("--target", "1.5", "above 0 and at most 1"), ("--precision", "bf16", "--precision bf16 is for CUDA"),
+    ("--bug", "no-zero-grad", "invalid choice"),
 ])
 def test_bad_flags_fail_with_one_line_before_anything_is_written(lab, tmp_path, flag, value, message):
     result = failure_of(lab.main, ["--smoke", "--device", "cpu", flag, value, "--out-dir", tmp_path / "out"])
