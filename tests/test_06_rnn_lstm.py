@@ -162,10 +162,12 @@ def test_truncated_corpus_is_refused(lab, tmp_path):
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--lr", "-1"], "--lr: must be positive"), (["--lr", "nan"], "--lr: must be positive"),
-    (["--batch-size", "0"], "--batch-size: must be a positive"), (["--epochs", "-1"], "--epochs: must be 0 or more"),
-    (["--dropout", "1"], "--dropout: must be in [0, 1)"), (["--log-every", "0"], "--log-every"),
-    (["--temperature", "warm"], "invalid float value"), (["--precision", "fp8"], "invalid choice"),
+    (["--lr", "-1"], "--lr: must be a finite number above 0"), (["--lr", "nan"], "--lr: must be a finite number above 0"),
+    (["--batch-size", "0"], "--batch-size: must be a whole number at least 1"),
+    (["--epochs", "-1"], "--epochs: must be a whole number at least 0"),
+    (["--dropout", "1"], "--dropout: must be a finite number at least 0 and below 1"), (["--log-every", "0"], "--log-every"),
+    (["--temperature", "warm"], "--temperature: expected a number, got 'warm'"), (["--precision", "fp8"], "invalid choice"),
+    (["--bug", "no-such-bug"], "--bug: invalid choice"),
     (["--precision", "fp16", "--device", "cpu"], "--precision fp16 is for CUDA GPUs"),
 ])
 def test_bad_flags_get_one_line_before_anything_runs(lab, tmp_path, flags, fragment):
@@ -218,7 +220,7 @@ def test_under_bf16_autocast_the_lstm_runs_in_fp32(lab):
 def tbptt_args(**overrides):
     return argparse.Namespace(**{"lr": 1e-2, "weight_decay": 0.0, "batch_size": 4, "bptt": 16, "epochs": 1,
                                  "time_budget": 600.0, "clip": 1.0, "eval_every": 1e9, "log_every": 10,
-                                 **overrides})
+                                 "bug": None, **overrides})
 
 
 def test_a_non_finite_loss_stops_training_naming_its_step(lab):
@@ -228,6 +230,27 @@ def test_a_non_finite_loss_stops_training_naming_its_step(lab):
         model.head.bias[0] = float("nan")  # every loss is NaN from the first step on
     with pytest.raises(lab.LabError, match="NaN or infinite at step 1;"):
         lab.train_char_lstm(model, data, data[:300], tbptt_args(), torch.device("cpu"), None)
+
+
+def test_the_no_zero_grad_drill_clips_nearly_every_step(lab):
+    """--bug no-zero-grad (the drill): gradients pile up, so the norm before clipping is over --clip
+    on nearly every step; a clean run on the same text and seed clips none. The flag goes through
+    the lab's own parser into train_char_lstm, as run() passes it."""
+    text = lab.generated_play(4200, 0)
+    chars, stoi = lab.build_vocabulary(text)
+    data = torch.tensor([stoi[c] for c in text])
+    shares = {}
+    for bug in (None, "no-zero-grad"):
+        args, _ = lab.build_parser().parse_known_args(
+            ["--lr", "1e-2", "--batch-size", "4", "--bptt", "16", "--epochs", "1", "--log-every", "10",
+             "--eval-every", "1e9", *(["--bug", bug] if bug else [])])
+        assert args.bug == bug
+        torch.manual_seed(0)
+        model = lab.CharLSTM(lab.CharConfig(vocab_size=len(chars), embed_dim=8, hidden_size=16))
+        history, steps, _, _ = lab.train_char_lstm(model, data, data[:300], args, torch.device("cpu"), None)
+        assert steps == 66 and sum(history["interval_steps"]) == steps
+        shares[bug] = lab.clipped_share(history)
+    assert shares[None] < 0.1 and shares["no-zero-grad"] > 0.8, shares  # measured: 0.0 and 0.92
 
 
 def test_checkpoint_reload_check_runs_on_a_simulated_t4():
@@ -262,7 +285,7 @@ for name, lstm_dtype in (("auto", torch.float16), ("bf16", torch.float32)):
     seen = set()
     model.lstm.register_forward_hook(lambda module, inputs, outputs: seen.add(outputs[0].dtype))
     args = argparse.Namespace(lr=1e-2, weight_decay=0.0, batch_size=4, bptt=16, epochs=1, time_budget=600.0,
-                              clip=1.0, eval_every=1e9, log_every=5)
+                              clip=1.0, eval_every=1e9, log_every=5, bug=None)
     history, done, _, _ = lab.train_char_lstm(model, data, data[:200], args, device, dtype)
     assert seen == {lstm_dtype}, (name, seen)
     assert all(loss == loss for loss in history["train_loss"]), history

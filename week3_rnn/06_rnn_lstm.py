@@ -17,6 +17,7 @@ Run it
              python week3_rnn/06_rnn_lstm.py --sample-from runs/06_rnn_lstm/char_lstm.pt --prompt "ROMEO:"
              python week3_rnn/06_rnn_lstm.py --device cuda --precision fp16   (a T4's mixed precision on any GPU)
              tensorboard --logdir runs/06_rnn_lstm/tensorboard   (losses, learning rate, samples)
+             python week3_rnn/06_rnn_lstm.py --bug no-zero-grad   (a debugging drill: spot the planted bug)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` markers) and run it; call
              `main(["--time-budget", "300"])` to train longer. As a notebook (jupytext), figures show
              inline and a bad flag prints one line.
@@ -37,9 +38,8 @@ What the default run reaches (measured)
     text); whole run 135-136 s in the lab, 137-138 s for the process. Part 4's 50-step forecasts:
     RMSE 0.249 (LSTM) and 0.215 (GRU) against the clean signal, where predicting zero scores 0.416
     and repeating the last value 0.602; 1,500 steps each, about 8 s (LSTM) and 25 s (GRU).
-    Smoke run (`--smoke`): 5.4-5.6 s wall on an idle machine, measured before the GPU changes of
-    this version (mixed precision, fewer reads from the device); on a busy shared machine the two
-    versions took the same CPU time (10.5-11.0 s of one thread each).
+    Smoke run (`--smoke`): 5.4-5.6 s wall on an idle machine (an earlier version: the notes cell
+    at the end says which).
   GPU: not measured yet.
   Training stops on a wall-clock budget (`--time-budget`, seconds), not on a step count, so the
   whole default run, all six parts, fits the lab's target of 2 min 40 s of wall time; the
@@ -69,25 +69,41 @@ from tqdm.auto import tqdm
 LAB_NAME = "06_rnn_lstm"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TARGET_VAL_LOSS = 1.88  # nats per character, the lab's promise within 2 min 40 s on a 2-core CPU
-
-
-class LabError(Exception):
-    """A problem the learner can fix (bad flag, missing data, broken checkpoint): message, no traceback."""
+TINY_SHAKESPEARE_CHARACTERS = 1_115_394  # the length of the published file
 
 
 # %%
-# Setup: the device, folders, figures that also show inline in a notebook. Asking for something
-# that is not there (a GPU, a folder that is a file) is a one-line message, not a traceback.
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
+class LabError(Exception):
+    """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
     if name == "auto":
         if torch.accelerator.is_available():
             return torch.accelerator.current_accelerator()
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu "
-                       "(in Colab: Runtime > Change runtime type > T4 GPU)")
+        raise LabError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch "
+                       f"can use (torch {torch.__version__}). Use --device auto or --device cpu; in "
+                       "Colab pick Runtime > Change runtime type > GPU.")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
+        raise LabError("--device mps was asked for, but Apple's Metal backend is not available here. "
+                       "Use --device auto or --device cpu.")
     return torch.device(name)
 
 
@@ -99,11 +115,84 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
-def in_notebook() -> bool:
-    """True in a Jupyter or Colab kernel: figures then show inline, and errors print one line."""
-    return "ipykernel" in sys.modules
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+# %%
+# Setup: figures that also show inline in a notebook, and fast CUDA kernels (the device, folders
+# and the mixed-precision policy are in the plumbing cell above).
 def save_figure(fig, path: Path) -> None:
     """Save a figure as PNG, show it inline in a notebook, and free it."""
     import matplotlib.pyplot as plt
@@ -129,35 +218,6 @@ def fast_cuda_kernels(device: torch.device):
         yield
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision = before
-
-
-# %%
-# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
-# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
-# slowly. CPU and MPS train in fp32.
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_precision(name: str, device: torch.device):
-    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if name != "fp32" and device.type != "cuda":
-        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
-    return PRECISIONS[name]
-
-
-def autocast(device: torch.device, dtype):
-    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
-    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %%
@@ -511,9 +571,8 @@ def load_shakespeare(data_dir: Path) -> str:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise LabError(f"cannot read {path} as UTF-8 text ({err}); delete it to download it again") from None
-    if len(text) < 100_000:
-        raise LabError(f"{path} holds only {len(text)} characters (the corpus has 1,115,394): "
-                       "it looks truncated; delete it to download it again")
+    if len(text) < TINY_SHAKESPEARE_CHARACTERS:
+        raise LabError(f"{path} holds {len(text):,} characters; tiny Shakespeare has {TINY_SHAKESPEARE_CHARACTERS:,}, so the file looks truncated: delete it to download it again")
     return text
 
 
@@ -616,13 +675,26 @@ def evaluate(model, data, device, streams=64, bptt=256, dtype=None):
     return total.item() / count  # one read from the device for the whole pass
 
 
-def read_train_loss(loss_sum, first_bad, steps: int) -> float:
-    """The one read from the device per log interval: the mean loss over its `steps` steps, or a
-    LabError naming the first step whose loss was not finite (kept on the device until now)."""
-    total, bad = torch.stack([loss_sum.float(), first_bad.float()]).tolist()  # one wait for both
+def read_train_loss(history, steps: int, loss_sum, first_bad, norm_sum, norm_count, clipped) -> None:
+    """The one read from the device per log interval. Into the history go the mean loss over its
+    `steps` steps, the mean gradient norm before clipping (over the steps whose norm was finite)
+    and how many steps were clipped; the sums go back to zero. A loss that was not finite is a
+    LabError naming its first step (kept on the device until now)."""
+    total, bad, norms, counted, clips = torch.stack(
+        [loss_sum.float(), first_bad.float(), norm_sum.float(), norm_count.float(), clipped.float()]).tolist()
     if bad >= 0:
         raise LabError(f"the training loss became NaN or infinite at step {int(bad)}; try a lower --lr")
-    return total / steps
+    history["train_loss"].append(total / steps)
+    history["grad_norm"].append(norms / max(counted, 1))
+    history["clipped_steps"].append(clips)
+    history["interval_steps"].append(steps)
+    for device_sum in (loss_sum, norm_sum, norm_count, clipped):
+        device_sum.zero_()
+
+
+def clipped_share(history) -> float:
+    """The share of training steps whose gradient norm was over --clip: the --bug no-zero-grad symptom."""
+    return sum(history["clipped_steps"]) / max(sum(history["interval_steps"]), 1)
 
 
 def train_char_lstm(model, train_data, val_data, args, device, dtype, writer: SummaryWriter = None,
@@ -644,11 +716,14 @@ def train_char_lstm(model, train_data, val_data, args, device, dtype, writer: Su
           f"{args.bptt}-step TBPTT, {chunks_per_epoch} steps per epoch, "
           + (f"{args.epochs} epochs" if total_steps else f"time budget {args.time_budget:.0f} s")
           + ("" if dtype is None else f", {str(dtype).removeprefix('torch.')} autocast"))
-    history = {"time_s": [], "train_loss": [], "val_time_s": [], "val_loss": []}
+    history = {"time_s": [], "train_loss": [], "grad_norm": [], "clipped_steps": [], "interval_steps": [],
+               "val_time_s": [], "val_loss": []}
     start = time.perf_counter()
     step, state, next_report, seconds_to_target = 0, None, args.eval_every, None
     loss_sum = torch.zeros((), device=device)  # summed on the device between two reads
     first_bad = torch.full((), -1, device=device)  # the first step with a NaN/inf loss, -1 while none
+    # the gradient norms before clipping: their sum, how many were finite, how many were clipped
+    norm_sum, norm_count, clipped = (torch.zeros((), device=device) for _ in range(3))
     read_at = 0  # the step of the last read
     # A bar over the steps (rate, time left). Under a time budget the number of steps is not known
     # in advance: its total is re-estimated from the speed so far at every read. leave=False and
@@ -671,10 +746,20 @@ def train_char_lstm(model, train_data, val_data, args, device, dtype, writer: Su
         with autocast(device, dtype):
             logits, state = model(inputs, state)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
+        # Drill: --bug no-zero-grad skips the next line, so each step's gradients add onto the earlier
+        # ones. Symptom: clipping hides the pile-up (it shrinks the sum back to --clip every step), so
+        # the loss only learns more slowly, but the gradient norm before clipping sits above --clip on
+        # nearly every step: metrics.json "clipped_share" near 1, against a few % or less in a clean
+        # run. Tool: the gradient norm (clip_grad_norm_ returns it), printed every few steps.
+        if args.bug != "no-zero-grad":
+            optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)  # tames the occasional exploding step
+        norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip)  # tames the occasional exploding step
+        finite = torch.isfinite(norm)                  # a skipped fp16 step has an infinite norm: left out
+        norm_sum += torch.where(finite, norm.float(), 0.0)
+        norm_count += finite
+        clipped += finite & (norm > args.clip)
         scaler.step(optimizer)
         scaler.update()
         step += 1
@@ -683,9 +768,8 @@ def train_char_lstm(model, train_data, val_data, args, device, dtype, writer: Su
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0), first_bad, step)
         if step % args.log_every:
             continue  # nothing read from the GPU on this step
-        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at))
+        read_train_loss(history, step - read_at, loss_sum, first_bad, norm_sum, norm_count, clipped)
         history["time_s"].append(time.perf_counter() - start)
-        loss_sum.zero_()
         read_at = step
         if not total_steps:
             bar.total = round(step * args.time_budget / history["time_s"][-1])
@@ -710,7 +794,7 @@ def train_char_lstm(model, train_data, val_data, args, device, dtype, writer: Su
                 writer.flush()
     bar.close()
     if step > read_at:  # the steps since the last read: their loss, and the NaN guard
-        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at))
+        read_train_loss(history, step - read_at, loss_sum, first_bad, norm_sum, norm_count, clipped)
         history["time_s"].append(time.perf_counter() - start)
     return history, step, step / chunks_per_epoch, seconds_to_target
 
@@ -768,14 +852,7 @@ def save_checkpoint(model, config: CharConfig, chars: str, sample_inputs, path: 
     payload = {"lab": LAB_NAME, "model": {k: v.cpu() for k, v in model.state_dict().items()},
                "config": {**asdict(config), "chars": chars}, "sample_inputs": sample_inputs.cpu(),
                "sample_outputs": (sample_outputs[0].cpu(), tuple(s.cpu() for s in sample_outputs[1]))}
-    temporary = path.with_suffix(".pt.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def one_line(err: Exception) -> str:
-    """An exception as one short line (PyTorch's messages span several)."""
-    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    torch_save_atomically(payload, path)
 
 
 def load_checkpoint(path: Path, device):
@@ -814,29 +891,7 @@ def checkpoint_reproduces(path: Path, device) -> bool:
 
 
 # %%
-# Putting it together: flags, the seven parts in order, metrics.json and a summary.
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
-
-
-def checked(kind, is_valid, rule: str):
-    """A type= for argparse: kind(text), refused with "must be RULE" unless is_valid(value)."""
-    def parse(text):
-        value = kind(text)
-        if not is_valid(value):
-            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
-        return value
-    parse.__name__ = kind.__name__  # so argparse says "invalid float value: 'x'" for a non-number
-    return parse
-
-
-positive_int = checked(int, lambda v: v > 0, "a positive whole number")
-positive_float = checked(float, lambda v: v > 0, "positive")
-
-
+# The flags: every number is checked before anything runs (the type= functions of the plumbing cell).
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -854,18 +909,17 @@ def build_parser():
                         help="run every code path in seconds on generated text (no network); numbers are not results")
     parser.add_argument("--time-budget", type=positive_float, default=100.0,
                         help="seconds of Shakespeare training (the whole default run then takes ~2 min 20 s on 2 CPU cores)")
-    parser.add_argument("--epochs", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
+    parser.add_argument("--epochs", type=whole_number, default=0,
                         help="train this many full passes over the text instead of the time budget (0: use the budget)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="parallel text streams per step")
     parser.add_argument("--bptt", type=positive_int, default=64, help="characters per step: how far gradients flow back")
     parser.add_argument("--lr", type=positive_float, default=6e-3, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=checked(float, lambda v: v >= 0, "0 or more"), default=0.01,
+    parser.add_argument("--weight-decay", type=number(float, at_least=0), default=0.01,
                         help="AdamW weight decay")
     parser.add_argument("--clip", type=positive_float, default=1.0, help="gradient-norm clipping threshold")
     parser.add_argument("--hidden-size", type=positive_int, default=256, help="LSTM units per layer")
     parser.add_argument("--layers", type=positive_int, default=1, help="stacked LSTM layers")
-    parser.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
-                        default=0.0,
+    parser.add_argument("--dropout", type=probability, default=0.0,
                         help="dropout between LSTM layers (needs --layers > 1)")
     parser.add_argument("--eval-every", type=positive_float, default=30.0, help="seconds between validation passes")
     parser.add_argument("--log-every", type=positive_int, default=50,
@@ -876,9 +930,41 @@ def build_parser():
                         help="sampling temperature (lower: safer text)")
     parser.add_argument("--sample-from", type=Path, default=None,
                         help="skip training: load this checkpoint and only print samples")
+    parser.add_argument("--bug", default=None, choices=["no-zero-grad"],
+                        help="a debugging drill: plant this bug in the char-LSTM's training step and watch "
+                             "for its symptom (the '# Drill:' comment in train_char_lstm says which)")
     return parser
 
 
+# %%
+# Notes: how the measured figures of the docstring came about.
+#   Smoke run (--smoke): 5.4-5.6 s wall on an idle machine, measured before the GPU changes of this
+#   version (mixed precision, fewer reads from the device); on a busy shared machine the two versions
+#   took the same CPU time (10.5-11.0 s of one thread each).
+
+
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week3_rnn/06_rnn_lstm.py --sample-from runs/06_rnn_lstm/char_lstm.pt --temperature 0.3
+#    Predict: next to the default run's sample at 0.8, will the text repeat the same words and names
+#    more often or invent more new words?
+#    Answer: the sample it prints; the default run's "--- temperature 0.8 ---" one is in samples.txt.
+# 2. Run: python week3_rnn/06_rnn_lstm.py --bptt 8
+#    Predict: gradients now flow back 8 characters instead of 64 (the state is still carried over):
+#    will the validation loss end above or below the default run's, and will it take more steps?
+#    Answer: the "final validation loss ... after N steps" line; val_loss and steps in metrics.json.
+# 3. Run: python week3_rnn/06_rnn_lstm.py --hidden-size 64
+#    Predict: how many times fewer parameters than the 256-unit model, and how much higher the loss?
+#    Answer: the "model N parameters" line and the "final validation loss" line; val_loss in metrics.json.
+# 4. Run: python week3_rnn/06_rnn_lstm.py --bug no-zero-grad --time-budget 20
+#    Predict: on what share of the steps will the gradient norm be over --clip 1 (the default run:
+#    a few % or less), and will the loss still come down?
+#    Answer: the "gradient norm before clipping ... over --clip 1 on N% of the steps" line and the
+#    validation lines; clipped_share and val_loss in metrics.json.
+
+
+# %%
+# Putting it together: the seven parts in order, metrics.json and a summary.
 def run_basics(args, out_dir):
     """Parts 1-5 on the CPU: a few seconds in all."""
     steps = lambda full: 5 if args.smoke else full  # noqa: E731 (training steps per demo)
@@ -929,16 +1015,6 @@ def run_sampling_only(args, device):
     text = "".join(chars[i] for i in prompt_ids + sample(model, prompt_ids, args.sample_chars,
                                                             args.temperature, device, generator))
     print(text)
-
-
-def main(argv=None) -> None:
-    try:
-        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
-        run(args)
-    except LabError as err:
-        if not in_notebook():
-            sys.exit(f"error: {err}")
-        print(f"error: {err}", file=sys.stderr)
 
 
 def run(args):
@@ -1006,6 +1082,10 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
         seconds_to_target = time.perf_counter() - train_start
     print(f"  final validation loss {val_loss:.3f} nats/char ({val_loss / math.log(2):.3f} bits/char) "
           f"after {steps} steps ({epochs_done:.2f} epochs) in {train_time:.0f} s")
+    share = clipped_share(history)
+    print(f"  gradient norm before clipping: {history['grad_norm'][0]:.2f} (mean of the first {args.log_every} "
+          f"steps), {history['grad_norm'][-1]:.2f} (the last); over --clip {args.clip:g} on {share:.0%} of the "
+          f"steps (clipped_share; near 100% means gradients pile up{': --bug ' + args.bug if args.bug else ''})")
     plot_char_history(history, out_dir / "char_lstm_loss.png")
 
     checkpoint = out_dir / "char_lstm.pt"
@@ -1025,10 +1105,13 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
         "config": asdict(config), "batch_size": args.batch_size, "bptt": args.bptt, "lr": args.lr,
         "time_budget_s": args.time_budget, "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
         "checkpoint_reproduces": same, **basics,
+        # the debugging drill (--bug): which bug was planted, and its symptom, the share of clipped steps
+        "bug": args.bug, "clipped_share": share, "grad_norm_first": history["grad_norm"][0],
+        "grad_norm_last": history["grad_norm"][-1],
         # training seconds until a validation pass reached the target; null when none did
         "seconds_to_target": seconds_to_target,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json_atomically(metrics, out_dir / "metrics.json")
     print(f"\nSummary: a {config.hidden_size}-unit LSTM trained {train_time:.0f} s ({epochs_done:.2f} epochs); "
           f"validation loss {val_loss:.3f} nats/char (target <= {TARGET_VAL_LOSS}: "
           f"{'reached' if val_loss <= TARGET_VAL_LOSS else 'NOT reached'}); whole run "
@@ -1036,6 +1119,16 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
           f"sines_forecast.png, char_lstm_loss.png, samples.txt, char_lstm.pt, tensorboard/.\n  Sample again: python "
           f"week3_rnn/06_rnn_lstm.py --sample-from {checkpoint} --prompt 'JULIET:' --temperature 0.7\n"
           f"  Train longer: --time-budget 600 (or --epochs 5), bigger: --hidden-size 512 --layers 2 --dropout 0.2")
+
+
+def main(argv=None) -> None:
+    try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
+    except LabError as err:
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
