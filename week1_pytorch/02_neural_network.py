@@ -70,29 +70,27 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel mean and std of the 60,000 train
 DOWNLOAD_TIMEOUT_S = 20  # a network that silently drops packets should fail in seconds, not minutes
 
 
-class LabError(Exception):
-    """Something the learner can fix (a flag, missing data); main() prints it, no traceback."""
-
-
-@dataclass
-class Config:
-    """Every hyper-parameter of the default run, in one place, with its unit."""
-    hidden_sizes: tuple = (512, 256)  # widths of the hidden layers
-    dropout: float = 0.2              # probability of zeroing a hidden unit while training
-    epochs: int = 8                   # passes over the 60,000 training images
-    batch_size: int = 128             # images per optimizer step
-    lr: float = 2e-3                  # peak learning rate of the one-cycle schedule
-    weight_decay: float = 1e-4        # AdamW's decoupled pull of the weights towards zero
-    label_smoothing: float = 0.1      # share of each target spread evenly over the 10 classes
-    compare_steps: int = 400          # optimizer comparison: steps for SGD and for Adam (~0.85 epoch)
-    seed: int = 0
-    smoke: bool = False
-
-
 # %%
-# Setup: the device, and figures that go to files (and inline in a notebook). Asking for a
-# device that is not there is an error you can act on, not a crash.
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
+class LabError(Exception):
+    """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
     if name == "auto":
         if torch.accelerator.is_available():
             return torch.accelerator.current_accelerator()
@@ -115,44 +113,9 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def tf32_matmuls(device: torch.device):
-    """float32 matmuls in TF32 on CUDA (Ampere and newer run them on tensor cores; older GPUs ignore
-    it), and the kernel's own setting back afterwards. No cudnn.benchmark: an MLP runs no convolutions."""
-    previous = torch.backends.cuda.matmul.fp32_precision
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = previous
-
-
-def in_notebook() -> bool:
-    return "ipykernel" in sys.modules
-
-
-def pyplot():
-    """matplotlib's pyplot, drawing to files (Agg) unless we are in a notebook."""
-    import matplotlib
-    if not in_notebook():
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    if in_notebook():
-        pyplot().show()
-    pyplot().close(fig)
-
-
-# %%
-# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
-# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
-# slowly. CPU and MPS train in fp32.
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -175,6 +138,103 @@ def autocast(device: torch.device, dtype):
 def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
     """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+# %%
+# The settings of a run.
+@dataclass
+class Config:
+    """Every hyper-parameter of the default run, in one place, with its unit."""
+    hidden_sizes: tuple = (512, 256)  # widths of the hidden layers
+    dropout: float = 0.2              # probability of zeroing a hidden unit while training
+    epochs: int = 8                   # passes over the 60,000 training images
+    batch_size: int = 128             # images per optimizer step
+    lr: float = 2e-3                  # peak learning rate of the one-cycle schedule
+    weight_decay: float = 1e-4        # AdamW's decoupled pull of the weights towards zero
+    label_smoothing: float = 0.1      # share of each target spread evenly over the 10 classes
+    compare_steps: int = 400          # optimizer comparison: steps for SGD and for Adam (~0.85 epoch)
+    seed: int = 0
+    smoke: bool = False
+
+
+# %%
+# Setup: TF32 matmuls and figures that go to files (and inline in a notebook). The device, the
+# precision policy and the flag checks are in the plumbing cell above.
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """float32 matmuls in TF32 on CUDA (Ampere and newer run them on tensor cores; older GPUs ignore
+    it), and the kernel's own setting back afterwards. No cudnn.benchmark: an MLP runs no convolutions."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files (Agg) unless we are in a notebook."""
+    import matplotlib
+    if not in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    if in_notebook():
+        pyplot().show()
+    pyplot().close(fig)
 
 
 # %%
@@ -349,9 +409,10 @@ def raise_if_not_finite(step_losses: torch.Tensor, first_step: int) -> None:
 
 def train_one_epoch(model, optimizer, images, labels, *, batch_size, generator, label_smoothing,
                     device, dtype, scaler, scheduler=None, max_steps=None, first_step=0,
-                    lr_history=None, progress="", show_progress=False) -> torch.Tensor:
+                    lr_history=None, grad_norms=None, progress="", show_progress=False, bug=None) -> torch.Tensor:
     """Returns the loss of every step, shape (steps,). With a scheduler, the LR each step used is
-    appended to lr_history; progress names the bar (steps, rate, time left) shown if show_progress."""
+    appended to lr_history; with a list as grad_norms, each step's gradient norm (a tensor on the
+    device); progress names the bar (steps, rate, time left) shown if show_progress; bug is --bug."""
     model.train()                                    # dropout on
     order = torch.randperm(len(labels), generator=generator).to(device)
     step_losses = []
@@ -363,8 +424,17 @@ def train_one_epoch(model, optimizer, images, labels, *, batch_size, generator, 
         with autocast(device, dtype):
             logits = model(images[batch])            # (B, 10)
         loss = F.cross_entropy(logits.float(), labels[batch], label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)        # gradients add up unless cleared
+        if bug != "no-zero-grad":
+            # Drill: --bug no-zero-grad skips this line, so each backward() adds its gradient to all the
+            # earlier ones. Symptom: the gradient norm grows over training instead of shrinking (the
+            # "gradient norm" line, grad_norm_growth in metrics.json) and the loss stops falling. Find it
+            # by watching the gradient norm, or with a breakpoint() here: p.grad before backward() should be None.
+            optimizer.zero_grad(set_to_none=True)    # gradients add up unless cleared
         scaler.scale(loss).backward()
+        if grad_norms is not None:
+            scaler.unscale_(optimizer)               # the true gradients, not fp16's scaled ones
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grad_norms.append(torch.nn.utils.get_total_norm(grads))   # stays on the device: no wait
         scaler.step(optimizer)                       # skips the step if fp16 gradients overflowed
         scaler.update()
         if scheduler is not None:
@@ -384,6 +454,15 @@ def predict(model, images, device, dtype, batch_size: int = 2000) -> torch.Tenso
         with autocast(device, dtype):
             predictions.append(model(images[start:start + batch_size]).argmax(dim=1))
     return torch.cat(predictions).cpu()
+
+
+def gradient_norm_growth(grad_norms: torch.Tensor) -> dict:
+    """The gradient norm over the last steps against the first ones (a quarter of the steps, at most 50
+    each): below 1 when training settles, far above 1 when gradients pile up (--bug no-zero-grad)."""
+    window = min(50, max(1, len(grad_norms) // 4))
+    first, last = grad_norms[:window].mean().item(), grad_norms[-window:].mean().item()
+    return {"grad_norm_first_steps": first, "grad_norm_last_steps": last, "grad_norm_growth": last / first,
+            "grad_norm_window": window}
 
 
 # %%
@@ -414,7 +493,7 @@ def log_epoch(writer: SummaryWriter, model: MLP, step_losses: torch.Tensor, lrs:
 # differs. SGD+momentum follows an averaged gradient with one global step size; Adam also
 # scales each weight's step by how large its recent gradients were.
 def compare_optimizers(config: Config, data: dict, device: torch.device, dtype, path: Path,
-                       writer: SummaryWriter) -> dict:
+                       writer: SummaryWriter, bug=None) -> dict:
     torch.manual_seed(config.seed)
     start = MLP(config.hidden_sizes, config.dropout).to(device)
     contenders = {
@@ -435,7 +514,7 @@ def compare_optimizers(config: Config, data: dict, device: torch.device, dtype, 
                                            dtype=dtype, scaler=scaler,
                                            label_smoothing=0.0, max_steps=config.compare_steps - len(losses),
                                            first_step=len(losses), progress=name.split(",")[0],
-                                           show_progress=not config.smoke)
+                                           show_progress=not config.smoke, bug=bug)
             losses = torch.cat([losses, epoch_losses])
         for step, loss in enumerate(losses.tolist(), start=1):   # both curves on one TensorBoard chart
             writer.add_scalars("optimizer_comparison/loss", {name.split(",")[0]: loss}, step)
@@ -465,8 +544,9 @@ def compare_optimizers(config: Config, data: dict, device: torch.device, dtype, 
 
 
 def train_classifier(model, config: Config, data: dict, device: torch.device, dtype, writer: SummaryWriter,
-                     train_model=None) -> list:
-    """AdamW + one-cycle LR: warm up to --lr, then anneal to ~0, stepping once per batch."""
+                     train_model=None, bug=None) -> tuple[list, torch.Tensor]:
+    """AdamW + one-cycle LR: warm up to --lr, then anneal to ~0, stepping once per batch. Returns the
+    history (one record per epoch) and the gradient norm of every step (steps,)."""
     train_model = train_model or model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = grad_scaler(device, dtype)
@@ -474,15 +554,17 @@ def train_classifier(model, config: Config, data: dict, device: torch.device, dt
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
                                                     total_steps=config.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
-    history, started = [], time.perf_counter()
+    history, grad_norms, started = [], [], time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        epoch_started, first_step, epoch_lrs = time.perf_counter(), (epoch - 1) * steps_per_epoch, []
+        epoch_started, first_step, epoch_lrs, epoch_norms = time.perf_counter(), (epoch - 1) * steps_per_epoch, [], []
         losses = train_one_epoch(train_model, optimizer, data["train_x"], data["train_y"],
                                  batch_size=config.batch_size, generator=generator, device=device,
                                  dtype=dtype, scaler=scaler,
                                  label_smoothing=config.label_smoothing, scheduler=scheduler,
-                                 first_step=first_step, lr_history=epoch_lrs,
-                                 progress=f"epoch {epoch}/{config.epochs}", show_progress=not config.smoke)
+                                 first_step=first_step, lr_history=epoch_lrs, grad_norms=epoch_norms,
+                                 progress=f"epoch {epoch}/{config.epochs}", show_progress=not config.smoke, bug=bug)
+        epoch_norms = torch.stack(epoch_norms).cpu()                # read once per epoch, with the losses
+        grad_norms.append(epoch_norms)
         # We look at the test set after every epoch only to show progress; lab 03 holds out a
         # validation split so that no decision is ever made on the test set.
         accuracy = (predict(model, data["test_x"], device, dtype) == data["test_y"].cpu()).float().mean().item()
@@ -494,7 +576,9 @@ def train_classifier(model, config: Config, data: dict, device: torch.device, dt
               f"test accuracy {accuracy:.2%}  {len(data['train_y']) / seconds:,.0f} images/s  "
               f"~{elapsed / epoch * (config.epochs - epoch):.0f} s left")
         log_epoch(writer, model, losses, epoch_lrs, accuracy, first_step)
-    return history
+        for offset, norm in enumerate(epoch_norms.tolist(), start=1):
+            writer.add_scalar("grad_norm", norm, first_step + offset)
+    return history, torch.cat(grad_norms)
 
 
 # %%
@@ -541,10 +625,8 @@ def save_checkpoint(model, config: Config, sample_inputs: torch.Tensor, path: Pa
     with torch.no_grad():
         sample_outputs = model(sample_inputs.to(model_device))   # inputs go where the weights are
     saved_config = asdict(config) | {"hidden_sizes": list(config.hidden_sizes)}
-    temporary = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "config": saved_config,
-                "sample_inputs": sample_inputs.cpu(), "sample_outputs": sample_outputs.cpu()}, temporary)
-    os.replace(temporary, path)
+    torch_save_atomically({"model": model.state_dict(), "config": saved_config,
+                           "sample_inputs": sample_inputs.cpu(), "sample_outputs": sample_outputs.cpu()}, path)
 
 
 def reload_and_check(path: Path) -> bool:
@@ -556,33 +638,8 @@ def reload_and_check(path: Path) -> bool:
         return torch.allclose(model(saved["sample_inputs"]), saved["sample_outputs"], atol=1e-5)
 
 
-def write_json_atomically(data: dict, path: Path) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
-
-
 # %%
 # The command line, and the run that ties the sections together.
-def positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-        return value
-    return parse
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = ArgumentParser(description=__doc__.split("\n")[0])
@@ -595,17 +652,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where metrics.json, the figures and the checkpoint go")
     parser.add_argument("--smoke", action="store_true",
                         help="quick pass over every code path on generated digits (no network); numbers are not results")
-    parser.add_argument("--epochs", type=positive(int), default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help=f"passes over the training set, > 0 (default {defaults.epochs}; smoke 2)")
-    parser.add_argument("--batch-size", type=positive(int), default=defaults.batch_size,
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                         help="images per optimizer step, > 0")
-    parser.add_argument("--lr", type=positive(float), default=defaults.lr,
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr,
                         help="peak learning rate of the one-cycle schedule, > 0")
     parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
                         help="mixed precision on CUDA: auto = bf16 where the GPU has it natively, else fp16 "
                              "with a GradScaler; fp32 = off. CPU and MPS train in fp32")
     parser.add_argument("--compile", action="store_true",
                         help="train through torch.compile (pays off on a GPU; a C++ compiler is needed on CPU)")
+    parser.add_argument("--bug", default=None, choices=["no-zero-grad"],
+                        help="debugging drill: plant a bug and watch its symptom (no-zero-grad: gradients are "
+                             "never cleared; see the '# Drill:' comment in train_one_epoch)")
     return parser
 
 
@@ -656,15 +716,21 @@ def run_lesson(args, device: torch.device, dtype, data_dir: Path, out_dir: Path,
     try:
         print(f"\n== Optimizers: SGD with momentum vs Adam, {config.compare_steps} steps each ==")
         comparison_started = time.perf_counter()
-        comparison = compare_optimizers(config, data, device, dtype, out_dir / "optimizer_comparison.png", writer)
+        comparison = compare_optimizers(config, data, device, dtype, out_dir / "optimizer_comparison.png", writer,
+                                        bug=args.bug)
         comparison_seconds = time.perf_counter() - comparison_started
 
         print(f"\n== Training the MNIST classifier: AdamW, one-cycle LR (peak {config.lr:g}), "
               f"{config.epochs} epochs of {config.batch_size}-image batches ==")
         train_model = torch.compile(model) if args.compile else model
         train_started = time.perf_counter()
-        history = train_classifier(model, config, data, device, dtype, writer, train_model)
+        history, grad_norms = train_classifier(model, config, data, device, dtype, writer, train_model, bug=args.bug)
         train_seconds = time.perf_counter() - train_started
+        drill = gradient_norm_growth(grad_norms)
+        print(f"  gradient norm: {drill['grad_norm_first_steps']:.3g} over the first {drill['grad_norm_window']} steps, "
+              f"{drill['grad_norm_last_steps']:.3g} over the last {drill['grad_norm_window']} "
+              f"(x{drill['grad_norm_growth']:.2f}"
+              f"{'; --bug no-zero-grad: each step adds its gradient to all the earlier ones' if args.bug else ''})")
 
         predicted = predict(model, data["test_x"], device, dtype)
         true_labels = data["test_y"].cpu()
@@ -696,6 +762,7 @@ def run_lesson(args, device: torch.device, dtype, data_dir: Path, out_dir: Path,
         "layer_hand_vs_autograd_max_abs_diff": layer_difference,
         **loss_checks,
         "optimizer_comparison": comparison, "optimizer_comparison_time_s": comparison_seconds,
+        "bug": args.bug, **drill,
         "history": history,
     }
     metrics["wall_time_s"] = time.perf_counter() - started
@@ -706,10 +773,29 @@ def run_lesson(args, device: torch.device, dtype, data_dir: Path, out_dir: Path,
           f"in {train_seconds:.0f} s: test accuracy {test_accuracy:.2%} ({errors} of {len(true_labels):,d} wrong)")
     print(f"  outputs in {out_dir}/: metrics.json, optimizer_comparison.png, confusion_matrix.png, "
           f"misclassified.png, mlp_mnist.pt, tensorboard/ ({metrics['wall_time_s']:.0f} s in all)")
-    print("  next: try --lr 1e-2 (too high?) or --epochs 3; lab 03 adds validation and checkpoints to resume "
-          "from")
+    print("  next: try --lr 1e-2 (too high?) or --epochs 3, or find the planted bug of --bug no-zero-grad; "
+          "lab 03 adds validation and checkpoints to resume from")
 
 
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week1_pytorch/02_neural_network.py --lr 2e-2
+#    Predict: ten times the peak learning rate: does test accuracy rise, fall or stay, and by how much?
+#    Answer: the "epoch ... test accuracy" lines and the Summary; test_accuracy in metrics.json.
+# 2. Run: python week1_pytorch/02_neural_network.py --batch-size 32 --epochs 2
+#    Predict: a quarter of the batch: how many times as many steps per epoch, and how do images/s change?
+#    Answer: the "images/s" figure on each epoch line; train_time_s in metrics.json.
+# 3. Run: python week1_pytorch/02_neural_network.py --epochs 1
+#    Predict: how far below the 8-epoch run's accuracy does one epoch land, and which digit pair is the
+#    most common mistake?
+#    Answer: the Summary's test accuracy and the "most common mistake" line; test_errors in metrics.json.
+# 4. Run: python week1_pytorch/02_neural_network.py --bug no-zero-grad --epochs 2
+#    Predict: what happens to the gradient norm between the first and the last steps, and to accuracy?
+#    Answer: the "gradient norm" line; grad_norm_growth and test_accuracy in metrics.json.
+
+
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
