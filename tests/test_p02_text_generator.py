@@ -398,7 +398,23 @@ def test_under_bf16_autocast_the_lstm_runs_in_fp32(lab):
 def training_args(**overrides):
     return argparse.Namespace(**{"batch_size": 4, "bptt": 16, "epochs": 1, "evals_per_epoch": 1, "lr": 1e-2,
                                  "weight_decay": 0.0, "warmup": 0.1, "clip": 1.0, "time_budget": 600.0,
-                                 "log_every": 5, "prompt": "ab", **overrides})
+                                 "log_every": 5, "prompt": "ab", "bug": None, **overrides})
+
+
+def test_drill_no_shift_trains_on_targets_equal_to_the_inputs(lab, tmp_path):
+    """--bug no-shift: the targets are read from the inputs' own columns. Every target then equals
+    its input: 1.0, against about 1/12 on random text of 12 characters when they are shifted."""
+    torch.manual_seed(0)
+    data = torch.randint(0, 12, (400,))  # 4 streams of 100: 6 steps of 16 characters
+    shares = {}
+    for bug in (None, "no-shift"):
+        args = training_args(bug=lab.build_parser().parse_known_args(["--bug", bug] if bug else [])[0].bug)
+        model, config = tiny_model(lab)
+        (tmp_path / str(bug)).mkdir()
+        history, *_ = lab.train(args, model.train(), lab.CharConfig(**config), list("abcdefghijkl"), data,
+                                data[:200], torch.device("cpu"), None, tmp_path / str(bug))
+        shares[bug] = history["target_equals_input_share"]
+    assert shares["no-shift"] == 1.0 and shares[None] < 0.2, shares
 
 
 def test_a_non_finite_loss_stops_training_naming_its_step(lab, tmp_path):
@@ -423,7 +439,7 @@ device = torch.device("cuda")
 data = torch.randint(0, 12, (1000,))  # 4 streams of 250: 15 steps of 16 characters
 config = lab.CharConfig(vocab_size=12, embed_dim=8, hidden_size=16, num_layers=2)
 args = argparse.Namespace(batch_size=4, bptt=16, epochs=1, evals_per_epoch=1, lr=1e-2, weight_decay=0.0, warmup=0.1,
-                          clip=1.0, time_budget=600.0, log_every=5, prompt="ab")
+                          clip=1.0, time_budget=600.0, log_every=5, prompt="ab", bug=None)
 for name, lstm_dtype in (("auto", torch.float16), ("bf16", torch.float32)):
     model = lab.CharLSTM(config).to(device)
     seen = set()
