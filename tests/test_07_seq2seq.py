@@ -106,6 +106,21 @@ def test_padding_does_not_change_the_output(lab, attention):
     torch.testing.assert_close(batch_logits[1:2], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["additive", "dot"])
+def test_the_no_padding_mask_drill_puts_attention_on_padding(lab, attention):
+    """--bug no-padding-mask (the drill): the bugged model gives padding some attention; the clean
+    one exactly none. The flag goes through the lab's own parser into Seq2Seq, as lesson() passes it."""
+    source, target = padded_batch(lab)
+    on_padding = {}
+    for bug in (None, "no-padding-mask"):
+        args, _ = lab.build_parser().parse_known_args([*(["--bug", bug] if bug else [])])
+        torch.manual_seed(0)
+        config = lab.Seq2SeqConfig(source_vocab=12, target_vocab=9, embed_dim=8, encoder_size=8,
+                                   decoder_size=16, attention_size=8, attention=attention)
+        on_padding[bug] = lab.attention_on_padding(lab.Seq2Seq(config, bug=args.bug).eval(), source, target)
+    assert on_padding[None] == 0.0 and on_padding["no-padding-mask"] > 0.05, on_padding  # measured: 0.70-0.72
+
+
 def test_teacher_forcing_ratio_one_feeds_the_target_tokens(lab):
     model = small_model(lab, "additive")
     source, target = padded_batch(lab)
@@ -248,10 +263,12 @@ def test_pairs_file_runs_through_the_same_code(lab, tmp_path):
 # --- bad input: one line, nothing written ---------------------------------------------------------
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--lr", "0"], "--lr: must be positive"), (["--epochs", "0"], "--epochs: must be a positive"),
-    (["--beam-width", "-2"], "--beam-width"), (["--teacher-forcing", "1.5"], "--teacher-forcing: must be a probability"),
+    (["--lr", "0"], "--lr: must be a finite number above 0"), (["--epochs", "0"], "--epochs: must be a whole number at least 1"),
+    (["--beam-width", "-2"], "--beam-width"),
+    (["--teacher-forcing", "1.5"], "--teacher-forcing: must be a finite number at least 0 and at most 1"),
     (["--teacher-forcing-end", "nan"], "--teacher-forcing-end"), (["--length-penalty", "-1"], "--length-penalty"),
-    (["--batch-size", "many"], "invalid int value"), (["--precision", "fp8"], "invalid choice"),
+    (["--batch-size", "many"], "--batch-size: expected a whole number, got 'many'"), (["--precision", "fp8"], "invalid choice"),
+    (["--bug", "no-such-bug"], "--bug: invalid choice"),
     (["--precision", "bf16", "--device", "cpu"], "--precision bf16 is for CUDA GPUs"),
 ])
 def test_bad_flags_get_one_line_before_anything_runs(lab, tmp_path, flags, fragment):

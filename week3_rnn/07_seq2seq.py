@@ -24,6 +24,7 @@ Run it
              python week3_rnn/07_seq2seq.py --translate "the 3rd of May, 1999" --translate "12/25/2003"
              python week3_rnn/07_seq2seq.py --device cuda --precision fp16   (a T4's mixed precision on any GPU)
              tensorboard --logdir runs/07_seq2seq/tensorboard   (losses, learning rate, attention maps)
+             python week3_rnn/07_seq2seq.py --bug no-padding-mask   (a debugging drill: spot the planted bug)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` markers) and run it, or
              call `main(["--attention", "dot"])`. As a notebook (jupytext), the attention heatmaps
              show inline and a bad flag prints one line.
@@ -37,12 +38,9 @@ are read once per epoch).
 What the default run reaches (measured)
   2-core CPU (AMD EPYC, torch 2.14.1), `python week3_rnn/07_seq2seq.py`:
     held-out exact match 100.00% greedy and 100.00% beam (k=4) (target 99%), additive attention,
-    5 epochs trained in 84 s; whole run 89 s in the lab, 92 s for the process. An earlier run of
-    4 epochs gave 99.95% in 83 s. Smoke run (`--smoke`): 5.1-5.5 s wall. Those were timed before
-    the GPU changes of this version (batches sorted by length, teacher-forcing coins drawn per
-    batch, greedy's answer kept in beam search); this version's default run again gave 100.00%
-    greedy and 100.00% beam, on a busy shared machine where its time means nothing, and its smoke
-    run took the same CPU time as the previous version's there (9.3-10.4 s of one thread each).
+    5 epochs trained in 84 s; whole run 89 s in the lab, 92 s for the process. Smoke run
+    (`--smoke`): 5.1-5.5 s wall. (Timed on the previous version; the notes cell at the end says
+    what changed and what this version measured.)
   GPU: not measured yet.
 """
 import argparse
@@ -70,23 +68,38 @@ PAD, SOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
 
 
-class LabError(Exception):
-    """A problem the learner can fix (bad flag, bad pairs file, broken checkpoint): message, no traceback."""
-
-
 # %%
-# Setup: the device, folders, figures that also show inline in a notebook. Asking for something
-# that is not there (a GPU, a folder that is a file) is a one-line message, not a traceback.
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
+class LabError(Exception):
+    """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
     if name == "auto":
         if torch.accelerator.is_available():
             return torch.accelerator.current_accelerator()
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu "
-                       "(in Colab: Runtime > Change runtime type > T4 GPU)")
+        raise LabError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch "
+                       f"can use (torch {torch.__version__}). Use --device auto or --device cpu; in "
+                       "Colab pick Runtime > Change runtime type > GPU.")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
+        raise LabError("--device mps was asked for, but Apple's Metal backend is not available here. "
+                       "Use --device auto or --device cpu.")
     return torch.device(name)
 
 
@@ -98,11 +111,84 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
-def in_notebook() -> bool:
-    """True in a Jupyter or Colab kernel: figures then show inline, and errors print one line."""
-    return "ipykernel" in sys.modules
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+# %%
+# Setup: figures that also show inline in a notebook, and TF32 matmuls on CUDA (the device, folders
+# and the mixed-precision policy are in the plumbing cell above).
 def save_figure(fig, path: Path) -> None:
     """Save a figure as PNG, show it inline in a notebook, and free it."""
     import matplotlib.pyplot as plt
@@ -127,35 +213,6 @@ def tf32_matmuls(device: torch.device):
         yield
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
-
-
-# %%
-# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
-# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
-# slowly. CPU and MPS train in fp32.
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_precision(name: str, device: torch.device):
-    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if name != "fp32" and device.type != "cuda":
-        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
-    return PRECISIONS[name]
-
-
-def autocast(device: torch.device, dtype):
-    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
-    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %%
@@ -407,9 +464,10 @@ class Seq2SeqConfig:
 
 
 class Seq2Seq(nn.Module):
-    def __init__(self, config: Seq2SeqConfig):
+    def __init__(self, config: Seq2SeqConfig, bug: str = None):
         super().__init__()
         self.config = config
+        self.bug = bug  # the debugging drill (--bug), planted in encode(); None: the model as it should be
         self.encoder = Encoder(config.source_vocab, config.embed_dim, config.encoder_size, config.decoder_size)
         key_size = 2 * config.encoder_size
         kind = {"additive": AdditiveAttention, "dot": DotProductAttention}[config.attention]
@@ -420,7 +478,14 @@ class Seq2Seq(nn.Module):
 
     def encode(self, source, lengths=None):
         outputs, state = self.encoder(source, lengths)
-        return {"values": outputs, "keys": self.attention.prepare(outputs), "mask": source != PAD}, state
+        mask = source != PAD  # (B, S): False on the padding, which attention must not look at
+        # Drill: --bug no-padding-mask marks every position as real, padding too. Nothing crashes;
+        # the symptom is attention weight on padding: metrics.json "attention_on_padding" (the most
+        # weight any decoder step gives the padding) is exactly 0 in a clean run. Tool: a
+        # breakpoint() here, then print mask.shape and mask[source == PAD]: all True is the bug.
+        if self.bug == "no-padding-mask":
+            mask = torch.ones_like(mask)
+        return {"values": outputs, "keys": self.attention.prepare(outputs), "mask": mask}, state
 
     def step(self, memory, state, previous_tokens):
         """One decoder step: (B,) previous tokens -> logits (B, V), new state (B, D), weights (B, S)."""
@@ -453,6 +518,15 @@ class Seq2Seq(nn.Module):
     def forward(self, source, target):
         """Teacher-forced logits (B, T, V): what training optimises and checkpoints reproduce."""
         return self.decode_teacher_forced(source, target, ratio=1.0)[0]
+
+
+@torch.no_grad()
+def attention_on_padding(model, source, target) -> float:
+    """The most attention weight any decoder step puts on padding (teacher-forced on target): 0
+    exactly when padding is masked, since softmax gives a score of -inf a weight of exactly 0."""
+    _, weights, _ = model.decode_teacher_forced(source, target)  # (B, T, S)
+    padding = (source == PAD).unsqueeze(1)  # (B, 1, S)
+    return (weights.float() * padding).sum(dim=2).max().item()
 
 
 def build_model(config: dict) -> nn.Module:
@@ -703,14 +777,7 @@ def save_checkpoint(model, source_vocab, target_vocab, sample_inputs, path: Path
                "config": {**asdict(model.config), "tokenize": mode,
                           "source_tokens": source_vocab.itos, "target_tokens": target_vocab.itos},
                "sample_inputs": tuple(x.cpu() for x in sample_inputs), "sample_outputs": sample_outputs}
-    temporary = path.with_suffix(".pt.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)  # an interrupted save never leaves a broken checkpoint
-
-
-def one_line(err: Exception) -> str:
-    """An exception as one short line (PyTorch's messages span several)."""
-    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    torch_save_atomically(payload, path)  # an interrupted save never leaves a broken checkpoint
 
 
 def load_checkpoint(path: Path, device):
@@ -746,32 +813,8 @@ def checkpoint_reproduces(path: Path, device) -> bool:
 
 
 # %%
-# Putting it together: flags, data, training, greedy vs beam on the test set, heatmaps, summary.
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
-
-
-def checked(kind, is_valid, rule: str):
-    """A type= for argparse: kind(text), refused with "must be RULE" unless is_valid(value)."""
-    def parse(text):
-        value = kind(text)
-        if not is_valid(value):
-            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
-        return value
-    parse.__name__ = kind.__name__  # so argparse says "invalid float value: 'x'" for a non-number
-    return parse
-
-
-positive_int = checked(int, lambda v: v > 0, "a positive whole number")
-positive_float = checked(float, lambda v: v > 0, "positive")
-
-
-probability = checked(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-
-
+# The flags: every number is checked before anything runs (the type= functions of the plumbing cell;
+# the teacher-forcing probabilities may be exactly 1).
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -797,32 +840,63 @@ def build_parser():
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="peak Adam learning rate (one-cycle schedule)")
     parser.add_argument("--attention", default="additive", choices=["additive", "dot"],
                         help="additive (Bahdanau) or dot-product (Luong 'general') attention")
-    parser.add_argument("--teacher-forcing", type=probability, default=1.0,
+    parser.add_argument("--teacher-forcing", type=number(float, at_least=0, at_most=1), default=1.0,
                         help="probability of feeding the true previous token at the start of training")
-    parser.add_argument("--teacher-forcing-end", type=probability, default=0.5,
+    parser.add_argument("--teacher-forcing-end", type=number(float, at_least=0, at_most=1), default=0.5,
                         help="the same probability at the end of training (ignored by --tf-schedule constant)")
     parser.add_argument("--tf-schedule", default="linear", choices=["constant", "linear", "inverse-sigmoid"],
                         help="how the teacher-forcing probability moves from its start to its end value")
     parser.add_argument("--beam-width", type=positive_int, default=4, help="beam search width k (1 is greedy)")
-    parser.add_argument("--length-penalty", type=checked(float, lambda v: v >= 0, "0 or more"), default=1.0,
+    parser.add_argument("--length-penalty", type=number(float, at_least=0), default=1.0,
                         help="alpha in score / length**alpha for ranking finished beams (0: raw log-probability)")
     parser.add_argument("--hidden-size", type=positive_int, default=64,
                         help="encoder GRU units per direction (the decoder GRU has twice as many)")
     parser.add_argument("--translate", action="append", default=[],
                         help="a sentence to translate after training (repeatable)")
+    parser.add_argument("--bug", default=None, choices=["no-padding-mask"],
+                        help="a debugging drill: plant this bug in the model and watch for its symptom "
+                             "(the '# Drill:' comment in Seq2Seq.encode says which)")
     return parser
 
 
-def main(argv=None) -> None:
-    try:
-        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
-        run(args)
-    except LabError as err:
-        if not in_notebook():
-            sys.exit(f"error: {err}")
-        print(f"error: {err}", file=sys.stderr)
+# %%
+# Notes: how the measured figures of the docstring came about.
+#   The default run's 100.00% greedy and beam in 84 s of training (89 s in the lab, 92 s for the
+#   process) and the smoke run's 5.1-5.5 s wall were timed on an idle 2-core CPU before the GPU
+#   changes of this version (batches sorted by length, teacher-forcing coins drawn per batch,
+#   greedy's answer kept in beam search). An earlier run of 4 epochs gave 99.95% in 83 s. This
+#   version's default run again gave 100.00% greedy and 100.00% beam, on a busy shared machine where
+#   its time means nothing, and its smoke run took the same CPU time as the previous version's
+#   there (9.3-10.4 s of one thread each).
 
 
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week3_rnn/07_seq2seq.py --attention dot
+#    Predict: against additive attention (100.00% in 84 s), will dot-product attention reach the
+#    same exact match, and in more or less training time?
+#    Answer: the summary line "held-out exact match: greedy ..., beam ..."; test_exact_match and
+#    train_time_s in metrics.json.
+# 2. Run: python week3_rnn/07_seq2seq.py --teacher-forcing 0 --tf-schedule constant
+#    Predict: the decoder now always reads its own previous guess: will the validation exact match
+#    after epoch 1 be higher or lower than with teacher forcing, and does it catch up by epoch 5?
+#    Answer: the per-epoch lines "val exact match (greedy)"; history in metrics.json.
+# 3. Run: python week3_rnn/07_seq2seq.py --epochs 1 --beam-width 8
+#    Predict: on a model trained only one epoch, less sure of itself, will beam search beat greedy,
+#    and by how many points?
+#    Answer: the "greedy exact match" and "beam k=8 exact match" lines; test_exact_match_greedy and
+#    test_exact_match_beam in metrics.json.
+# 4. Run: python week3_rnn/07_seq2seq.py --hidden-size 16
+#    Predict: how many times fewer parameters than the default 64, and what exact match?
+#    Answer: the "N parameters" line after Parts 2-4 and the summary line; test_exact_match.
+# 5. Run: python week3_rnn/07_seq2seq.py --bug no-padding-mask
+#    Predict: will the run crash, will the exact match drop, and how much attention goes to padding?
+#    Answer: the "attention weight on padding" line and the summary; attention_on_padding and
+#    test_exact_match in metrics.json.
+
+
+# %%
+# Putting it together: data, training, greedy vs beam on the test set, heatmaps, summary.
 def run(args):
     # Check every input before anything is read, trained or written.
     wall_start = time.perf_counter()
@@ -877,7 +951,7 @@ def lesson(args, device, dtype, out_dir, wall_start):
     config = Seq2SeqConfig(source_vocab=len(source_vocab), target_vocab=len(target_vocab),
                            encoder_size=args.hidden_size, decoder_size=2 * args.hidden_size,
                            attention_size=args.hidden_size, attention=args.attention)
-    model = Seq2Seq(config).to(device)
+    model = Seq2Seq(config, bug=args.bug).to(device)
     print(f"  {sum(p.numel() for p in model.parameters()):,} parameters; teacher forcing "
           f"{args.teacher_forcing} -> {args.teacher_forcing_end if args.tf_schedule != 'constant' else args.teacher_forcing} "
           f"({args.tf_schedule})")
@@ -905,6 +979,10 @@ def lesson(args, device, dtype, out_dir, wall_start):
             writer.add_text(f"attention/{i}", f"{test_pairs[i][0]!r} -> {' '.join(output_tokens)}", steps_done)
     finally:
         writer.close()
+
+    on_padding = attention_on_padding(model, test_src_device[:256], encode_tgt(test_pairs[:256]).to(device))
+    print(f"  attention weight on padding: at most {on_padding:.2g} of a step's weight (attention_on_padding; "
+          f"exactly 0 when the padding is masked{', --bug ' + args.bug if args.bug else ''})")
 
     print("\n== Part 5: greedy decoding vs beam search on the held-out test set")
     timings, results = {}, {}
@@ -954,14 +1032,26 @@ def lesson(args, device, dtype, out_dir, wall_start):
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."), "checkpoint_reproduces": same,
         "decode_seconds": timings, "train_pairs": len(train_pairs), "test_pairs": len(test_pairs),
         "history": history, "attention_heatmaps": heatmaps, "translations": translations,
+        # the debugging drill (--bug): which bug was planted, and its symptom, attention on padding
+        "bug": args.bug, "attention_on_padding": on_padding,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json_atomically(metrics, out_dir / "metrics.json")
     print(f"\nSummary: a {args.attention}-attention GRU seq2seq ({task}) trained {args.epochs} epochs in "
           f"{train_time:.0f} s; held-out exact match: greedy {greedy_em:.2%}, beam (k={args.beam_width}) "
           f"{beam_em:.2%} (target >= {TARGET_EXACT_MATCH:.0%}); whole run {metrics['wall_time_s']:.0f} s.\n"
           f"  Outputs in {out_dir}: metrics.json, attention_*.png, seq2seq.pt, tensorboard/.\n"
           f"  Try: --attention dot, --tf-schedule constant --teacher-forcing 1.0, --beam-width 8, "
           f"--translate 'the 1st of April 2001'")
+
+
+def main(argv=None) -> None:
+    try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
+    except LabError as err:
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
