@@ -35,9 +35,8 @@ What the default run reaches (measured, `python projects/03_vae_generator.py`):
     likelihood puts some of the digit's identity into z, and a z drawn from the prior then lands
     between classes more often.
   GPU: not measured (no GPU was available).
-  `--smoke` (one CPU thread; synthetic digits, its numbers are not results): 3.5 s for the process
-    on 2 idle cores before the GPU changes of issue 12; after them 40 s wall (11.9 s of CPU time)
-    on 2 cores shared with other jobs.
+  `--smoke` (one CPU thread; synthetic digits, its numbers are not results): 40 s wall (11.9 s of
+    CPU time) on 2 cores shared with other jobs (closing notes: how that compares with before).
 
 MNIST (60,000 x 28 x 28 bytes) lives as one tensor on the device and batches are sliced out of
 it: on a 2-core CPU that is much faster than a DataLoader decoding one image at a time. On a GPU
@@ -70,20 +69,52 @@ import torch.nn.functional as F
 LAB_NAME = "03_vae_generator"
 
 
+# %%
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
 class LabError(Exception):
-    """A problem the learner can fix (bad flag, missing data, broken checkpoint): message, no traceback."""
+    """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
 
 
 def in_notebook() -> bool:
-    """In Jupyter or Colab: figures show inline and a bad flag prints one line instead of exiting."""
     return "ipykernel" in sys.modules
 
 
-# %%
-# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
-# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
-# slowly. CPU and MPS train in fp32.
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch "
+                       f"can use (torch {torch.__version__}). Use --device auto or --device cpu; in "
+                       "Colab pick Runtime > Change runtime type > GPU.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LabError("--device mps was asked for, but Apple's Metal backend is not available here. "
+                       "Use --device auto or --device cpu.")
+    return torch.device(name)
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -106,6 +137,54 @@ def autocast(device: torch.device, dtype):
 def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
     """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
 
 
 # %%
@@ -370,9 +449,7 @@ def save_checkpoint(path: Path, model, config: dict, sample_inputs, extra=None):
     to_cpu = (lambda t: tuple(x.cpu() for x in t)) if isinstance(sample_inputs, tuple) else (lambda t: t.cpu())
     state = {"model": {k: v.contiguous().cpu() for k, v in model.state_dict().items()}, "config": config,
              "sample_inputs": to_cpu(sample_inputs), "sample_outputs": to_cpu(sample_outputs), **(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch_save_atomically(state, path)
 
 
 def load_checkpoint(path: Path, device):
@@ -522,7 +599,13 @@ def train_vae(vae, judge, args, train_x, train_y, test_x, test_y, generator, dty
                 logits, mu, logvar = vae(x, y)
             logits, mu, logvar = logits.float(), mu.float(), logvar.float()
             recon, kl = reconstruction_nll(logits, x).mean(), kl_to_standard_normal(mu, logvar).mean()
-            loss = recon + args.beta * kl  # beta weighs the KL in training only; reports use beta = 1
+            # Drill: --bug wrong-kl-sign subtracts the KL term, so training pushes q(z|x) away from the
+            # prior instead of towards it. Symptom: the KL of the epoch lines climbs by orders of
+            # magnitude while the reconstruction looks fine, and samples from the prior are noise
+            # (test_kl in metrics.json, judge agreement near chance). Find it by printing recon and
+            # kl apart (the epoch line does) and reading the sign of each term in this line.
+            kl_sign = -1.0 if args.bug == "wrong-kl-sign" else 1.0
+            loss = recon + kl_sign * args.beta * kl  # beta weighs the KL in training only; reports use beta = 1
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -652,40 +735,6 @@ def plot_history(path: Path, history):
 
 # %%
 # The command line and the run: data, the judge, the VAE, then every figure and the metrics.
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
-
-
-# Range checks live in the flags' types, so a bad value is refused before anything runs.
-def at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def digit(text: str) -> int:
-    if text not in [str(d) for d in range(10)]:
-        raise argparse.ArgumentTypeError(f"must be a single digit 0-9, got {text!r}")
-    return int(text)
-
-
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Capstone 3: a conditional VAE that generates MNIST digits.")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -699,38 +748,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME,
                    help="where metrics.json, the PNG figures and the checkpoints go")
     p.add_argument("--smoke", action="store_true", help="tiny synthetic run of every code path (seconds)")
-    p.add_argument("--epochs", type=at_least_one, default=10, help="VAE passes over the training set")
-    p.add_argument("--batch-size", type=at_least_one, default=128, help="images per VAE optimisation step")
+    p.add_argument("--epochs", type=positive_int, default=10, help="VAE passes over the training set")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per VAE optimisation step")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the VAE's one-cycle schedule")
-    p.add_argument("--latent-dim", type=at_least_one, default=32, help="size of the latent code z")
+    p.add_argument("--latent-dim", type=positive_int, default=32, help="size of the latent code z")
     p.add_argument("--beta", type=positive_float, default=1.5,
                    help="weight of the KL term in the training loss (1 = the plain ELBO; >1 pulls q(z) to the prior)")
-    p.add_argument("--judge-epochs", type=at_least_one, default=2, help="training epochs of the judging classifier")
-    p.add_argument("--digit", type=digit, default=7, help="the digit to generate a page of (0-9)")
-    p.add_argument("--samples", type=at_least_one, default=12, help="samples per digit on the 10 x N sample sheet")
+    p.add_argument("--judge-epochs", type=positive_int, default=2, help="training epochs of the judging classifier")
+    p.add_argument("--digit", type=number(int, at_least=0, at_most=9), default=7, help="the digit to generate a page of (0-9)")
+    p.add_argument("--samples", type=positive_int, default=12, help="samples per digit on the 10 x N sample sheet")
     p.add_argument("--temperature", type=positive_float, default=1.0,
                    help="scale of z ~ N(0, T^2 I) for the sample sheet, --digit page and conditional accuracy")
+    p.add_argument("--bug", default=None, choices=["wrong-kl-sign"],
+                   help="plant a bug to find (a debugging drill): wrong-kl-sign subtracts the KL term from the "
+                        "training loss; the symptom is test_kl")
     return p
-
-
-def folder(path, flag: str) -> Path:
-    """--data-dir and --out-dir are folders (created when missing), never files."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
-    return folder
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.accelerator.is_available():
-            return torch.accelerator.current_accelerator()
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda: PyTorch sees no CUDA GPU here; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
-    return torch.device(name)
 
 
 def run(args):
@@ -854,12 +886,15 @@ def train_and_report(args):
         "conditional_accuracy": accuracy, "temperature": args.temperature,
         "conditional_accuracy_by_digit": by_digit.tolist(),
         "conditional_accuracy_by_temperature": by_temperature, "judge_test_accuracy": judge_accuracy,
-        "latent_dim": args.latent_dim, "beta": args.beta, "history": history,
+        "latent_dim": args.latent_dim, "beta": args.beta, "bug": args.bug, "history": history,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json_atomically(metrics, out_dir / "metrics.json")
     print(f"\ntest negative ELBO {final['neg_elbo']:.2f} nats/image (reconstruction {final['recon']:.2f} + "
           f"KL {final['kl']:.2f}); the judge agrees with the requested digit {100 * accuracy:.2f}% of the time "
           f"at T = {args.temperature}")
+    print(f"drill{' ' + args.bug if args.bug else ' (no bug planted)'}: test KL {final['kl']:.2f} nats/image "
+          "(test_kl; the default run's healthy KL is about 15, and it climbs without end when the KL term "
+          "is added with the wrong sign)")
     print(f"wall time {metrics['wall_time_s']:.0f}s; outputs in {out_dir}/ (metrics.json, vae.pt, judge.pt, "
           f"sample_sheet.png, digit_{args.digit}.png, interpolation.png, latent_walk.png, temperature.png, "
           "tensorboard/)")
@@ -868,6 +903,38 @@ def train_and_report(args):
     return metrics
 
 
+# %%
+# Notes. The smoke run took 3.5 s for the process on 2 idle cores before the GPU changes of
+# issue 12; after them 40 s wall (11.9 s of CPU time) on 2 cores shared with other jobs.
+
+
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python projects/03_vae_generator.py --beta 4
+#    Predict: a KL term four times as dear: does the test negative ELBO rise or fall, and by how
+#    many nats; does the judge agree with the requested digit more or less often?
+#    Answer: the closing "test negative ELBO ... (reconstruction ... + KL ...)" line;
+#    test_neg_elbo, test_kl and conditional_accuracy in metrics.json.
+# 2. Run: python projects/03_vae_generator.py --latent-dim 2
+#    Predict: with only two numbers for the style, how much worse is the reconstruction, and what
+#    happens to the KL?
+#    Answer: the "recon ... + KL ..." part of the epoch lines; test_reconstruction_nll and test_kl.
+# 3. Run: python projects/03_vae_generator.py --temperature 2
+#    Predict: z drawn from twice the prior's spread: what share of the samples still reads as the
+#    requested digit, and which digits break first?
+#    Answer: the "judge agrees with the requested digit at T = 2.0: ...; per digit: ..." line;
+#    conditional_accuracy_by_digit in metrics.json; temperature.png.
+# 4. Run: python projects/03_vae_generator.py --epochs 3
+#    Predict: after 3 epochs instead of 10, is the test negative ELBO under the 95-nat target yet?
+#    Answer: the "vae epoch" lines; test_neg_elbo and vae_train_time_s in metrics.json.
+# 5. Run: python projects/03_vae_generator.py --smoke --bug wrong-kl-sign
+#    Predict: with the KL term subtracted, what happens to the KL and to the reconstruction?
+#    Answer: the "KL" of the "vae epoch" lines and the "drill wrong-kl-sign:" line; test_kl in
+#    metrics.json (a clean run prints its own).
+
+
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json

@@ -126,10 +126,27 @@ def test_a_non_finite_loss_stops_training_naming_the_step(lab):
     broken = lab.build_model({"kind": "vae", "latent_dim": 6, "channels": [4, 8], "hidden": 16})
     with torch.no_grad():
         broken.decoder_out.bias.fill_(float("nan"))
-    args = argparse.Namespace(epochs=1, batch_size=4, lr=1e-3, beta=1.0, temperature=1.0)
+    args = argparse.Namespace(epochs=1, batch_size=4, lr=1e-3, beta=1.0, temperature=1.0, bug=None)
     with pytest.raises(lab.LabError, match="not finite at step 1 "):
         lab.train_vae(broken, lab.build_model({"kind": "classifier", "widths": [4, 4, 4]}), args, x, y, x, y,
                       torch.Generator().manual_seed(0))
+
+
+def test_drill_wrong_kl_sign_makes_the_kl_climb(lab, monkeypatch):
+    """--bug wrong-kl-sign subtracts the KL term: 8 steps push q(z|x) away from the prior, and the
+    test KL ends far above a clean run's from the same start (measured: 348 against 0.07 nats)."""
+    monkeypatch.setattr(lab, "judge_agreement", lambda *args: torch.zeros(10))  # not what is checked here
+    x, y = lab.synthetic_digits(64, 1)
+    x = (x.float() / 255).unsqueeze(1)
+    kl = {}
+    for bug in (None, "wrong-kl-sign"):
+        args = lab.build_parser().parse_known_args(["--epochs", "1", "--batch-size", "8", "--beta", "1", "--lr", "3e-2"]
+                                                   + (["--bug", bug] if bug else []))[0]
+        torch.manual_seed(0)
+        vae = lab.build_model({"kind": "vae", "latent_dim": 6, "channels": [4, 8], "hidden": 16})
+        history, _, steps = lab.train_vae(vae, None, args, x, y, x[:16], y[:16], torch.Generator().manual_seed(0))
+        kl[bug] = history[-1]["test_kl"]
+    assert steps == 8 and kl[None] < 1 and kl["wrong-kl-sign"] > 50, kl
 
 
 # --- checkpoints: a broken file and another lab's checkpoint get different messages -----------------
@@ -156,8 +173,8 @@ def test_truncated_checkpoint_is_named_as_such(lab, tmp_path, tiny_vae):
 # --- bad input: one line on stderr, exit status 1, nothing written --------------------------------
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--digit", "10", "single digit 0-9"), ("--digit", "-1", "single digit 0-9"),
-    ("--temperature", "0", "positive"), ("--epochs", "0", "at least 1"), ("--precision", "fp16", "--precision fp16"),
+    ("--digit", "10", "at least 0 and at most 9"), ("--digit", "-1", "at least 0 and at most 9"),
+    ("--temperature", "0", "above 0"), ("--bug", "no-zero-grad", "invalid choice"), ("--epochs", "0", "at least 1"), ("--precision", "fp16", "--precision fp16"),
 ])
 def test_bad_flags_fail_with_one_line_before_anything_is_written(lab, tmp_path, flag, value, message):
     result = failure_of(lab.main, [flag, value, "--smoke", "--device", "cpu", "--out-dir", tmp_path / "out"])
@@ -167,7 +184,7 @@ def test_bad_flags_fail_with_one_line_before_anything_is_written(lab, tmp_path, 
 
 def test_bad_flag_in_a_terminal_is_one_line(tmp_path):
     result = run_lab(LAB, "--digit", "10", "--smoke", "--out-dir", tmp_path / "out", timeout=60)
-    assert_clean_failure(result, "--digit", "single digit 0-9")
+    assert_clean_failure(result, "--digit", "at least 0 and at most 9")
     assert not (tmp_path / "out").exists()
 
 
