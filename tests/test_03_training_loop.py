@@ -181,6 +181,47 @@ def test_train_one_epoch_takes_the_steps_of_a_plain_training_loop():
         train_tiny_epoch(broken, optimizer, scheduler, batches, [], first_step=10)
 
 
+# The debugging drill (--bug no-eval-mode): in-process, on tiny generated digits.
+def repeat_difference_of_evaluate(bug, dropout=0.2):
+    """Two evaluations of the same weights, right after training left the model in training mode."""
+    cpu = torch.device("cpu")
+    raw = lab.make_smoke_digits(train_count=8, test_count=128)
+    batches = [(raw["test_images"][i:i + 64], raw["test_labels"][i:i + 64]) for i in (0, 64)]
+    torch.manual_seed(0)
+    model = lab.MLP(hidden_sizes=(64,), dropout=dropout)
+    model.train()
+    losses = [lab.evaluate(model, batches, cpu, None, label_smoothing=0.1, bug=bug)[0] for _ in range(2)]
+    return abs(losses[1] - losses[0]), model.training
+
+
+def test_drill_no_eval_mode_makes_two_evaluations_of_the_same_weights_disagree():
+    clean, clean_training = repeat_difference_of_evaluate(None)
+    assert clean == 0.0 and not clean_training, "a clean evaluation is in eval mode and repeatable exactly"
+    bugged, bugged_training = repeat_difference_of_evaluate("no-eval-mode")
+    assert bugged_training and bugged > 1e-4, f"--bug no-eval-mode: two evaluations differ by only {bugged:.1e}"
+    assert repeat_difference_of_evaluate("no-eval-mode", dropout=0.0)[0] == 0.0, "no dropout: nothing to see"
+
+
+def test_the_bug_flag_reaches_the_evaluation(tmp_path, monkeypatch):
+    """run() hands --bug to evaluate, the function that plants it (training skipped, stopped at the
+    first evaluation)."""
+    received = []
+
+    class Stop(Exception):
+        pass
+
+    def first_evaluation(*args, **kwargs):
+        received.append(kwargs.get("bug"))
+        raise Stop
+
+    monkeypatch.setattr(lab, "train_one_epoch", lambda *args, **kwargs: (1.0, 0.5))
+    monkeypatch.setattr(lab, "evaluate", first_evaluation)
+    for argv, expected in ((["--bug", "no-eval-mode"], "no-eval-mode"), ([], None)):
+        with pytest.raises(Stop):
+            lab.main([*argv, *SMOKE_RUN, "--out-dir", str(tmp_path / "out")])
+        assert received[-1] == expected
+
+
 def test_nan_guard_keeps_the_first_bad_step_and_names_it():
     first_bad = torch.full((), lab.NO_BAD_STEP)
     for step, loss in zip(range(40, 44), [0.3, float("inf"), float("nan"), 0.2]):
@@ -376,7 +417,7 @@ def test_resume_from_another_labs_checkpoint_says_so(finished_run, tmp_path, con
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "0"),
                                          ("--batch-size", "-8"), ("--lr", "0"), ("--lr", "-0.01"),
                                          ("--dropout", "1"), ("--dropout", "-0.1"), ("--max-shift", "-1"),
-                                         ("--num-workers", "two"), ("--precision", "fp8")])
+                                         ("--num-workers", "two"), ("--precision", "fp8"), ("--bug", "typo")])
 def test_out_of_range_flags_are_refused_before_anything_runs(flag, value, tmp_path):
     result = failure_of(lab.main, [f"{flag}={value}", "--smoke", "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, flag)

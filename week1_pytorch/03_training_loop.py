@@ -627,12 +627,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, dtype, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, dtype, label_smoothing: float) -> tuple[float, float]:
+def evaluate(model, loader, device, dtype, label_smoothing: float, bug=None) -> tuple[float, float]:
     """Mean loss and accuracy over the loader (under torchrun: over every process's share). The loss
     is the one training minimises (label-smoothed): plain cross-entropy would reward the
     over-confidence that label smoothing deliberately removes, and was measured to jump around from
-    epoch to epoch while accuracy climbed."""
-    model.eval()                                               # dropout off
+    epoch to epoch while accuracy climbed. bug is --bug (the debugging drill)."""
+    if bug != "no-eval-mode":
+        # Drill: --bug no-eval-mode skips this line, so the model stays in training mode and dropout
+        # keeps zeroing units while it is evaluated. Symptom: two evaluations of the same weights
+        # disagree (the "evaluated twice" line; val_loss_repeat_difference in metrics.json, exactly 0
+        # in a clean run). Find it with a breakpoint() here: model.training should be False.
+        model.eval()                                           # dropout off
     totals = torch.zeros(3, device=device)                     # loss sum, correct, images
     for images, labels in loader:
         images = to_model_input(images.to(device, non_blocking=True))
@@ -747,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop once this epoch is done, as if interrupted (then try --resume OUT_DIR/last.pt)")
     parser.add_argument("--compile", action="store_true",
                         help="train through torch.compile (pays off on a GPU; a C++ compiler is needed on CPU)")
+    parser.add_argument("--bug", default=None, choices=["no-eval-mode"],
+                        help="debugging drill: plant a bug and watch its symptom (no-eval-mode: dropout stays "
+                             "on while evaluating; see the '# Drill:' comment in evaluate)")
     return parser
 
 
@@ -864,7 +872,8 @@ def train_and_report(args, started: float, device: torch.device, dtype, data_dir
                 train_model, loaders["train"], optimizer, scheduler, scaler, device, dtype,
                 label_smoothing=config.label_smoothing, max_shift=config.max_shift, epoch=epoch, epochs=config.epochs,
                 first_step=first_step, lr_history=epoch_lrs, show_progress=rank == 0)
-            val_loss, val_accuracy = evaluate(model, loaders["val"], device, dtype, config.label_smoothing)
+            val_loss, val_accuracy = evaluate(model, loaders["val"], device, dtype, config.label_smoothing,
+                                              bug=args.bug)
             improved = early_stopping.step(val_loss)
             record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                       "val_loss": val_loss, "val_accuracy": val_accuracy, "lr_steps": epoch_lrs,
@@ -914,7 +923,13 @@ def train_and_report(args, started: float, device: torch.device, dtype, data_dir
         best_epoch = best["epoch"]
     else:
         best_epoch = history[-1]["epoch"]
-    test_loss, test_accuracy = evaluate(model, loaders["test"], device, dtype, config.label_smoothing)
+    test_loss, test_accuracy = evaluate(model, loaders["test"], device, dtype, config.label_smoothing, bug=args.bug)
+    # The drill's symptom: the same weights on the same validation images, twice, in the state each
+    # epoch's validation finds the model in (training mode, as train_one_epoch leaves it).
+    model.train()
+    val_losses = [evaluate(model, loaders["val"], device, dtype, config.label_smoothing, bug=args.bug)[0]
+                  for _ in range(2)]
+    repeat_difference = abs(val_losses[1] - val_losses[0])
     if rank != 0:
         return
     plot_training_curves(history, out_dir / "training_curves.png")
@@ -928,6 +943,7 @@ def train_and_report(args, started: float, device: torch.device, dtype, data_dir
         "best_epoch": best_epoch, "best_val_loss": best_record["val_loss"],
         "best_val_accuracy": best_record["val_accuracy"],
         "stopped_by": stopped_by, "resumed_from": args.resume, "precision": precision,
+        "bug": args.bug, "val_loss_repeat_difference": repeat_difference,
         "world_size": world_size, "num_workers": num_workers,
         "config": asdict(config) | {"hidden_sizes": list(config.hidden_sizes)},
         "history": [{k: v for k, v in r.items() if k != "lr_steps"} for r in history],
@@ -939,6 +955,9 @@ def train_and_report(args, started: float, device: torch.device, dtype, data_dir
     print(f"  best epoch {best_epoch} (validation loss {best_record['val_loss']:.4f}, accuracy "
           f"{best_record['val_accuracy']:.2%}); its weights on the test set, used only now: "
           f"test accuracy {test_accuracy:.2%}")
+    print(f"  the same weights evaluated twice on the validation set: loss {val_losses[0]:.6f} then "
+          f"{val_losses[1]:.6f} (difference {repeat_difference:.1e}"
+          f"{'; --bug no-eval-mode: dropout stays on while evaluating' if args.bug else ''})")
     trained = len(history) - start_epoch
     print(f"  trained {trained} epoch{'' if trained == 1 else 's'} in {train_seconds:.0f} s this run "
           f"({metrics['wall_time_s']:.0f} s in all); stopped by: {metrics['stopped_by']}")
@@ -948,6 +967,28 @@ def train_and_report(args, started: float, device: torch.device, dtype, data_dir
           "or torchrun --nproc_per_node=2 with this file")
 
 
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week1_pytorch/03_training_loop.py --dropout 0
+#    Predict: will the gap between training and validation loss grow or shrink, and by how much?
+#    Answer: the per-epoch lines "train loss ... val loss ..."; best_val_loss in metrics.json.
+# 2. Run: python week1_pytorch/03_training_loop.py --max-shift 0
+#    Predict: without shifted images, does training accuracy end higher or lower, and test accuracy?
+#    Answer: the per-epoch lines "train loss ... acc"; test_accuracy in metrics.json.
+# 3. Run: python week1_pytorch/03_training_loop.py --lr 2e-2
+#    Predict: ten times the peak learning rate: does early stopping fire, and in which epoch is the best
+#    validation loss?
+#    Answer: the Summary's "best epoch" and "stopped by"; best_epoch and stopped_by in metrics.json.
+# 4. Run: python week1_pytorch/03_training_loop.py --bug no-eval-mode --epochs 2   (then add --dropout 0)
+#    Predict: how far apart are two evaluations of the same weights, with dropout 0.2 and with none?
+#    Answer: the "evaluated twice" line; val_loss_repeat_difference in metrics.json.
+# 5. Run: python week1_pytorch/03_training_loop.py --stop-after 3   (then --resume runs/03_training_loop/last.pt)
+#    Predict: does the resumed run end with the same test accuracy as one that never stopped?
+#    Answer: the Summary's test accuracy; test_accuracy in metrics.json of both runs.
+
+
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
