@@ -90,6 +90,20 @@ def test_gpt_hand_built_path_equals_fused_path_and_is_causal(norm_first, pos_enc
     assert maps.shape == (2, 2, 4, 16, 16)
 
 
+def test_the_no_causal_mask_drill_lets_the_future_change_the_past():
+    """--bug no-causal-mask (the drill): changing only the last character moves earlier positions'
+    logits; in the clean model it moves them by exactly 0. The flag goes through the lab's own parser
+    into GPT, as train_and_report() passes it."""
+    idx = torch.randint(0, 12, (2, 16), generator=torch.Generator().manual_seed(0))
+    leak = {}
+    for bug in (None, "no-causal-mask"):
+        args, _ = lab.build_parser().parse_known_args([*(["--bug", bug] if bug else [])])
+        torch.manual_seed(0)
+        model = lab.GPT(lab.GPTConfig(vocab_size=12, block_size=16, n_layer=2, n_head=2, n_embd=16), bug=args.bug)
+        leak[bug] = lab.future_leak(model.eval(), idx)
+    assert leak[None] == 0.0 and leak["no-causal-mask"] > 1e-4, leak  # measured: 0.0 and 1.4e-3
+
+
 def test_sampling_top_k_one_is_greedy_and_crops_the_context():
     torch.manual_seed(0)
     model = lab.build_model(dict(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=16,
@@ -154,11 +168,20 @@ def test_saved_checkpoint_samples_and_refuses_unknown_prompt_characters(tmp_path
 
 
 @pytest.mark.parametrize("flag,value", [("--lr", "-1"), ("--time-budget", "0"), ("--temperature", "0"),
-                                        ("--top-k", "-2"), ("--n-head", "3"), ("--lr", "nan"), ("--batch-size", "x")])
+                                        ("--top-k", "-2"), ("--n-head", "3"), ("--lr", "nan"), ("--batch-size", "x"),
+                                        ("--bug", "no-such-bug")])
 def test_out_of_range_hyper_parameters_are_refused(flag, value, tmp_path):
     result = failure_of(lab.main, [flag, value, "--smoke", "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, flag)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_corpus_is_refused(tmp_path):
+    corpus = tmp_path / "tinyshakespeare" / "input.txt"
+    corpus.parent.mkdir()
+    corpus.write_text("First Citizen:\n" * 70_000)  # 1,050,000 characters: short of the published file
+    with pytest.raises(lab.LabError, match="1,050,000 characters; tiny Shakespeare has 1,115,394, so the file looks truncated"):
+        lab.load_shakespeare(tmp_path)
 
 
 def test_a_corpus_that_is_not_utf8_is_a_one_line_message(tmp_path):
