@@ -235,9 +235,14 @@ def test_drill_no_eval_mode_makes_a_digit_s_loss_depend_on_its_batch(lab):
     torch.manual_seed(0)
     images, labels = lab.synthetic_digits(32, 1)
     pixels = lab.as_pixels(images, torch.device("cpu"))
-    clean = lab.eval_batch_dependence(lab.build_model({"widths": [4, 8, 8], "num_classes": 10}), pixels, labels)
-    bugged = lab.eval_batch_dependence(lab.build_model({"widths": [4, 8, 8], "num_classes": 10}), pixels, labels,
-                                       bug="no-eval-mode")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is far cheaper in CPU time than two
+    try:
+        clean = lab.eval_batch_dependence(lab.build_model({"widths": [4, 8, 8], "num_classes": 10}), pixels, labels)
+        bugged = lab.eval_batch_dependence(lab.build_model({"widths": [4, 8, 8], "num_classes": 10}), pixels,
+                                           labels, bug="no-eval-mode")
+    finally:
+        torch.set_num_threads(threads)
     assert clean < 1e-5 and bugged > 1e-3, (clean, bugged)
     args, _ = lab.build_parser().parse_known_args(["--bug", "no-eval-mode"])
     assert args.bug == "no-eval-mode" and lab.build_parser().parse_known_args([])[0].bug is None
