@@ -187,8 +187,10 @@ def test_a_closing_cell_asks_predict_then_run_questions_about_this_lab(lab):
     source = lab.read_text(encoding="utf-8")
     assert source.count(QUESTIONS_START) == 1, f"one cell starting {QUESTIONS_START!r}"
     start = source.index(QUESTIONS_START)
-    cell = source[start:source.index("\n# %%", start + 1) + 1]
-    assert "\ndef main(argv=None)" in source[start:], "the questions come after the lesson, before main()"
+    end = source.find("\n# %%", start + 1)
+    assert end > 0, "the questions cell is followed by the cell of main()"
+    cell = source[start:end + 1]
+    assert "\ndef main(argv=None)" in source[end:], "the questions come after the lesson, before main()"
     questions = QUESTION.findall(cell)
     assert 3 <= len(questions) <= 5, f"3 to 5 questions '# N. Run: python ...', found {len(questions)}"
     assert [int(q[0]) for q in questions] == list(range(1, len(questions) + 1)), "numbered 1, 2, 3, ..."
