@@ -211,7 +211,76 @@ def test_split_abc_tunes_by_x_or_blank_lines(lab):
 
 
 # %%
-# Part 1c: the corpus cache and skipped entries.
+# Part 1c: ABC tokens (folk-rnn's representation) and the position in the bar.
+REAL_LOOKING_ABC = [
+    VALID_WITH_PICKUP_AND_ENDINGS,
+    "M:2/2\nL:1/8\nK:ADor\nA,B,|:^c2=c'B,/2C/2 D3/2E/4F/4G//A//|[1 [G3B3]z>A B<c(3def|]\n",
+    "M:9/8\nL:1/8\nK:Gm\n_B3 =B2^^c __d3::g/a/b/ c'2 x Z|2 d6- d3|]",
+    "M:C|\nL:1/8\nK:D\nA|dfaf gfed|cABc dAFA|\\\ndfaf gfed|1 cABc d3A:|2 cABc d2||\n% a comment\n",
+]
+
+
+def test_abc_tokens_round_trip_and_read_as_a_musician_reads(lab):
+    generator = torch.Generator().manual_seed(0)  # the --smoke run's tunes (smoke_entries)
+    smoke_tunes = [lab.generated_abc_tune(i, generator) for i in range(10)]
+    texts = [lab.normalise_abc(t) for t in smoke_tunes] + [lab.normalise_abc(t) for t in REAL_LOOKING_ABC[:2]]
+    assert all(texts)
+    for text in texts + REAL_LOOKING_ABC + ["", "weird ¬ text {with} @ anything\n\n"]:
+        assert "".join(lab.abc_tokens(text)) == text  # nothing is lost
+    tokens = lab.abc_tokens("M:6/8\nL:1/8\nK:ADor\n(3^cB,c'2A>B3/2z/|:G//A|1[GB]2:|2d::e|]\n")
+    assert tokens == ["M:6/8", "\n", "L:1/8", "\n", "K:ADor", "\n", "(3", "^c", "B,", "c'", "2", "A", ">", "B", "3/2",
+                      "z", "/", "|:", "G", "//", "A", "|1", "[", "G", "B", "]", "2", ":|2", "d", "::", "e", "|]", "\n"]
+
+
+def test_bar_clock_counts_every_bar_of_a_tune(lab):
+    """Before each bar line the clock says the bar is exactly full (6 eighths in 6/8): durations,
+    broken rhythms, tuplets and chords all count; a bar line starts a new bar of 6."""
+    tune = "M:6/8\nL:1/8\nK:G\nD|:GAB cBA|B2G G2D|A>B c/2d/2 (3efg a|[G3B3]z3|1 B<GA G2D:|2 B2G G2z||\n"
+    tokens = lab.abc_tokens(tune.replace(" ", ""))
+    positions = lab.bar_positions(tokens)
+    full, six_left, five_left = 1, 1 + 4 * 6, 1 + 4 * 5
+    before_bars = [positions[i - 1] for i, t in enumerate(tokens) if t in lab.BAR_LINES]
+    assert before_bars == [five_left] + [full] * 6  # the pick-up D is one eighth of six
+    assert all(positions[i] == six_left for i, t in enumerate(tokens) if t in lab.BAR_LINES)
+    assert positions[:7] == [six_left] * 6 + [five_left]  # the header takes no time
+    overfull = lab.bar_positions(lab.abc_tokens("M:2/4\nL:1/8\nK:G\nABcde|"))
+    assert overfull[-3:] == [full, 0, six_left - 8]  # 5 eighths in a bar of 4: bucket 0 says so
+    clock = lab.BarClock()
+    assert [clock.read(t) for t in ["M:6/8", "A", ">", "B", "(3", "c", "d", "e"]] == pytest.approx(
+        [6, 5, 4.5, 4, 4, 4 - 2 / 3, 4 - 4 / 3, 2])
+    clock = lab.BarClock()
+    assert [clock.read(t) for t in ["M:3/4", "L:1/16", "[", "A", "B", "]", "4", "/2"]] == pytest.approx(
+        [6, 12, 12, 11, 11, 11, 8, 10])  # a chord lasts as long as its first note
+
+
+def test_generation_feeds_the_model_the_position_of_what_it_drew(lab):
+    """The position a generated token is read with is the one bar_positions gives for the same
+    tokens in training: the model is never shown a position the data would not give it."""
+    vocabulary = ["<s>", "<unk>", "\n", "|", "A", "c", "2", ">", "(3", "/2", "M:6/8", "L:1/8", "K:G"]
+    torch.manual_seed(0)
+    model = lab.SequenceModel(lab.SeqConfig(vocab_size=len(vocabulary), embed_dim=8, hidden_size=16,
+                                            position_buckets=lab.POSITION_BUCKETS))
+    calls = []
+    forward = model.forward
+    def recording(tokens, state=None, positions=None):
+        calls.append((tokens.clone(), positions.clone()))
+        return forward(tokens, state, positions)
+    model.forward = recording
+    header = "M:6/8\nL:1/8\nK:G\n"
+    with lab.cpu_threads(1):  # one thread, as the lab runs: tiny LSTM steps on 2 busy threads wait at barriers
+        tunes = lab.sample_tunes(model, vocabulary, [header, header], 12, torch.device("cpu"),
+                                 torch.Generator().manual_seed(0))
+    assert all(t.startswith(header) and t.endswith("\n") for t in tunes)
+    for row in range(2):
+        drawn = [vocabulary[int(tokens[row, 0])] for tokens, _ in calls[2:]]
+        fed = [int(positions[row, 0]) for _, positions in calls[2:]]
+        assert fed == lab.bar_positions(lab.abc_tokens(header) + drawn)[-len(drawn):]
+        _, header_positions = calls[row]
+        assert header_positions[0].tolist() == [0] + lab.bar_positions(lab.abc_tokens(header))
+
+
+# %%
+# Part 1d: the corpus cache and skipped entries.
 def fake_entries(calls, broken=()):
     def loader(name):
         def load():

@@ -392,7 +392,119 @@ def normalise_abc(tune: str):
 
 
 # %%
-# Part 1c. Reading the corpus once. Each entry is parsed by music21 (the slow part: about half a
+# Part 1c. ABC tokens: folk-rnn's representation. folk-rnn did not read ABC one character at a
+# time: it cut a tune into tokens, each one thing a musician reads: a header field (`M:6/8`,
+# `K:G`), a bar line or repeat sign (`|`, `|:`, `:|`, `|1`, `:|2`, `::`), a note with its accidental
+# and octave marks (`^f`, `=c`, `B,`, `c'`), a duration (`2`, `/2`, `3/2`), a broken rhythm (`>`),
+# a tuplet (`(3`). Anything else stays one character, so nothing is ever lost: joining the tokens
+# gives back the text, exactly (a test checks it). On these normalised tunes a token is 0.9
+# characters on average: the gain is not a shorter tune but a smaller thing to learn: `^f` is one
+# note, not an accidental and then a letter.
+ABC_TOKEN = re.compile(r"""
+      ^[A-Za-z]:[^\n]*                              # a header field on its own line: M:6/8, L:1/8, K:G
+    | \n
+    | :\|[12]? | \|[:\]|12]? | :: | \[[12]          # bar lines, repeat signs, 1st/2nd-time endings
+    | [_=^]{0,2}[A-Ga-g][,']* | [zxZ]               # a note with its accidental and octave marks; a rest
+    | \d*/+\d* | \d+                                # a duration: 2, 3/2, /2, /, //
+    | >+ | <+ | \(\d                                # a broken rhythm, a tuplet
+    | .                                             # anything else: one character
+""", flags=re.M | re.X)
+
+
+def abc_tokens(text: str) -> list:
+    """ABC text -> folk-rnn-style tokens; "".join(abc_tokens(text)) == text for every text."""
+    return ABC_TOKEN.findall(text)
+
+
+# Where in the bar is the tune? A rhythm is right when every bar adds up to the metre: six eighths
+# in 6/8. An LSTM reading tokens has to learn that sum from examples, and with the few minutes of
+# CPU this lab has it learns it slowly. Magenta's melody RNNs give the model its position in the
+# bar as an input beside each note; we do the same, counted the way a musician counts: how much of
+# the bar is left. A BarClock reads the tokens one by one (M: and L: set the bar's length, notes
+# and durations use it up, a bar line starts a new bar) and after each token says how many unit
+# lengths (L:, an eighth here) are left in the bar. It is computed from the tokens already there
+# (the model's own ones when it generates), so it adds no information about the future and
+# constrains nothing: the model still draws every token, bar lines included, from its whole
+# softmax, and a bar it overfills is simply wrong.
+BAR_LINES = {":|", ":|1", ":|2", "|", "|:", "|]", "||", "|1", "|2", "::", "[1", "[2"}
+ABC_NOTE = re.compile(r"[_=^]{0,2}[A-Ga-g][,']*|[zxZ]")
+ABC_DURATION = re.compile(r"(\d*)(/*)(\d*)")
+ABC_FRACTION = re.compile(r"[ML]:(\d+)/(\d+)")
+POSITION_STEPS = 4  # what is left of the bar is counted in quarters of a unit (a 32nd note with L:1/8)
+POSITION_BUCKETS = 64  # 0: the bar is overfull; 1: exactly full; 2..63: 0.25 .. 15.5 units left (more is clipped)
+
+
+class BarClock:
+    """Unit lengths left in the bar, updated one token at a time (read() returns it; negative when
+    the bar is overfull)."""
+
+    def __init__(self):
+        self.metre, self.unit = 1.0, 1 / 8  # M: and L: as fractions of a whole note, until the header says
+        self.elapsed = 0.0  # unit lengths since the last bar line
+        self.last = 0.0  # length of the last note, which a duration token after it rescales
+        self.last_counted = False  # the last note counts (in a chord [ceg] only the first does)
+        self.next_factor = 1.0  # a broken rhythm A>B shortens the next note
+        self.tuplet, self.tuplet_left = 1.0, 0  # (3abc: three notes in the time of two
+        self.in_chord = self.chord_counted = False
+
+    def read(self, token: str) -> float:
+        fraction = ABC_FRACTION.fullmatch(token)
+        if fraction:  # M:6/8 or L:1/8
+            value = int(fraction.group(1)) / max(int(fraction.group(2)), 1)
+            if token[0] == "M":
+                self.metre = value
+            else:
+                self.unit = value or self.unit
+        elif token in BAR_LINES:
+            self.elapsed, self.last, self.last_counted = 0.0, 0.0, False
+        elif ABC_NOTE.fullmatch(token):
+            if self.in_chord and self.chord_counted:
+                self.last_counted = False  # a chord lasts as long as its first note
+                return self.left()
+            length = self.next_factor * (self.tuplet if self.tuplet_left else 1.0)
+            self.tuplet_left = max(0, self.tuplet_left - 1)
+            self.next_factor = 1.0
+            self.elapsed += length
+            self.last, self.last_counted, self.chord_counted = length, True, self.in_chord
+        elif token[0].isdigit() or token[0] == "/":
+            if self.last_counted:  # A2 is twice A, A/2 and A/ half, A3/2 one and a half
+                whole, slashes, below = ABC_DURATION.fullmatch(token).groups()
+                factor = int(whole or 1) / max(int(below) if below else 2 ** len(slashes), 1)
+                self.elapsed += self.last * (factor - 1)
+                self.last *= factor
+        elif token[0] in "><":  # A>B: A dotted, B halved (A>>B: 1.75 and 0.25); A<B the other way
+            change = self.last * (1 - 0.5 ** len(token))
+            self.elapsed += change if token[0] == ">" else -change
+            self.next_factor = 0.5 ** len(token) if token[0] == ">" else 2 - 0.5 ** len(token)
+        elif token[0] == "(" and len(token) == 2:  # (3: 3 notes in the time of 2; (2: 2 in 3; (4: 4 in 3
+            notes = int(token[1])
+            self.tuplet, self.tuplet_left = {2: 1.5, 4: 0.75}.get(notes, 2 / max(notes, 1)), notes
+        elif token == "[":
+            self.in_chord, self.chord_counted = True, False
+        elif token == "]":
+            self.in_chord = False
+            self.last_counted = self.last > 0
+        return self.left()
+
+    def left(self) -> float:
+        return self.metre / self.unit - self.elapsed
+
+
+def position_bucket(left: float) -> int:
+    """Units left in the bar -> the bucket the model embeds (0: overfull, 1: full, then quarter units)."""
+    if left < -1e-9:
+        return 0
+    return min(POSITION_BUCKETS - 1, 1 + round(POSITION_STEPS * left))
+
+
+def bar_positions(tokens) -> list:
+    """What is left of the bar after each token, as buckets (1 when a bar is exactly full)."""
+    clock = BarClock()
+    return [position_bucket(clock.read(token)) for token in tokens]
+
+
+# %%
+# Part 1d. Reading the corpus once. Each entry is parsed by music21 (the slow part: about half a
 # second a chorale, a quarter of a second a folk tune), turned into plain numbers and cached as
 # JSON. A cache from another version of this lab, or with other settings, or that does not read
 # back, is rebuilt; an entry music21 cannot parse is skipped and counted, never silently.
@@ -591,7 +703,7 @@ def dedupe_melodies(records):
 
 
 # %%
-# Part 1d. Smoke mode: a few generated tunes of the real shapes, run through the same code (ABC
+# Part 1e. Smoke mode: a few generated tunes of the real shapes, run through the same code (ABC
 # text parsed by music21, four-voice "chorales" built as music21 scores), never the corpus.
 def generated_abc_tune(index: int, generator: torch.Generator) -> str:
     """A made-up 6/8 or 4/4 tune in G or D with bars of the right length (eighth notes)."""
@@ -737,20 +849,27 @@ class SeqConfig:
     hidden_size: int = 256
     num_layers: int = 1
     dropout: float = 0.0
+    position_buckets: int = 0  # ABC tokens: what is left of the bar, a second input (0: none)
 
 
 class SequenceModel(nn.Module):
     def __init__(self, config: SeqConfig):
         super().__init__()
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        # What is left of the bar gets its own embedding, added to the token's: one vector says
+        # "the note ^f", the other "three eighths left in this bar".
+        self.position = nn.Embedding(config.position_buckets, config.embed_dim) if config.position_buckets else None
         rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[config.kind]
         self.rnn = rnn(config.embed_dim, config.hidden_size, config.num_layers, batch_first=True,
                        dropout=config.dropout if config.num_layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
-    def forward(self, tokens, state=None):  # tokens: (B, T)
-        outputs, state = run_recurrent(self.rnn, self.drop(self.embed(tokens)), state)  # (B, T, H)
+    def forward(self, tokens, state=None, positions=None):  # tokens, positions: (B, T)
+        inputs = self.embed(tokens)  # (B, T, E)
+        if self.position is not None and positions is not None:
+            inputs = inputs + self.position(positions)
+        outputs, state = run_recurrent(self.rnn, self.drop(inputs), state)  # (B, T, H)
         return self.head(self.drop(outputs)), state  # logits (B, T, V); state: (h, c) or h
 
 
@@ -897,12 +1016,20 @@ def evaluate_sequences(model, sequences, device, dtype=None, batch_size=64):
 # Part 3c. Checkpoints: the state_dict, the config that rebuilds the model (with its vocabulary),
 # and a few inputs with the outputs the model gave, so anyone can check a reload reproduces it.
 def save_checkpoint(model, config: SeqConfig, extra: dict, sample_inputs, path: Path):
+    """sample_inputs: a (B, T) token tensor, or a dict of model(**inputs) arguments (tokens, positions)."""
     model.eval()
+    device = next(model.parameters()).device
+    if not isinstance(sample_inputs, dict):
+        sample_inputs = sample_inputs.cpu()
     with torch.no_grad():
-        logits, state = model(sample_inputs.to(next(model.parameters()).device))
+        if isinstance(sample_inputs, dict):
+            sample_inputs = {k: v.cpu() for k, v in sample_inputs.items()}
+            logits, state = model(**{k: v.to(device) for k, v in sample_inputs.items()})
+        else:
+            logits, state = model(sample_inputs.to(device))
     state = tuple(s.cpu() for s in state) if isinstance(state, tuple) else state.cpu()
     payload = {"lab": LAB_NAME, "model": {k: v.cpu() for k, v in model.state_dict().items()},
-               "config": {**asdict(config), **extra}, "sample_inputs": sample_inputs.cpu(),
+               "config": {**asdict(config), **extra}, "sample_inputs": sample_inputs,
                "sample_outputs": (logits.float().cpu(), state)}
     temporary = path.with_suffix(".pt.tmp")
     torch.save(payload, temporary)
@@ -932,7 +1059,151 @@ def load_checkpoint(path: Path, device, task: str):
 
 
 # %%
-# Part 4. The validity checker: one function for real and generated tunes. A tune is valid music when
+# Part 4a. The ABC model reads whole tunes. A tune is ~160 tokens (the longest are cut at
+# ABC_MAX_TOKENS), so each one fits in a single sequence: every step trains on a batch of whole
+# tunes, each from a fresh state, the way the model later writes one. Batches are drawn from tunes
+# of similar length, so padding (ignored by the loss) costs little. Each token comes with what
+# is left of its bar (BarClock above).
+ABC_MAX_TOKENS = 512
+
+
+def encode_abc(text: str, index: dict):
+    """A tune -> (token ids starting with <s>, positions in the bar); unknown tokens -> <unk>."""
+    tokens = abc_tokens(text)
+    return [index["<s>"]] + [index.get(t, index["<unk>"]) for t in tokens], [0] + bar_positions(tokens)
+
+
+def tune_batch(tunes):
+    """[(ids, positions)] -> inputs, positions, targets (B, T); padded targets are -100 (ignored)."""
+    width = max(len(ids) for ids, _ in tunes) - 1
+    inputs = torch.zeros((len(tunes), width), dtype=torch.long)
+    positions = torch.zeros((len(tunes), width), dtype=torch.long)
+    targets = torch.full((len(tunes), width), -100, dtype=torch.long)
+    for row, (ids, where) in enumerate(tunes):
+        inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+        positions[row, :len(ids) - 1] = torch.tensor(where[:-1])
+        targets[row, :len(ids) - 1] = torch.tensor(ids[1:])
+    return inputs, positions, targets
+
+
+def tune_batches(tunes, batch_size: int, generator):
+    """Endless batches: each pass sorts the tunes by length (with a little noise), cuts them into
+    batches and shuffles the batches."""
+    while True:
+        noise = torch.rand(len(tunes), generator=generator) * 40
+        order = sorted(range(len(tunes)), key=lambda i: len(tunes[i][0]) + float(noise[i]))
+        groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for g in torch.randperm(len(groups), generator=generator).tolist():
+            yield tune_batch([tunes[i] for i in groups[g]])
+
+
+def train_whole_tunes(model, tunes, plan: TrainPlan, device, dtype, generator):
+    """Train on batches of whole tunes for plan.steps steps. As in train_tbptt, the loss is summed
+    on the device and read every plan.log_every steps. Returns (history, steps, seconds)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.99))
+    scaler = grad_scaler(device, dtype)
+    tunes = [(ids[:ABC_MAX_TOKENS + 1], where[:ABC_MAX_TOKENS + 1]) for ids, where in tunes]
+    per_pass = math.ceil(len(tunes) / plan.batch_size)
+    total_steps = plan.epochs * per_pass if plan.epochs else plan.steps
+    history = {"time_s": [], "train_loss": []}
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device)
+    step, read_at, seen = 0, 0, 0
+    print_every = max(plan.log_every, total_steps // 8 // plan.log_every * plan.log_every)
+    batches = tune_batches(tunes, plan.batch_size, generator)
+    model.train()
+    start = time.perf_counter()
+    while step < total_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(plan.lr, step / total_steps)
+        inputs, positions, targets = (t.to(device, non_blocking=True) for t in next(batches))  # (B, T) each
+        with autocast(device, dtype):
+            logits, _ = model(inputs, positions=positions)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), plan.clip)
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        seen += inputs.shape[0]
+        loss_sum += loss.detach()
+        first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0), first_bad, step)
+        if step % plan.log_every:
+            continue
+        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at, plan.label))
+        now = time.perf_counter() - start
+        history["time_s"].append(now)
+        loss_sum.zero_()
+        read_at = step
+        if step % print_every == 0:
+            print(f"  [{plan.label}] step {step:5d}  epoch {seen / len(tunes):5.2f}  train {history['train_loss'][-1]:.3f} "
+                  f"nats/token  {seen / now:,.1f} tunes/s  {max((total_steps - step) * now / step, 0):4.0f} s left",
+                  flush=True)
+    if step > read_at:
+        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at, plan.label))
+        history["time_s"].append(time.perf_counter() - start)
+    return history, step, time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate_tunes(model, tunes, device, dtype=None, batch_size=64) -> float:
+    """Nats per predicted token over whole held-out tunes (every token after <s>)."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = sum(len(ids) - 1 for ids, _ in tunes)
+    for i in range(0, len(tunes), batch_size):
+        inputs, positions, targets = (t.to(device) for t in tune_batch(tunes[i:i + batch_size]))
+        with autocast(device, dtype):
+            logits, _ = model(inputs, positions=positions)
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
+    model.train()
+    return total.item() / max(count, 1)
+
+
+@torch.no_grad()
+def sample_tunes(model, vocabulary, headers, length: int, device, generator, temperature: float = 1.0):
+    """Write one tune after each header (M:, L:, K:), a token at a time from the whole softmax, until
+    the model ends the line of notes (a newline token) or `length` tokens. Each row has its own
+    BarClock, fed the tokens the model drew, so the position it reads is the one it wrote itself.
+    Returns the tunes as text: the header, then the notes."""
+    model.eval()
+    index = {token: i for i, token in enumerate(vocabulary)}
+    clocks, states, last = [], [], []
+    for header in headers:  # headers differ in length: read each one alone
+        ids, where = encode_abc(header, index)
+        clock = BarClock()
+        for token in abc_tokens(header):
+            clock.read(token)
+        logits, state = model(torch.tensor([ids], device=device), positions=torch.tensor([where], device=device))
+        clocks.append(clock)
+        states.append(state)
+        last.append(logits[:, -1])
+    logits = torch.cat(last)  # (B, V)
+    state = (tuple(torch.cat(parts, dim=1) for parts in zip(*states)) if isinstance(states[0], tuple)
+             else torch.cat(states, dim=1))
+    drawn, done = [[] for _ in headers], [False] * len(headers)
+    for _ in range(length):
+        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+        tokens = torch.multinomial(probs, 1, generator=generator)  # (B, 1) on the CPU
+        positions = []
+        for row, token in enumerate(tokens[:, 0].tolist()):
+            text = vocabulary[token]
+            positions.append(position_bucket(clocks[row].read(text)))
+            if not done[row]:
+                done[row] = text == "\n"  # the end of the line of notes is the end of the tune
+                drawn[row].append("" if done[row] else text)
+        if all(done):
+            break
+        logits, state = model(tokens.to(device), state, torch.tensor(positions, device=device)[:, None])
+        logits = logits[:, -1]
+    model.train()
+    return [header + "".join(tokens) + "\n" for header, tokens in zip(headers, drawn)]
+
+
+# %%
+# Part 4b. The validity checker: one function for real and generated tunes. A tune is valid music when
 # music21 parses it, it has a metre and at least two bars, and every complete bar lasts exactly one
 # bar of the metre. Short bars are allowed only where ABC allows them: the pick-up at the start, the
 # last bar, and bars next to a repeat sign, a double bar or a 1st/2nd-time ending (a tune's pick-up
@@ -1371,8 +1642,14 @@ def build_parser():
     parser.add_argument("--folk-tunes", type=checked(int, lambda v: v >= 0, "0 or more"), default=500,
                         help="how many O'Neill tunes are parsed into note events (about 0.25 s each, once)")
     parser.add_argument("--steps", type=positive_int, default=1000,
-                        help="training steps of the note-event LSTM and of the GRU")
-    parser.add_argument("--abc-steps", type=positive_int, default=400, help="training steps of the ABC character LSTM")
+                        help="training steps of the note-event LSTM")
+    parser.add_argument("--gru-steps", type=positive_int, default=300,
+                        help="training steps of the note-event GRU (the LSTM's comparison)")
+    parser.add_argument("--abc-steps", type=positive_int, default=1200, help="training steps of the ABC token LSTM")
+    parser.add_argument("--abc-batch-size", type=positive_int, default=16, help="whole tunes per ABC training step")
+    parser.add_argument("--abc-lr", type=positive_float, default=6e-3, help="peak AdamW learning rate of the ABC LSTM")
+    parser.add_argument("--abc-dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0,
+                        help="dropout of the ABC LSTM (it sees each tune only a few times: 0 learns fastest)")
     parser.add_argument("--chord-steps", type=positive_int, default=300, help="training steps of the chord LSTM")
     parser.add_argument("--epochs", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
                         help="train each network this many passes over its data instead (0: use the step counts)")
@@ -1380,7 +1657,7 @@ def build_parser():
     parser.add_argument("--bptt", type=positive_int, default=64, help="tokens per step: how far gradients flow back")
     parser.add_argument("--lr", type=positive_float, default=4e-3, help="peak AdamW learning rate")
     parser.add_argument("--hidden-size", type=positive_int, default=256, help="units of each recurrent layer")
-    parser.add_argument("--abc-hidden-size", type=positive_int, default=256, help="units of the ABC character LSTM")
+    parser.add_argument("--abc-hidden-size", type=positive_int, default=128, help="units of the ABC token LSTM")
     parser.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.2,
                         help="dropout on embeddings and recurrent outputs")
     parser.add_argument("--log-every", type=positive_int, default=50,
@@ -1455,7 +1732,8 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     """Parts 1-7 on the corpus (or on generated tunes with --smoke)."""
     torch.manual_seed(args.seed)
     if args.smoke:
-        args.steps, args.abc_steps, args.chord_steps, args.log_every = 6, 6, 6, 3
+        args.steps, args.gru_steps, args.abc_steps, args.chord_steps, args.log_every = 6, 6, 6, 6, 3
+        args.abc_batch_size = 4
         args.hidden_size, args.abc_hidden_size, args.batch_size, args.bptt = 32, 32, 8, 16
         args.melodies, args.abc_samples = 6, 4
     print(f"lab {LAB_NAME} on {device}" + ("  [SMOKE: generated tunes, a few steps, numbers are not results]"
@@ -1500,7 +1778,8 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
         torch.manual_seed(args.seed)
         config = SeqConfig(kind=kind, vocab_size=MELODY_VOCAB, hidden_size=args.hidden_size, dropout=args.dropout)
         model = SequenceModel(config).to(device)
-        plan = TrainPlan(f"melody {kind.upper()}", args.steps, args.epochs, args.batch_size, args.bptt, args.lr, args.log_every)
+        steps = args.steps if kind == "lstm" else args.gru_steps
+        plan = TrainPlan(f"melody {kind.upper()}", steps, args.epochs, args.batch_size, args.bptt, args.lr, args.log_every)
         histories[kind], steps, seconds = train_tbptt(model, stream, plan, device, dtype)
         train_time += seconds
         steps_total += steps
@@ -1521,44 +1800,57 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     print(f"  LSTM {results['lstm']['test_nll']:.3f} vs best n-gram ({best_order}-gram) {ngram_test[best_order]:.3f}: "
           f"margin {margin:+.3f} nats/event " + ("(the LSTM is better)" if margin > 0 else "(the n-gram is better)"))
 
-    print("\n== Part 4: the same LSTM on ABC characters, and which generated tunes are valid music")
+    print("\n== Part 4: an LSTM on ABC tokens (folk-rnn's representation), and which generated tunes are valid music")
     abc = music["abc"]
     abc_split = {name: [text for n, text in abc if split_of(n) == name] for name in ("train", "val", "test")}
     if args.smoke:
         texts = [text for _, text in abc]
         abc_split = {"train": texts[:-6], "val": texts[-6:-3], "test": texts[-3:]}
-    corpus_text = "\n".join(abc_split["train"])  # a blank line between tunes
-    chars = "".join(sorted(set(corpus_text) | set("\n")))
-    stoi = {c: i for i, c in enumerate(chars)}
-    abc_config = SeqConfig(kind="lstm", vocab_size=len(chars), hidden_size=args.abc_hidden_size, dropout=args.dropout)
+    counts = Counter(token for text in abc_split["train"] for token in abc_tokens(text))
+    abc_vocabulary = ["<s>", "<unk>"] + sorted(counts)
+    abc_index = {token: i for i, token in enumerate(abc_vocabulary)}
+    abc_train = [encode_abc(text, abc_index) for text in abc_split["train"]]
+    abc_val = [encode_abc(text, abc_index) for text in abc_split["val"]]
+    example = abc_tokens(abc_split["train"][0])[:18]
+    shown = " ".join(token.replace("\n", "\\n") for token in example)
+    print(f"  {len(abc_split['train'])} training tunes, {sum(len(ids) - 1 for ids, _ in abc_train):,} tokens "
+          f"({sum(map(len, abc_split['train'])):,} characters), {len(abc_vocabulary)} distinct tokens; "
+          f"a tune starts: {shown} ...")
+    print("  what is left of the bar after each (BarClock; 1 + quarters of an eighth, 1 = the bar is full): "
+          f"{' '.join(map(str, bar_positions(example)))} ...")
+    abc_config = SeqConfig(kind="lstm", vocab_size=len(abc_vocabulary), hidden_size=args.abc_hidden_size,
+                           dropout=args.abc_dropout, position_buckets=POSITION_BUCKETS)
     torch.manual_seed(args.seed)
     abc_model = SequenceModel(abc_config).to(device)
-    abc_stream = torch.tensor([stoi[c] for c in corpus_text], dtype=torch.long)
-    plan = TrainPlan("ABC LSTM", args.abc_steps, args.epochs, args.batch_size, 2 * args.bptt, args.lr, args.log_every)
-    histories["abc"], abc_steps, abc_seconds = train_tbptt(abc_model, abc_stream, plan, device, dtype)
+    plan = TrainPlan("ABC LSTM", args.abc_steps, args.epochs, args.abc_batch_size, 0, args.abc_lr, args.log_every)
+    histories["abc"], abc_steps, abc_seconds = train_whole_tunes(abc_model, abc_train, plan, device, dtype,
+                                                                 torch.Generator().manual_seed(args.seed))
     train_time += abc_seconds
     steps_total += abc_steps
-    val_text = [[stoi["\n"]] + [stoi.get(c, stoi["\n"]) for c in t] + [stoi["\n"]] for t in abc_split["val"]]
-    abc_val_nll, _ = evaluate_sequences(abc_model, val_text, device, dtype)
-    save_checkpoint(abc_model, abc_config, {"task": "abc", "chars": chars}, torch.tensor([val_text[0][:32]]),
-                    out_dir / "abc_lstm.pt")
-    generator = torch.Generator().manual_seed(args.seed)
+    abc_val_nll = evaluate_tunes(abc_model, abc_val, device, dtype)
+    ids, where = abc_val[0]
+    save_checkpoint(abc_model, abc_config, {"task": "abc", "tokens": abc_vocabulary},
+                    {"tokens": torch.tensor([ids[:32]]), "positions": torch.tensor([where[:32]])}, out_dir / "abc_lstm.pt")
     # Each tune starts from the header (metre, unit, key) of a held-out tune, as folk-rnn conditions
-    # on metre and key; the notes, the bar lines and the end of the tune are all the model's.
+    # on metre and key; the notes, the bar lines and the end of the tune are all the model's, drawn
+    # from the whole softmax at temperature 1.0.
     headers = ["\n".join(tune.splitlines()[:3]) + "\n" for tune in abc_split["test"]]
     headers = [headers[i % len(headers)] for i in range(args.abc_samples)]
-    primes = [[stoi["\n"], stoi["\n"]] + [stoi.get(c, stoi["\n"]) for c in header] for header in headers]
-    drawn = sample_batch(abc_model, primes, 120 if args.smoke else 1000, 1.0, 0, device, generator,
-                         stop_token=stoi["\n"])  # a tune's notes are one line: its end is the line's end
-    generated_abc = [header + "".join(chars[t] for t in tokens).strip() + "\n" for header, tokens in zip(headers, drawn)]
+    sampling_start = time.perf_counter()
+    generated_abc = sample_tunes(abc_model, abc_vocabulary, headers, 120 if args.smoke else ABC_MAX_TOKENS, device,
+                                 torch.Generator().manual_seed(args.seed))
+    sampling_seconds = time.perf_counter() - sampling_start
     held_out_real = abc_split["test"][:100]
+    checking_start = time.perf_counter()
     real_share, real_reasons = validity_share(held_out_real, music21, "checking real tunes", not args.smoke)
     generated_share, generated_reasons = validity_share(generated_abc, music21, "checking generated tunes",
                                                         not args.smoke)
+    checking_seconds = time.perf_counter() - checking_start
     (out_dir / "generated_abc.txt").write_text("\n".join(f"X:{i + 1}\n{t}" for i, t in enumerate(generated_abc)),
                                                encoding="utf-8")
     ratio = generated_share / real_share if real_share else 0.0
-    print(f"  ABC LSTM: {abc_steps} steps, validation {abc_val_nll:.3f} nats/char")
+    print(f"  ABC LSTM: {abc_steps} steps ({abc_seconds:.0f} s), validation {abc_val_nll:.3f} nats/token; "
+          f"{len(generated_abc)} tunes drawn in {sampling_seconds:.0f} s, checked with music21 in {checking_seconds:.0f} s")
     print(f"  valid music: {generated_share:.0%} of {len(generated_abc)} generated tunes (temperature 1.0) vs "
           f"{real_share:.0%} of {len(held_out_real)} held-out real tunes: ratio {ratio:.2f} (target >= 0.8)")
     print(f"  why generated tunes failed: {dict(generated_reasons.most_common(4))}; real: {dict(real_reasons.most_common(3))}")
