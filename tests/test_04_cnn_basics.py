@@ -209,17 +209,61 @@ def test_cifar10_absent_with_no_network_names_url_layout_and_smoke(tmp_path):
                          "cifar-10-batches-py/data_batch_1", "--smoke")
 
 
-@pytest.mark.parametrize("flags, fragment", [(["--epochs", "0"], "--epochs"), (["--lr", "0"], "--lr"),
-                                             (["--label-smoothing", "1"], "--label-smoothing"),
-                                             (["--widths", "8,8,8,8"], "--widths"), (["--widths", "a,b,c"], "--widths"),
-                                             (["--batch-size", "1"], "--batch-size"),
-                                             (["--precision", "fp8"], "--precision"),
-                                             (["--precision", "fp16"], "--precision fp16 is for CUDA")])
+@pytest.mark.parametrize("flags, fragment", [
+    (["--epochs", "0"], "--epochs: must be a whole number at least 1"),
+    (["--lr", "0"], "--lr: must be a finite number above 0 and at most 10"),
+    (["--lr", "11"], "--lr: must be a finite number above 0 and at most 10"),
+    (["--label-smoothing", "1"], "--label-smoothing: must be a finite number at least 0 and below 1"),
+    (["--widths", "8,8,8,8"], "--widths"), (["--widths", "a,b,c"], "--widths"),
+    (["--batch-size", "1"], "--batch-size: must be a whole number at least 2"),
+    (["--precision", "fp8"], "--precision"), (["--bug", "typo"], "--bug: invalid choice"),
+    (["--precision", "fp16"], "--precision fp16 is for CUDA")])
 def test_out_of_range_flags_are_refused_in_one_line(lab, flags, fragment, tmp_path):
     out_dir = tmp_path / "out"
     result = failure_of(lab.main, [*flags, "--device", "cpu", "--smoke", "--out-dir", out_dir])
     assert_clean_failure(result, fragment)
     assert not out_dir.exists()
+
+
+# The debugging drill (--bug no-eval-mode): in-process, a tiny network on generated images.
+def test_drill_no_eval_mode_makes_predictions_depend_on_the_batch(lab):
+    """In eval mode batch norm uses its running statistics, so an image's logits are the same in a
+    batch of 50 or of 10 (measured: 0.0 on the CPU); left in training mode it normalises each batch
+    by that batch's own statistics (measured: 0.096, and 24% of the classes change)."""
+    cpu = torch.device("cpu")
+    train_x, _train_y, test_x, _test_y = lab.synthetic_cifar(64, 100, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = lab.build_cifar_net((8, 8, 8), train_x, cpu)
+    difference = {}
+    for bug in (None, "no-eval-mode"):
+        model.train()                                           # as training leaves it
+        in_50, in_10 = (lab.predict(model, test_x, batch_size=size, bug=bug) for size in (50, 10))
+        difference[bug] = (in_50 - in_10).abs().max().item()
+        assert model.training == (bug == "no-eval-mode")
+    assert difference[None] <= 1e-5, "a clean prediction does not depend on the batch"
+    assert difference["no-eval-mode"] > 1e-2, f"--bug no-eval-mode: logits moved by only {difference['no-eval-mode']:.1e}"
+
+
+def test_the_bug_flag_reaches_predict_through_training(lab, tmp_path, monkeypatch):
+    """run() hands --bug to train_cifar, which hands it to predict (the demos skipped; stopped at the
+    first prediction, the preview after epoch 1)."""
+    received = []
+
+    class Stop(Exception):
+        pass
+
+    def first_prediction(*args, **kwargs):
+        received.append(kwargs.get("bug"))
+        raise Stop
+
+    monkeypatch.setattr(lab, "demo_convolution", lambda generator: {"skipped": 0.0})
+    monkeypatch.setattr(lab, "demo_receptive_field", lambda: [(0, 0)])
+    monkeypatch.setattr(lab, "demo_blocks", lambda: {"skipped": 0.0})
+    monkeypatch.setattr(lab, "predict", first_prediction)
+    for argv, expected in ((["--bug", "no-eval-mode"], "no-eval-mode"), ([], None)):
+        with pytest.raises(Stop):
+            lab.main([*argv, "--smoke", "--device", "cpu", "--widths", "8,8,8", "--out-dir", str(tmp_path / "out")])
+        assert received[-1] == expected
 
 
 def test_a_bad_flag_in_a_notebook_prints_one_line_and_does_not_exit(lab, monkeypatch, capsys):
