@@ -127,6 +127,26 @@ def test_a_non_finite_loss_stops_training_naming_the_step():
         lab.train_vae(vae, images, labels, images, labels, 1, 32, 1e-3, 0, "VAE", torch.device("cpu"))
 
 
+def test_the_wrong_kl_sign_drill_blows_up_the_kl(capsys):
+    """--bug wrong-kl-sign (the drill): trained on the same generated digits and seed, the bugged VAE's
+    codes end far from N(0, I) (test_kl) while a clean one's stay close. The flag goes through the
+    lab's own parser into train_vae, as train_and_report() passes it."""
+    images, labels = lab.generated_digits(256, seed=0)
+    kl, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is faster, and much faster on a busy machine
+    try:
+        for bug in (None, "wrong-kl-sign"):
+            args, _ = lab.build_parser().parse_known_args(["--lr", "1e-2", *(["--bug", bug] if bug else [])])
+            torch.manual_seed(0)
+            vae = lab.VAE(4, 32)
+            lab.train_vae(vae, images, labels, images[:64], labels[:64], 3, 32, args.lr, 0, "VAE",
+                          torch.device("cpu"), bug=args.bug)
+            kl[bug] = lab.evaluate_kl(vae, images[:64], torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert kl[None] < 10 and kl["wrong-kl-sign"] > 100 * kl[None], kl  # measured (seeds 0-2): <= 2.8 and >= 567
+
+
 # --- bad input: one line on stderr, exit status 1, nothing written --------------------------------
 
 @pytest.mark.parametrize("digit", ["10", "-1", "seven"])
@@ -136,7 +156,8 @@ def test_digit_outside_zero_to_nine_is_refused(digit, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--hidden", "1"), ("--lr", "nan"), ("--batch-size", "-4")])
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--hidden", "1"), ("--lr", "nan"), ("--batch-size", "-4"),
+                                         ("--bug", "no-such-bug")])
 def test_out_of_range_hyper_parameters_are_refused(flag, value, tmp_path):
     result = failure_of(lab.main, ["--smoke", flag, value, "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, flag)

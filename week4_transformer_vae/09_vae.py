@@ -39,6 +39,7 @@ Run it
              python week4_transformer_vae/09_vae.py --device cuda --precision fp16
                                                   (the T4's fp16 + loss-scaling path on any CUDA GPU)
              tensorboard --logdir runs/09_vae/tensorboard
+             python week4_transformer_vae/09_vae.py --bug wrong-kl-sign   (a debugging drill)
   Colab:     Runtime > Change runtime type > GPU, upload this file and run `!python 09_vae.py`, or
              paste the file into a cell (figures show inline; a bad flag prints one line).
   Data:      MNIST through torchvision, downloaded on first use into <data-dir>/MNIST/raw/.
@@ -52,8 +53,8 @@ Measured (default run, `python week4_transformer_vae/09_vae.py`, torch 2.14.1)
     accuracy 99.64% of 5,000 generated digits (target 95%), judged by a 97.2%-accurate MLP
     classifier; training 202 s, whole run 212 s in the lab, 214 s for the process.
   GPU: not measured yet.
-  Smoke run (`--smoke`, on one CPU thread): 5.7-6.0 s wall on 2 idle cores before the GPU changes
-    of issue 12; after them 31 s wall (10.4 s of CPU time) on 2 cores shared with other jobs.
+  Smoke run (`--smoke`, on one CPU thread): 5.7-6.0 s wall on 2 idle cores (an earlier version:
+    the notes cell at the end says what changed since).
 """
 import argparse
 import json
@@ -77,15 +78,52 @@ TARGET_NEG_ELBO = 100.0          # nats per image, test set, default run
 TARGET_CONDITIONAL_ACCURACY = 0.95
 
 
-class LabError(Exception):
-    """Something the learner can fix (missing data, a bad checkpoint); main() prints it, no traceback."""
-
-
 # %%
-# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
-# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
-# slowly. CPU and MPS train in fp32.
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
+class LabError(Exception):
+    """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch "
+                       f"can use (torch {torch.__version__}). Use --device auto or --device cpu; in "
+                       "Colab pick Runtime > Change runtime type > GPU.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LabError("--device mps was asked for, but Apple's Metal backend is not available here. "
+                       "Use --device auto or --device cpu.")
+    return torch.device(name)
+
+
+def folder(path, flag: str) -> Path:
+    """--data-dir and --out-dir are folders (created when missing), never files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
+    return folder
+
+
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -108,6 +146,54 @@ def autocast(device: torch.device, dtype):
 def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
     """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
 
 
 # %%
@@ -138,10 +224,19 @@ def kl_divergence(mu, logvar):
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
-def negative_elbo(logits, x, mu, logvar):
+def negative_elbo(logits, x, mu, logvar, bug=None):
     """Summed over the batch: BCE (from logits, which is stabler than sigmoid then BCE) + KL."""
     reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-    return reconstruction + kl_divergence(mu, logvar).sum()
+    kl = kl_divergence(mu, logvar).sum()
+    # Drill: --bug wrong-kl-sign (training only) subtracts the KL instead of adding it, so the
+    # optimiser pushes the codes away from N(0, I) instead of towards it. Symptom: the training loss
+    # sinks below the test negative ELBO (which keeps the right sign) and the test KL, metrics.json
+    # "test_kl", grows many times over a clean run's (--smoke: 58.25 against 5.34 nats/image). On
+    # MNIST it grows without bound: the NaN guard stops the run (epoch 1, step 216, when measured),
+    # and its advice, a smaller --lr, only delays that. Tool: print the two terms of this loss apart.
+    if bug == "wrong-kl-sign":
+        return reconstruction - kl
+    return reconstruction + kl
 
 
 # %%
@@ -231,9 +326,10 @@ def batches(n: int, batch_size: int, generator, device):
 # guard (the first step whose loss was not finite), both read once per epoch. The forward pass runs
 # under autocast (--precision); the loss is computed in float32 from its outputs.
 def train_vae(model, images, labels, test_images, test_labels, epochs, batch_size, lr, seed, name, device,
-              dtype=None, log_every_epoch=True, writer=None, show_progress=False):
+              dtype=None, log_every_epoch=True, writer=None, show_progress=False, bug=None):
     """Train MODEL; with a WRITER, each epoch's losses and learning rate also go to TensorBoard under
-    NAME, against the optimizer step. SHOW_PROGRESS: a bar over each epoch's batches."""
+    NAME, against the optimizer step. SHOW_PROGRESS: a bar over each epoch's batches. BUG: the
+    debugging drill planted in the training loss (--bug), or None."""
     conditional = model.num_classes > 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scaler = grad_scaler(device, dtype)
@@ -255,7 +351,7 @@ def train_vae(model, images, labels, test_images, test_labels, epochs, batch_siz
             y = labels[index].to(device, non_blocking=True) if conditional else None
             with autocast(device, dtype):
                 logits, mu, logvar = model(x, y)
-            loss = negative_elbo(logits.float(), x, mu.float(), logvar.float())
+            loss = negative_elbo(logits.float(), x, mu.float(), logvar.float(), bug)
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss / len(x)).backward()
@@ -373,10 +469,6 @@ def conditional_accuracy(cvae, classifier, per_digit: int, seed: int, device) ->
 
 # %%
 # 7. Figures: image grids, the interpolation strip, the 2-D latent map and the decoded grid.
-def in_notebook() -> bool:
-    return "ipykernel" in sys.modules
-
-
 def pyplot():
     """matplotlib's pyplot, drawing to files (Agg) unless we are in a notebook."""
     import matplotlib
@@ -446,8 +538,8 @@ def decoded_grid(model, size: int, device, span: float = 2.0):
 
 
 # %%
-# 8. Checkpoints: written atomically; loading checks the file really holds this lab's
-# conditional VAE and says what does not match when it does not.
+# 8. Checkpoints: written atomically (torch_save_atomically, in the plumbing cell); loading checks
+# the file really holds this lab's conditional VAE and says what does not match when it does not.
 def save_checkpoint(model, kind: str, sample_inputs, path: Path, extra: dict) -> None:
     model.eval()
     with torch.no_grad():
@@ -457,9 +549,7 @@ def save_checkpoint(model, kind: str, sample_inputs, path: Path, extra: dict) ->
                              "num_classes": model.num_classes},
                   "sample_inputs": tuple(t.cpu() for t in sample_inputs),
                   "sample_outputs": tuple(t.cpu() for t in sample_outputs), **extra}
-    temporary = path.with_suffix(".tmp")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    torch_save_atomically(checkpoint, path)
 
 
 def load_cvae(path: str, device):
@@ -492,59 +582,8 @@ def load_cvae(path: str, device):
 
 
 # %%
-# 9. Putting it together: flags, data, the three VAEs, the judge, figures and the files written.
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.accelerator.is_available():
-            return torch.accelerator.current_accelerator()
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use. "
-                       "Use --device auto or --device cpu; in Colab pick Runtime > Change runtime type > GPU.")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps was asked for, but Apple's Metal backend is not available here. "
-                       "Use --device auto or --device cpu.")
-    return torch.device(name)
-
-
-def folder(path, flag: str) -> Path:
-    """--data-dir and --out-dir are folders (created when missing), never files."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise LabError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing).")
-    return folder
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
-
-
-# Range checks live in the flags' types, so a bad value is refused before anything runs.
-def at_least(lowest: int):
-    def whole_number(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
-        return value
-    return whole_number
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
+# 9. The flags: every number is checked before anything runs (the type= functions of the plumbing
+# cell); a digit is one of 0-9.
 def digit(text: str) -> int:
     if text not in [str(d) for d in range(NUM_CLASSES)]:
         raise argparse.ArgumentTypeError(f"must be a single digit from 0 to 9, got {text!r}")
@@ -563,24 +602,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=f"runs/{LAB_NAME}", help="where metrics, figures and checkpoints go")
     parser.add_argument("--smoke", action="store_true",
                         help="quick pass over every code path on generated images, one short epoch each")
-    parser.add_argument("--epochs", type=at_least(1), default=None, help="epochs of the VAE (default 20; smoke 1)")
-    parser.add_argument("--cvae-epochs", type=at_least(1), default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs of the VAE (default 20; smoke 1)")
+    parser.add_argument("--cvae-epochs", type=positive_int, default=None,
                         help="epochs of the conditional VAE (default 8; smoke 1)")
-    parser.add_argument("--map-epochs", type=at_least(1), default=None,
+    parser.add_argument("--map-epochs", type=positive_int, default=None,
                         help="epochs of the 2-D VAE drawn in the latent map (default 4; smoke 1)")
-    parser.add_argument("--batch-size", type=at_least(1), default=128, help="images per step")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
     parser.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate of Adam (one-cycle schedule)")
-    parser.add_argument("--latent-dim", type=at_least(1), default=20, help="size of z for the VAE")
-    parser.add_argument("--cvae-latent-dim", type=at_least(1), default=2,
+    parser.add_argument("--latent-dim", type=positive_int, default=20, help="size of z for the VAE")
+    parser.add_argument("--cvae-latent-dim", type=positive_int, default=2,
                         help="size of z for the conditional VAE: small, so the label must carry the digit")
-    parser.add_argument("--hidden", type=at_least(2), default=512,
+    parser.add_argument("--hidden", type=number(int, at_least=2), default=512,
                         help="width of the first hidden layer (the second is half as wide, so at least 2)")
     parser.add_argument("--digit", type=digit, default=7, help="the digit the conditional VAE draws, 0-9")
     parser.add_argument("--checkpoint", default=None,
                         help="draw --digit from this saved cvae.pt instead of training")
+    parser.add_argument("--bug", default=None, choices=["wrong-kl-sign"],
+                        help="a debugging drill: plant this bug in the training loss and watch for its symptom "
+                             "(the '# Drill:' comment in negative_elbo says which)")
     return parser
 
 
+# %%
+# Notes: how the measured figures of the docstring came about.
+#   Smoke run (--smoke, on one CPU thread): 5.7-6.0 s wall on 2 idle cores before the GPU changes of
+#   issue 12; after them 31 s wall (10.4 s of CPU time) on 2 cores shared with other jobs.
+
+
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week4_transformer_vae/09_vae.py --latent-dim 2
+#    Predict: with a 2-D code instead of 20-D, how much higher will the test negative ELBO be than
+#    the default run's 98.57, and will the reconstruction or the KL part take the loss?
+#    Answer: the "test negative ELBO ... = reconstruction ... + KL ..." line; test_neg_elbo,
+#    test_reconstruction and test_kl in metrics.json.
+# 2. Run: python week4_transformer_vae/09_vae.py --hidden 64
+#    Predict: a first hidden layer of 64 units instead of 512: how many nats per image worse?
+#    Answer: the per-epoch "VAE epoch ... test" lines; test_neg_elbo in metrics.json.
+# 3. Run: python week4_transformer_vae/09_vae.py --lr 0.02
+#    Predict: ten times the peak learning rate: a better ELBO in the same 20 epochs, a worse one, or NaN?
+#    Answer: the per-epoch "VAE epoch ... train ... test" lines (or the one-line NaN message).
+# 4. Run: python week4_transformer_vae/09_vae.py --smoke --bug wrong-kl-sign
+#    Predict: will the training loss end above or below the test negative ELBO, and how many times
+#    larger than a clean smoke run's (--smoke alone) will the test KL be?
+#    Answer: the "the test codes' KL from N(0, I)" line; test_kl in metrics.json.
+# 5. Run: python week4_transformer_vae/09_vae.py --bug wrong-kl-sign
+#    Predict: on MNIST, for 20 epochs: will the run finish, and if not, when and with what message?
+#    Answer: the line the run ends with (the NaN guard names the epoch and the step).
+
+
+# %%
+# 10. Putting it together: data, the three VAEs, the judge, figures and the files written.
 def draw_from_checkpoint(args, device) -> None:
     cvae = load_cvae(args.checkpoint, device)
     images = generate_digits(cvae, args.digit, 64, args.seed, device)
@@ -643,20 +715,23 @@ def train_and_report(args) -> None:
         vae = VAE(args.latent_dim, args.hidden).to(device)
         vae_history = train_vae(vae, images, labels, test_images, test_labels, epochs, args.batch_size, args.lr,
                                 args.seed, "VAE", device, dtype, writer=writer,
-                                show_progress=not args.smoke)
+                                show_progress=not args.smoke, bug=args.bug)
         test_neg_elbo = vae_history["test"][-1]
         kl_test = evaluate_kl(vae, test_images, device)
         print(f"  test negative ELBO {test_neg_elbo:.2f} nats/image = reconstruction {test_neg_elbo - kl_test:.2f} "
               f"+ KL {kl_test:.2f}" + ("" if args.smoke else
                                        f"  (target <= {TARGET_NEG_ELBO:g}: "
                                        f"{'reached' if test_neg_elbo <= TARGET_NEG_ELBO else 'missed'})"))
+        print(f"  the test codes' KL from N(0, I): {kl_test:.2f} nats/image (test_kl); training loss "
+              f"{vae_history['train'][-1]:.2f} against test {test_neg_elbo:.2f}: a training loss far below the test "
+              f"one, with a KL that keeps growing, is a loss that rewards the KL{' (--bug ' + args.bug + ')' if args.bug else ''}")
 
         print(f"\n== Latent space: a VAE with a 2-D latent, epochs {map_epochs}, for the map and the grid ==")
         torch.manual_seed(args.seed)
         vae_2d = VAE(2, args.hidden).to(device)
         map_history = train_vae(vae_2d, images, labels, test_images, test_labels, map_epochs, args.batch_size, args.lr,
                                 args.seed, "2-D VAE", device, dtype, log_every_epoch=False,
-                                writer=writer, show_progress=not args.smoke)
+                                writer=writer, show_progress=not args.smoke, bug=args.bug)
 
         print(f"\n== Conditional VAE: the label joins encoder and decoder, latent {args.cvae_latent_dim}-D, "
               f"epochs {cvae_epochs} ==")
@@ -664,7 +739,7 @@ def train_and_report(args) -> None:
         cvae = VAE(args.cvae_latent_dim, args.hidden, NUM_CLASSES).to(device)
         cvae_history = train_vae(cvae, images, labels, test_images, test_labels, cvae_epochs, args.batch_size, args.lr,
                                  args.seed, "CVAE", device, dtype, writer=writer,
-                                 show_progress=not args.smoke)
+                                 show_progress=not args.smoke, bug=args.bug)
 
         print(f"\n== The judge: an MNIST classifier (MLP), epochs {classifier_epochs} on the training images ==")
         classifier, classifier_accuracy = train_classifier(images, labels, test_images, test_labels, classifier_epochs,
@@ -705,10 +780,10 @@ def train_and_report(args) -> None:
         "vae_history": {k: vae_history[k] for k in ("train", "test")},
         "latent_dim": args.latent_dim, "cvae_latent_dim": args.cvae_latent_dim, "hidden": args.hidden, "batch_size": args.batch_size, "lr": args.lr,
         "target_neg_elbo": TARGET_NEG_ELBO, "target_conditional_accuracy": TARGET_CONDITIONAL_ACCURACY,
+        # the debugging drill (--bug): which bug was planted; its symptom is test_kl above
+        "bug": args.bug,
     }
-    temporary = out_dir / "metrics.json.tmp"
-    temporary.write_text(json.dumps(metrics, indent=2))
-    os.replace(temporary, out_dir / "metrics.json")
+    write_json_atomically(metrics, out_dir / "metrics.json")
     print(f"\nSummary: the VAE reaches a test negative ELBO of {test_neg_elbo:.2f} nats/image after {epochs} epoch(s); "
           f"the conditional VAE draws the asked-for digit {cond_accuracy:.1%} of the time (judged by a "
           f"{classifier_accuracy:.1%}-accurate classifier). Whole run {wall_time:.0f} s, training {train_time:.0f} s.\n"
