@@ -50,6 +50,53 @@ def test_frozen_stages_do_not_change_after_an_optimizer_step(lab, strategy, open
             assert not changed, f"{stage} is frozen but {changed[:3]} changed"
 
 
+# The debugging drill (--bug optimizer-built-before-unfreezing): in-process, one step of a resnet18.
+def weight_change_after_unfreezing_layer4(lab, bug):
+    """Gradual unfreezing's epoch 1 (the head open) when the optimizer is built, then layer4 opened
+    and one step taken, as in run_strategy."""
+    model = small_resnet(lab, num_classes=2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    lab.open_stages(model, ["head"])
+    optimizer = lab.make_optimizer(model, "gradual_unfreezing", lr=0.1, lr_decay=0.3, weight_decay=1e-4, bug=bug)
+    lab.open_stages(model, ["layer4", "head"])
+    lab.set_train_mode(model, ["layer4", "head"])
+    loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 0, 1]))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return lab.stage_weight_change(model, start)
+
+
+def test_drill_optimizer_built_before_unfreezing_never_moves_the_unfrozen_stage(lab):
+    """Measured: layer4 moves by 1.6e-2 of its weights in one clean step, by exactly 0 with the bug."""
+    clean = weight_change_after_unfreezing_layer4(lab, None)
+    bugged = weight_change_after_unfreezing_layer4(lab, "optimizer-built-before-unfreezing")
+    assert clean["layer4"] > 1e-5 and clean["head"] > 0, clean
+    assert bugged["layer4"] == 0.0, "--bug optimizer-built-before-unfreezing: layer4 must not move"
+    assert bugged["head"] > 0, "the head is in the optimizer either way"
+    assert clean["layer3"] == bugged["layer3"] == 0.0, "a frozen stage moves in neither"
+
+
+def test_the_bug_flag_reaches_make_optimizer(lab, tmp_path, monkeypatch):
+    """run() hands --bug to make_optimizer, the function that plants it (stopped at its first call)."""
+    received = []
+
+    class Stop(Exception):
+        pass
+
+    def first_optimizer(*args, **kwargs):
+        received.append(kwargs.get("bug"))
+        raise Stop
+
+    monkeypatch.setattr(lab, "make_optimizer", first_optimizer)
+    for argv, expected in ((["--bug", "optimizer-built-before-unfreezing"], "optimizer-built-before-unfreezing"),
+                           ([], None)):
+        with pytest.raises(Stop):
+            lab.main([*argv, "--smoke", "--device", "cpu", "--strategies", "gradual_unfreezing",
+                      "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")])
+        assert received[-1] == expected
+
+
 @pytest.mark.exercise("open_stages")
 def test_frozen_parameters_get_no_gradient(lab):
     model = small_resnet(lab)
@@ -213,10 +260,15 @@ def test_imagenet_weights_with_no_network_suggest_weights_none(lab, tmp_path):
 
 
 @pytest.mark.parametrize("flags, fragment", [(["--unfreeze-schedule", "0:layer4"], "epochs start at 1"),
-                                             (["--lr", "-1"], "--lr"), (["--lr-decay", "2"], "--lr-decay"),
-                                             (["--epochs", "0"], "--epochs"), (["--batch-size", "1"], "--batch-size"),
-                                             (["--image-size", "16"], "--image-size"), (["--workers", "-1"], "--workers"),
+                                             (["--lr", "-1"], "--lr: must be a finite number above 0 and at most 10"),
+                                             (["--lr-decay", "2"], "--lr-decay: must be a finite number above 0 and at most 1"),
+                                             (["--weight-decay", "nan"], "--weight-decay: must be a finite number at least 0"),
+                                             (["--epochs", "0"], "--epochs: must be a whole number at least 1"),
+                                             (["--batch-size", "1"], "--batch-size: must be a whole number at least 2"),
+                                             (["--image-size", "16"], "--image-size: must be a whole number at least 32"),
+                                             (["--workers", "-1"], "--workers: must be a whole number at least 0"),
                                              (["--strategies", "magic"], "--strategies"),
+                                             (["--bug", "typo"], "--bug: invalid choice"),
                                              (["--precision", "fp8"], "--precision"),
                                              (["--precision", "bf16"], "--precision bf16 is for CUDA")])
 def test_out_of_range_flags_are_refused_in_one_line(lab, flags, fragment, tmp_path):
@@ -335,3 +387,7 @@ def test_smoke_run_saves_the_best_model_of_each_strategy(lab, tmp_path):
     assert gradual[2]["open_stages"] == ["layer2", "layer3", "layer4", "head"]
     assert (tmp_path / "strategy_comparison.png").is_file() and (tmp_path / "comparison.md").is_file()
     assert metrics["best_strategy"] in metrics["strategies"]
+    # The drill's symptom in a clean run: the stages opened later (layer4, layer3, layer2) moved.
+    assert metrics["bug"] is None and metrics["late_stages_weight_change"] > 0
+    moved = metrics["strategies"]["feature_extraction"]["stage_weight_change"]
+    assert moved["head"] > 0 and all(moved[stage] == 0.0 for stage in lab.STAGES[:-1])
