@@ -1286,9 +1286,11 @@ def run(args):
 # 1. Run: python week2_cnn/04_cnn_basics.py --epochs 4
 #    Predict: half the epochs: how many points of test accuracy are lost, and how much time is saved?
 #    Answer: the "test accuracy" line and the Summary; test_accuracy and train_time_s in metrics.json.
-# 2. Run: python week2_cnn/04_cnn_basics.py --no-test-time-flip
-#    Predict: how much does averaging each test image with its mirror image add to accuracy?
-#    Answer: the "test accuracy ... (... without the test-time flip)" line; test_accuracy in metrics.json.
+# 2. Run: python week2_cnn/04_cnn_basics.py --lr 3.75 --epochs 4
+#    Predict: ten times the peak learning rate: does training diverge (a NaN loss), or learn worse, or
+#    better? Compare with question 1.
+#    Answer: the per-epoch "loss ... train acc" lines (or the one-line error naming the step where the
+#    loss stopped being finite); test_accuracy in metrics.json.
 # 3. Run: python week2_cnn/04_cnn_basics.py --label-smoothing 0
 #    Predict: will the training loss end lower or higher, and test accuracy?
 #    Answer: the per-epoch "loss ... train acc ... test acc" lines; test_accuracy in metrics.json.
