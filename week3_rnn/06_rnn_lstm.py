@@ -749,8 +749,9 @@ def train_char_lstm(model, train_data, val_data, args, device, dtype, writer: Su
         # Drill: --bug no-zero-grad skips the next line, so each step's gradients add onto the earlier
         # ones. Symptom: clipping hides the pile-up (it shrinks the sum back to --clip every step), so
         # the loss only learns more slowly, but the gradient norm before clipping sits above --clip on
-        # nearly every step: metrics.json "clipped_share" near 1, against a few % or less in a clean
-        # run. Tool: the gradient norm (clip_grad_norm_ returns it), printed every few steps.
+        # nearly every step: metrics.json "clipped_share" (one epoch of tiny Shakespeare, measured:
+        # 99.4% of the steps bugged, 0.2% clean). Tool: the gradient norm (clip_grad_norm_ returns
+        # it), printed every few steps.
         if args.bug != "no-zero-grad":
             optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -956,9 +957,9 @@ def build_parser():
 # 3. Run: python week3_rnn/06_rnn_lstm.py --hidden-size 64
 #    Predict: how many times fewer parameters than the 256-unit model, and how much higher the loss?
 #    Answer: the "model N parameters" line and the "final validation loss" line; val_loss in metrics.json.
-# 4. Run: python week3_rnn/06_rnn_lstm.py --bug no-zero-grad --time-budget 20
-#    Predict: on what share of the steps will the gradient norm be over --clip 1 (the default run:
-#    a few % or less), and will the loss still come down?
+# 4. Run: python week3_rnn/06_rnn_lstm.py --bug no-zero-grad --epochs 1
+#    Predict: on what share of the steps will the gradient norm be over --clip 1 (--epochs 1 without
+#    the bug: 1 step of 490), and will the loss still come down?
 #    Answer: the "gradient norm before clipping ... over --clip 1 on N% of the steps" line and the
 #    validation lines; clipped_share and val_loss in metrics.json.
 
