@@ -467,3 +467,27 @@ def test_default_run_reaches_the_targets(tmp_path):
     assert metrics["chord_accuracy_lstm"] > metrics["chord_accuracy_bigram"], metrics
     assert metrics["pitch_class_intersection_lstm"] >= 0.9, metrics
     assert metrics["pitch_class_intersection_random"] <= metrics["pitch_class_intersection_lstm"] - 0.1, metrics
+
+
+# %%
+# The debugging drill: --bug split-by-window puts windows of the same tune in training and test.
+def test_split_by_window_drill_leaks_test_tunes_into_training(lab):
+    records = [{"name": f"oneills1850/t.abc#{i}", "source": "folk", "tonic": 7, "mode": "major",
+                "events": [(60 + (i + j) % 12, 1.0) for j in range(96)]} for i in range(40)]
+    clean = lab.split_melodies(records, None)
+    assert lab.tunes_in_train_and_test(clean) == 0  # by tune: nothing of a test tune is trained on
+    assert sum(map(len, clean.values())) == 40
+    bug = lab.build_parser().parse_known_args(["--bug", "split-by-window"])[0].bug  # as run() passes it
+    leaky = lab.split_melodies(records, bug, window=32)
+    test_tunes = {r["tune"] for r in leaky["test"]}
+    assert test_tunes and lab.tunes_in_train_and_test(leaky) >= 0.8 * len(test_tunes)
+    assert sum(len(r["events"]) for rs in leaky.values() for r in rs) == 40 * 96  # every event, once
+
+
+def test_bar_clock_can_be_switched_off(lab):
+    args = lab.build_parser().parse_known_args(["--abc-bar-clock", "off"])[0]
+    assert args.abc_bar_clock == "off"
+    model = lab.SequenceModel(lab.SeqConfig(vocab_size=10, embed_dim=4, hidden_size=8, position_buckets=0))
+    tokens, positions = torch.tensor([[0, 3, 4]]), torch.tensor([[0, 5, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(tokens, positions=positions)[0], model(tokens)[0])  # no position input at all

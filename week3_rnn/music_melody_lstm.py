@@ -3,15 +3,19 @@
 Curriculum days 15-17 (recurrent networks), taken to music. What this lab teaches, in order:
   1. Representation: a melody as a sequence of note events (pitch + duration, rests included) that
      opens with a key token (mode and tonic, like folk-rnn's K: field), the same folk tunes as ABC
-     text characters (normalised the way folk-rnn did: layout removed, common metres only),
+     tokens (folk-rnn's representation: a note with its accidental and octave marks, a duration, a
+     bar line or repeat sign is each one token; normalised the way folk-rnn did: layout removed,
+     common metres only),
      transposition to all keys as augmentation (the key token moves along), and a
      train/validation/test split by tune (never by window).
   2. Baselines first: n-gram models of orders 1-4 with Witten-Bell smoothing on the same tokens,
      their held-out negative log-likelihood (NLL) per event.
   3. An LSTM and a GRU on note events, trained with truncated back-propagation through time, in one
      NLL table with the n-grams.
-  4. The same LSTM on ABC characters (folk-rnn's representation), and one validity checker for
-     real and generated tunes: parses with music21, every complete bar has the metre's length.
+  4. An LSTM on ABC tokens, a whole tune per sequence, told what is left of the bar beside each
+     token (counted from the tokens so far, as Magenta's melody RNNs are told their position in the
+     bar), and one validity checker for real and generated tunes: parses with music21, every
+     complete bar has the metre's length.
   5. Chord progressions from the Bach chorales, one chord per beat as a Roman numeral: next-chord
      accuracy of an LSTM against the bigram baseline.
   6. Generation with temperature and top-k, primed with the start of a held-out tune or your own
@@ -24,7 +28,7 @@ Curriculum days 15-17 (recurrent networks), taken to music. What this lab teache
 The music is the corpus that music21 installs with the package (no network): the 371 four-part Bach
 chorales (`music21.corpus.chorales.Iterator`; chorale melodies that occur more than once are kept
 once, before the split) and O'Neill's 1850 collection of Irish tunes (2,009 tunes in ABC). The ABC
-character model reads the O'Neill files as raw text: ornaments, spaces and line breaks stripped (the
+token model reads the O'Neill files as raw text: ornaments, spaces and line breaks stripped (the
 music stays the same), 1,655 tunes kept (metres 6/8, 2/2, 4/4, 3/4, 2/4, 9/8 with `L:1/8`; left out:
 175 with `L:1/16`, 22 with `L:1/4`, 135 without an `L:` field, 8 in other metres, 14 that change
 metre or key half-way);
@@ -104,23 +108,38 @@ LAB_NAME = "music_melody_lstm"
 CACHE_VERSION = 2  # bump when the cached corpus format changes: an old cache is then rebuilt
 
 
-class LabError(Exception):
-    """A problem the learner can fix (bad flag, missing package, broken file): message, no traceback."""
-
-
 # %%
-# Setup: the device, folders, figures that also show inline in a notebook. Asking for something
-# that is not there (a GPU, a folder that is a file, music21) is a one-line message, not a traceback.
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
+class LabError(Exception):
+    """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
     if name == "auto":
         if torch.accelerator.is_available():
             return torch.accelerator.current_accelerator()
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu "
-                       "(in Colab: Runtime > Change runtime type > T4 GPU)")
+        raise LabError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch "
+                       f"can use (torch {torch.__version__}). Use --device auto or --device cpu; in "
+                       "Colab pick Runtime > Change runtime type > GPU.")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
+        raise LabError("--device mps was asked for, but Apple's Metal backend is not available here. "
+                       "Use --device auto or --device cpu.")
     return torch.device(name)
 
 
@@ -132,12 +151,84 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
-def in_notebook() -> bool:
-    """True in a Jupyter or Colab kernel: figures then show inline, and errors print one line."""
-    ipython = sys.modules.get("IPython")
-    return ipython is not None and getattr(ipython.get_ipython(), "kernel", None) is not None
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+# %%
+# Setup: figures that also show inline in a notebook, music21, CPU threads. Asking for something
+# that is not there (music21) is a one-line message, not a traceback.
 def save_figure(fig, path: Path) -> None:
     """Save a figure as PNG, show it inline in a notebook, and free it."""
     import matplotlib.pyplot as plt
@@ -159,9 +250,9 @@ def import_music21():
     return music21
 
 
-def one_line(err: Exception) -> str:
-    """An exception as one short line (music21's and PyTorch's messages can span several)."""
-    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+def error_text(err: Exception) -> str:
+    """An exception as one short line with its kind (music21's messages can span several)."""
+    return f"{type(err).__name__}: {one_line(err, limit=200)}"
 
 
 @contextlib.contextmanager
@@ -193,35 +284,6 @@ def cpu_threads(count: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-# %%
-# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
-# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
-# slowly. CPU and MPS train in fp32.
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_precision(name: str, device: torch.device):
-    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if name != "fp32" and device.type != "cuda":
-        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
-    return PRECISIONS[name]
-
-
-def autocast(device: torch.device, dtype):
-    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
-    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %%
@@ -320,6 +382,27 @@ def split_of(name: str) -> str:
     return "test" if bucket == 0 else "val" if bucket == 1 else "train"
 
 
+def split_melodies(records, bug=None, window: int = 32):
+    """{train, val, test} lists of records, split by tune. With bug="split-by-window" each tune is
+    first cut into windows of `window` events and the WINDOWS are split: the mistake of splitting a
+    long token stream at random places."""
+    if bug == "split-by-window":
+        # Drill: split-by-window. The held-out NLL of every model drops (the 4-gram's most: it has
+        # seen the test tune's other windows); the lab prints how many test tunes also sit in
+        # training, the number to check first when a held-out score looks too good (here: 0).
+        records = [{**r, "tune": r["name"], "name": f"{r['name']}@{i // window}", "events": r["events"][i:i + window],
+                    "chords": r.get("chords") if i == 0 else None}  # a chorale's chords stay one sequence
+                   for r in records for i in range(0, len(r["events"]), window)]
+        records = [r for r in records if len(r["events"]) >= 2]
+    return {name: [r for r in records if split_of(r["name"]) == name] for name in ("train", "val", "test")}
+
+
+def tunes_in_train_and_test(split) -> int:
+    """How many test tunes have events in the training set too (0 when the split is by tune)."""
+    tune = lambda record: record.get("tune", record["name"])  # noqa: E731
+    return len({tune(r) for r in split["test"]} & {tune(r) for r in split["train"]})
+
+
 # %%
 # Part 1b. The same tunes as ABC text. O'Neill's collection is read as raw text: the tunes are cut
 # at their `X:` lines, titles and notes dropped, and only the metre, unit length, key and the notes
@@ -328,8 +411,8 @@ def split_of(name: str) -> str:
 # Then folk-rnn's kind of normalisation, which leaves the music as it was: spaces (beaming) and line
 # breaks (engraving) are layout, so a tune's notes become one line; `M:C` is written 4/4 and `M:C|`
 # 2/2; only the common metres with `L:1/8` are kept, and tunes that change metre, unit or key
-# half-way are left out. Every character the model reads is then music, a bar is ~25% fewer
-# characters to count through, and a tune's end is simply the end of its line.
+# half-way are left out. Every token the model reads is then music (a space would be one more
+# token to read past in every bar), and a tune's end is simply the end of its line.
 KEY_TONICS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 COMMON_METRES = {"6/8": "6/8", "C|": "2/2", "2/2": "2/2", "C": "4/4", "4/4": "4/4", "3/4": "3/4", "2/4": "2/4",
                  "9/8": "9/8"}  # as written -> as kept (jigs, reels, hornpipes, waltzes, polkas, slip jigs)
@@ -651,7 +734,7 @@ def read_cache(path: Path, fingerprint: str):
             record["events"] = [(int(pitch), float(quarters)) for pitch, quarters in record["events"]]
         return cached, None
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-        return None, f"the cache is corrupt ({one_line(err)})"
+        return None, f"the cache is corrupt ({error_text(err)})"
 
 
 def build_corpus(entries, cache_path: Path, fingerprint: str, progress=True):
@@ -669,7 +752,7 @@ def build_corpus(entries, cache_path: Path, fingerprint: str, progress=True):
         try:
             record = loader()
         except Exception as err:  # music21 raises many kinds on a malformed entry: skip it, count it
-            skipped.append([name, one_line(err)])
+            skipped.append([name, error_text(err)])
             continue
         if len(record["events"]) < 4:
             skipped.append([name, "fewer than 4 notes"])
@@ -679,9 +762,7 @@ def build_corpus(entries, cache_path: Path, fingerprint: str, progress=True):
     cached = {"version": CACHE_VERSION, "fingerprint": fingerprint, "records": records, "skipped": skipped,
               "parse_seconds": time.perf_counter() - start}
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(cached), encoding="utf-8")
-    os.replace(temporary, cache_path)  # an interrupted parse never leaves a half-written cache
+    write_json_atomically(cached, cache_path)  # an interrupted parse never leaves a half-written cache
     return cached
 
 
@@ -840,7 +921,7 @@ class NGramModel:
 
 # %%
 # Part 3a. The neural models: embedding -> LSTM or GRU -> one logit per token. The same class models
-# note events, ABC characters and chords; only the vocabulary changes.
+# note events, ABC tokens (with what is left of the bar) and chords; only the vocabulary changes.
 @dataclass
 class SeqConfig:
     kind: str = "lstm"  # lstm or gru
@@ -1031,9 +1112,7 @@ def save_checkpoint(model, config: SeqConfig, extra: dict, sample_inputs, path: 
     payload = {"lab": LAB_NAME, "model": {k: v.cpu() for k, v in model.state_dict().items()},
                "config": {**asdict(config), **extra}, "sample_inputs": sample_inputs,
                "sample_outputs": (logits.float().cpu(), state)}
-    temporary = path.with_suffix(".pt.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)  # an interrupted save never leaves a broken checkpoint
+    torch_save_atomically(payload, path)  # an interrupted save never leaves a broken checkpoint
     model.train()
 
 
@@ -1045,7 +1124,7 @@ def load_checkpoint(path: Path, device, task: str):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise LabError(f"checkpoint {path} cannot be loaded: the file is truncated or corrupt ({one_line(err)})") from None
+        raise LabError(f"checkpoint {path} cannot be loaded: the file is truncated or corrupt ({error_text(err)})") from None
     config = saved.get("config") if isinstance(saved, dict) else None
     if not isinstance(config, dict) or config.get("task") != task or "model" not in saved:
         raise LabError(f"checkpoint {path} is not this lab's {task} model; give --generate-only the "
@@ -1054,7 +1133,7 @@ def load_checkpoint(path: Path, device, task: str):
         model = build_model(config)
         model.load_state_dict(saved["model"])
     except Exception as err:
-        raise LabError(f"checkpoint {path} does not fit this lab's model ({one_line(err)})") from None
+        raise LabError(f"checkpoint {path} does not fit this lab's model ({error_text(err)})") from None
     return model.to(device).eval(), config
 
 
@@ -1238,7 +1317,7 @@ def abc_validity(tune: str, music21=None):
     except TimeoutError:
         return False, "music21 did not finish parsing it in 10 s"
     except Exception as err:  # music21's ABC reader raises many kinds on broken text
-        return False, f"music21 cannot parse it ({one_line(err)[:80]})"
+        return False, f"music21 cannot parse it ({error_text(err)[:80]})"
     part = score.parts[0] if getattr(score, "parts", None) else score
     bars = list(part.getElementsByClass("Measure"))
     metres = list(score.recurse().getElementsByClass("TimeSignature"))
@@ -1554,7 +1633,7 @@ def read_prime(path: Path, music21):
         events = melody_events(score)
         key = score.analyze("key")
     except Exception as err:
-        raise LabError(f"--prime {path} cannot be read as music by music21 ({one_line(err)[:120]})") from None
+        raise LabError(f"--prime {path} cannot be read as music by music21 ({error_text(err)[:120]})") from None
     events = [(min(max(p, PITCH_LOW), PITCH_HIGH) if p else 0, q) for p, q in events]
     if len(events) < 2:
         raise LabError(f"--prime {path} holds fewer than two notes; give a melody to continue")
@@ -1602,29 +1681,25 @@ def export_abc(args, data_dir):
 
 
 # %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week3_rnn/music_melody_lstm.py --abc-bar-clock off
+#    Predict: without what is left of the bar beside each token, what share of the generated tunes
+#    is still valid music: about the same, half, or a tenth of the default run's?
+#    Answer: the Part 4 line "valid music: ... generated tunes ... vs ... real"; abc_valid_share_generated.
+# 2. Run: python week3_rnn/music_melody_lstm.py --gru-steps 1000
+#    Predict: with as many steps as the LSTM, does the GRU catch up with the LSTM's test NLL?
+#    Answer: the Part 3 table "held-out test NLL per event"; gru_test_nll and lstm_test_nll in metrics.json.
+# 3. Run: python week3_rnn/music_melody_lstm.py --top-k 0
+#    Predict: drawing from the whole softmax, does the share of notes in the key go up or down?
+#    Answer: the Part 6 line "lstm ... in key"; statistics.lstm.in_key_ratio in metrics.json.
+# 4. Run: python week3_rnn/music_melody_lstm.py --bug split-by-window
+#    Predict: will the 4-gram's held-out NLL look better or worse than with the split by tune?
+#    Answer: the Part 2 lines "4-gram: validation ..., test ..." and "test tunes that also have events
+#    in the training set"; test_tunes_also_in_training in metrics.json.
+
+
+# %%
 # Putting it together: flags, the parts in order, metrics.json and a summary.
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
-
-
-def checked(kind, is_valid, rule: str):
-    """A type= for argparse: kind(text), refused with "must be RULE" unless is_valid(value)."""
-    def parse(text):
-        value = kind(text)
-        if not is_valid(value):
-            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-positive_int = checked(int, lambda v: v > 0, "a positive whole number")
-positive_float = checked(float, lambda v: v > 0, "positive")
-
-
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -1637,38 +1712,42 @@ def build_parser():
     parser.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME, help="where outputs go")
     parser.add_argument("--smoke", action="store_true",
                         help="every code path in seconds on generated tunes (the corpus is never parsed)")
-    parser.add_argument("--threads", type=checked(int, lambda v: v >= 0, "0 or more"), default=1,
+    parser.add_argument("--threads", type=whole_number, default=1,
                         help="CPU threads for PyTorch during the run (0: PyTorch's default; see cpu_threads)")
-    parser.add_argument("--folk-tunes", type=checked(int, lambda v: v >= 0, "0 or more"), default=500,
+    parser.add_argument("--folk-tunes", type=whole_number, default=500,
                         help="how many O'Neill tunes are parsed into note events (about 0.25 s each, once)")
     parser.add_argument("--steps", type=positive_int, default=1000,
                         help="training steps of the note-event LSTM")
     parser.add_argument("--gru-steps", type=positive_int, default=300,
                         help="training steps of the note-event GRU (the LSTM's comparison)")
-    parser.add_argument("--abc-steps", type=positive_int, default=1200, help="training steps of the ABC token LSTM")
+    parser.add_argument("--abc-steps", type=positive_int, default=600, help="training steps of the ABC token LSTM")
     parser.add_argument("--abc-batch-size", type=positive_int, default=16, help="whole tunes per ABC training step")
     parser.add_argument("--abc-lr", type=positive_float, default=6e-3, help="peak AdamW learning rate of the ABC LSTM")
-    parser.add_argument("--abc-dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0,
+    parser.add_argument("--abc-dropout", type=probability, default=0.0,
                         help="dropout of the ABC LSTM (it sees each tune only a few times: 0 learns fastest)")
     parser.add_argument("--chord-steps", type=positive_int, default=300, help="training steps of the chord LSTM")
-    parser.add_argument("--epochs", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
+    parser.add_argument("--epochs", type=whole_number, default=0,
                         help="train each network this many passes over its data instead (0: use the step counts)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="parallel token streams per step")
     parser.add_argument("--bptt", type=positive_int, default=64, help="tokens per step: how far gradients flow back")
     parser.add_argument("--lr", type=positive_float, default=4e-3, help="peak AdamW learning rate")
     parser.add_argument("--hidden-size", type=positive_int, default=256, help="units of each recurrent layer")
     parser.add_argument("--abc-hidden-size", type=positive_int, default=128, help="units of the ABC token LSTM")
-    parser.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.2,
+    parser.add_argument("--dropout", type=probability, default=0.2,
                         help="dropout on embeddings and recurrent outputs")
     parser.add_argument("--log-every", type=positive_int, default=50,
                         help="steps between reads of the training loss from the device")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    parser.add_argument("--top-k", type=checked(int, lambda v: v >= 0, "0 or more"), default=10,
+    parser.add_argument("--top-k", type=whole_number, default=10,
                         help="melodies: sample only among the k most likely events (0: all); ABC tunes are "
                              "always drawn from the whole softmax at temperature 1.0")
     parser.add_argument("--melodies", type=positive_int, default=50,
                         help="melodies generated for the statistics (the first 4 are written as MIDI/WAV)")
     parser.add_argument("--abc-samples", type=positive_int, default=50, help="ABC tunes generated and checked")
+    parser.add_argument("--bug", default=None, choices=["split-by-window"],
+                        help="plant a bug for the debugging drill (see '# Drill:' in split_melodies)")
+    parser.add_argument("--abc-bar-clock", default="on", choices=["on", "off"],
+                        help="give the ABC LSTM what is left of the bar beside each token (off: the tokens alone)")
     parser.add_argument("--prime", type=Path, default=None,
                         help="a file with your own melody (ABC, MIDI or MusicXML) to continue")
     parser.add_argument("--generate-only", type=Path, default=None, metavar="CHECKPOINT",
@@ -1678,16 +1757,6 @@ def build_parser():
     parser.add_argument("--score-abc", type=Path, default=None, metavar="FILE",
                         help="print the validity share of the ABC tunes in FILE (real or generated) and stop")
     return parser
-
-
-def main(argv=None) -> None:
-    try:
-        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
-        run(args)
-    except LabError as err:
-        if not in_notebook():
-            sys.exit(f"error: {err}")
-        print(f"error: {err}", file=sys.stderr)
 
 
 def run(args):
@@ -1742,16 +1811,19 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     print("\n== Part 1: the music, as note events and as ABC text")
     music = load_music(args, data_dir)
     records = music["records"]
-    split = {name: [r for r in records if split_of(r["name"]) == name] for name in ("train", "val", "test")}
-    if args.smoke:  # a handful of tunes: every split gets a chorale and a folk tune
+    split = split_melodies(records, args.bug, window=4 if args.smoke else 32)
+    if args.smoke and not args.bug:  # a handful of tunes: every split gets a chorale and a folk tune
         by_source = [[r for r in records if r["source"] == source] for source in ("chorale", "folk")]
         split = {"train": [r for rs in by_source for r in rs[:-2]], "val": [r for rs in by_source for r in rs[-2:-1]],
                  "test": [r for rs in by_source for r in rs[-1:]]}
     melodies = {name: [r["events"] for r in rs] for name, rs in split.items()}
+    shared_tunes = tunes_in_train_and_test(split)
+    print(f"  test tunes that also have events in the training set: {shared_tunes} of "
+          f"{len({r.get('tune', r['name']) for r in split['test']})}" + (f"  [--bug {args.bug}]" if args.bug else ""))
     train_augmented = augment([(r["events"], r["tonic"], r["mode"]) for r in split["train"]])
     print(f"  {len(records)} melodies ({sum(r['source'] == 'chorale' for r in records)} chorale sopranos, "
           f"{sum(r['source'] == 'folk' for r in records)} folk tunes), {music['duplicates']} duplicate chorale "
-          f"melodies removed, {len(music['skipped'])} entries skipped; split by tune "
+          f"melodies removed, {len(music['skipped'])} entries skipped; split by {'window' if args.bug else 'tune'} "
           + ", ".join(f"{k} {len(v)}" for k, v in melodies.items()))
     print(f"  transposed to all 12 keys: {len(melodies['train'])} training melodies -> {len(train_augmented)} "
           f"({sum(len(m) for m, _, _ in train_augmented):,} events); a melody as tokens: "
@@ -1816,10 +1888,11 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     print(f"  {len(abc_split['train'])} training tunes, {sum(len(ids) - 1 for ids, _ in abc_train):,} tokens "
           f"({sum(map(len, abc_split['train'])):,} characters), {len(abc_vocabulary)} distinct tokens; "
           f"a tune starts: {shown} ...")
-    print("  what is left of the bar after each (BarClock; 1 + quarters of an eighth, 1 = the bar is full): "
+    print("  what is left of the bar after each of them (BarClock's bucket: 1 = the bar is full, 1 + 4 per eighth left): "
           f"{' '.join(map(str, bar_positions(example)))} ...")
     abc_config = SeqConfig(kind="lstm", vocab_size=len(abc_vocabulary), hidden_size=args.abc_hidden_size,
-                           dropout=args.abc_dropout, position_buckets=POSITION_BUCKETS)
+                           dropout=args.abc_dropout,
+                           position_buckets=POSITION_BUCKETS if args.abc_bar_clock == "on" else 0)
     torch.manual_seed(args.seed)
     abc_model = SequenceModel(abc_config).to(device)
     plan = TrainPlan("ABC LSTM", args.abc_steps, args.epochs, args.abc_batch_size, 0, args.abc_lr, args.log_every)
@@ -1935,7 +2008,8 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     written = write_listening(pieces, out_dir, music21)
 
     metrics = {
-        "lab": LAB_NAME, "smoke": args.smoke, "device": str(device), "torch_version": torch.__version__,
+        "lab": LAB_NAME, "smoke": args.smoke, "bug": args.bug, "test_tunes_also_in_training": shared_tunes,
+        "device": str(device), "torch_version": torch.__version__,
         "music21_version": music21.__version__, "wall_time_s": time.perf_counter() - wall_start,
         "train_time_s": train_time, "steps": steps_total, "corpus_parse_seconds": music["parse_seconds"],
         "val_loss": results["lstm"]["val_nll"],
@@ -1946,7 +2020,9 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
         "best_ngram_test_nll": ngram_test[best_order], "lstm_test_nll": results["lstm"]["test_nll"],
         "gru_test_nll": results["gru"]["test_nll"], "lstm_margin_nats": margin, "models": results,
         "abc_val_loss": abc_val_nll, "abc_valid_share_generated": generated_share,
-        "abc_valid_share_real": real_share, "abc_valid_ratio": ratio,
+        "abc_valid_share_real": real_share, "abc_valid_ratio": ratio, "abc_steps": abc_steps,
+        "abc_seconds": {"training": abc_seconds, "sampling": sampling_seconds, "checking": checking_seconds},
+        "abc_valid_reasons_generated": dict(generated_reasons),
         "chord_accuracy_lstm": chord_acc, "chord_accuracy_bigram": bigram_acc, "chord_vocabulary": len(vocabulary),
         "pitch_class_intersection_lstm": stats["lstm"]["pitch_class_intersection"],
         "pitch_class_intersection_random": stats["random"]["pitch_class_intersection"],
@@ -1954,7 +2030,7 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
         "statistics": stats, "temperature": args.temperature, "top_k": args.top_k,
         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json_atomically(metrics, out_dir / "metrics.json")
     print(f"\nSummary: on {len(records)} melodies, the note-event LSTM scores {results['lstm']['test_nll']:.3f} "
           f"nats/event against the best n-gram's {ngram_test[best_order]:.3f} (margin {margin:+.3f}); ABC validity "
           f"{generated_share:.0%} generated vs {real_share:.0%} real; next chord {chord_acc:.1%} (LSTM) vs "
@@ -1964,6 +2040,16 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
           f"generated_abc.txt, piano_roll.png, statistics.png, {', '.join(written)}.\n"
           f"  Listen: open the .wav files; continue your own tune: --generate-only {out_dir / 'melody_lstm.pt'} "
           f"--prime my_tune.abc --temperature 0.9 --top-k 8")
+
+
+def main(argv=None) -> None:
+    try:
+        args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
+        run(args)
+    except LabError as err:
+        if not in_notebook():
+            sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
