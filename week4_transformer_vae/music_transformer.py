@@ -82,6 +82,9 @@ What the default run reaches (measured)
     The relative model led by far more early on (validation estimate 1.09 against 1.67 after 40 s,
       0.93 against 1.22 after 80 s): relative attention finds "the same voice, 4 tokens back" at
       once, and the absolute model, with more steps in the same seconds, catches up most of the way.
+      Very short budgets go the other way: with --train-seconds 20 (66 against 49 steps, same
+      machine) the absolute model was ahead, 2.530 against 2.681 [difference -0.151, interval
+      -0.188 to -0.109]: in the first few dozen steps, more steps count for more.
     time: 430 s of CPU for the whole process (424 s user, 5 s system); with one thread on an idle
       machine the wall time is close to that, so the target (<= 10 minutes) should hold there, but
       it was NOT measured on an idle machine: here the run took 38 minutes of wall time (2,246 s in
