@@ -119,23 +119,38 @@ LAB_NAME = "music_transformer"
 CACHE_VERSION = 1  # bump when the cached corpus format changes: an old cache is then rebuilt
 
 
-class LabError(Exception):
-    """A problem the learner can fix (bad flag, missing package, broken file): message, no traceback."""
-
-
 # %%
-# Setup: the device, folders, figures that also show inline in a notebook. Asking for something
-# that is not there (a GPU, a folder that is a file, music21) is a one-line message, not a traceback.
+# Plumbing: the same text in every lab of the course (CONTRIBUTING.md, "The same plumbing in every
+# lab"; tests/test_lab_contract.py checks that the copies are identical). A LabError is a problem you
+# can fix, printed as one line; the device; the mixed-precision policy; flags checked before anything
+# runs; files written whole (a temporary file, then a rename), so a stopped run never leaves half a file.
+class LabError(Exception):
+    """Something the learner can fix (a flag, missing data, a bad checkpoint); main() prints it."""
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one short line (PyTorch's own can span many)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def pick_device(name: str) -> torch.device:
+    """--device NAME as a torch.device; auto = the accelerator if there is one, else the CPU."""
     if name == "auto":
         if torch.accelerator.is_available():
             return torch.accelerator.current_accelerator()
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu "
-                       "(in Colab: Runtime > Change runtime type > T4 GPU)")
+        raise LabError("--device cuda was asked for, but this machine has no CUDA GPU that PyTorch "
+                       f"can use (torch {torch.__version__}). Use --device auto or --device cpu; in "
+                       "Colab pick Runtime > Change runtime type > GPU.")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise LabError("--device mps was asked for but MPS is not available here; use --device auto or cpu")
+        raise LabError("--device mps was asked for, but Apple's Metal backend is not available here. "
+                       "Use --device auto or --device cpu.")
     return torch.device(name)
 
 
@@ -147,12 +162,84 @@ def folder(path, flag: str) -> Path:
     return folder
 
 
-def in_notebook() -> bool:
-    """True in a Jupyter or Colab kernel: figures then show inline, and errors print one line."""
-    ipython = sys.modules.get("IPython")
-    return ipython is not None and getattr(ipython.get_ipython(), "kernel", None) is not None
+# Mixed precision. On CUDA, --precision auto picks bf16 where the GPU runs it natively (Ampere and
+# newer) and fp16 with a GradScaler elsewhere: a T4 reports bf16 support only when emulation is
+# counted, and emulated bf16 runs slowly. CPU and MPS compute in fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if name != "fp32" and device.type != "cuda":
+        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# Flags: each number is checked by its type= function, so a value out of range is refused before
+# anything runs (ArgumentParser below turns argparse's complaint into a one-line LabError).
+def number(kind, *, at_least=None, above=None, below=None, at_most=None):
+    """A type= function: text -> a finite int or float within the bounds given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = (at_least is not None and value < at_least) or (above is not None and value <= above)
+        too_high = (below is not None and value >= below) or (at_most is not None and value > at_most)
+        if not math.isfinite(value) or too_low or too_high:
+            limits = {"at least": at_least, "above": above, "below": below, "at most": at_most}
+            wanted = " and ".join(f"{words} {bound}" for words, bound in limits.items() if bound is not None)
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a finite number'} "
+                                             f"{wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, at_least=1)
+whole_number = number(int, at_least=0)
+positive_float = number(float, above=0)
+probability = number(float, at_least=0, below=1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
+
+    def error(self, message):
+        raise LabError(f"{message} (--help lists the flags)")
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """metrics.json and friends: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def torch_save_atomically(checkpoint: dict, path: Path) -> None:
+    """A checkpoint: the whole file or, if the run stops, the previous one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+# %%
+# Setup for this lab: figures that also show inline in a notebook, music21 (a one-line message
+# when it is missing), fast CUDA kernels and the number of CPU threads, each put back afterwards.
 def save_figure(fig, path: Path) -> None:
     """Save a figure as PNG, show it inline in a notebook, and free it."""
     import matplotlib.pyplot as plt
@@ -172,11 +259,6 @@ def import_music21():
         raise LabError("this lab needs music21 (it ships the Bach chorales): "
                        "pip install music21  (or: pip install -r requirements.txt)") from None
     return music21
-
-
-def one_line(err: Exception) -> str:
-    """An exception as one short line (music21's and PyTorch's messages can span several)."""
-    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
 
 
 @contextlib.contextmanager
@@ -208,35 +290,6 @@ def cpu_threads(count: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-# %%
-# Mixed precision (the same policy in every lab; CONTRIBUTING.md, "Mixed precision"). On CUDA,
-# --precision auto picks bf16 where the GPU runs it natively (Ampere and newer) and fp16 with a
-# GradScaler elsewhere: a T4 reports bf16 support only when emulation is counted, and emulated bf16 runs
-# slowly. CPU and MPS train in fp32.
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_precision(name: str, device: torch.device):
-    """The autocast dtype for --precision NAME on DEVICE, or None for plain fp32."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if name != "fp32" and device.type != "cuda":
-        raise LabError(f"--precision {name} is for CUDA GPUs; on {device.type} use --precision auto or fp32.")
-    return PRECISIONS[name]
-
-
-def autocast(device: torch.device, dtype):
-    """Run the forward pass (and loss) inside this; a no-op when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
-    """fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler does nothing."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 # %%
@@ -499,7 +552,7 @@ def build_corpus(entries, cache_path: Path, fingerprint: str, progress=True) -> 
         try:
             record = loader()
         except Exception as err:  # music21 raises many kinds on an entry it cannot read: skip it, count it
-            skipped.append([name, one_line(err)])
+            skipped.append([name, f"{type(err).__name__}: {one_line(err)}"])  # the kind says much here
             continue
         if not any(any(step) for step in record["steps"]):
             skipped.append([name, "no notes"])
@@ -508,9 +561,7 @@ def build_corpus(entries, cache_path: Path, fingerprint: str, progress=True) -> 
     cached = {"version": CACHE_VERSION, "fingerprint": fingerprint, "records": records, "skipped": skipped,
               "parse_seconds": time.perf_counter() - start}
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cache_path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(cached), encoding="utf-8")
-    os.replace(temporary, cache_path)  # an interrupted parse never leaves a half-written cache
+    write_json_atomically(cached, cache_path)  # an interrupted parse never leaves a half-written cache
     return cached
 
 
@@ -975,9 +1026,7 @@ def save_checkpoint(model, extra: dict, sample_inputs, path: Path) -> None:
     payload = {"lab": LAB_NAME, "model": {k: v.cpu() for k, v in model.state_dict().items()},
                "config": asdict(model.config), "sample_inputs": sample_inputs.cpu(),
                "sample_outputs": outputs.float().cpu(), **extra}
-    temporary = path.with_suffix(".pt.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)  # an interrupted save never leaves a broken checkpoint
+    torch_save_atomically(payload, path)  # an interrupted save never leaves a broken checkpoint
     model.train()
 
 
@@ -1232,28 +1281,6 @@ DEFAULT_PRIME = {"name": "a I-V-vi-IV opening", "bar_steps": 16, "pickup_steps":
 
 # %%
 # Putting it together: flags, the parts in order, metrics.json and a summary.
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a LabError: one line, no usage dump."""
-
-    def error(self, message):
-        raise LabError(f"{message} (--help lists the flags)")
-
-
-def checked(kind, is_valid, rule: str):
-    """A type= for argparse: kind(text), refused with "must be RULE" unless is_valid(value)."""
-    def parse(text):
-        value = kind(text)
-        if not is_valid(value):
-            raise argparse.ArgumentTypeError(f"must be {rule} (got {text})")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-positive_int = checked(int, lambda v: v > 0, "a positive whole number")
-positive_float = checked(float, lambda v: v > 0 and math.isfinite(v), "positive")
-
-
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -1266,13 +1293,13 @@ def build_parser():
     parser.add_argument("--out-dir", type=Path, default=Path("runs") / LAB_NAME, help="where outputs go")
     parser.add_argument("--smoke", action="store_true",
                         help="every code path in seconds on generated chorales (the corpus is never parsed)")
-    parser.add_argument("--threads", type=checked(int, lambda v: v >= 0, "0 or more"), default=1,
+    parser.add_argument("--threads", type=whole_number, default=1,
                         help="CPU threads for PyTorch during the run (0: PyTorch's default; see cpu_threads)")
     parser.add_argument("--train-seconds", type=positive_float, default=200.0,
                         help="seconds of training for EACH model, the same for both (CPU seconds of this process on a CPU, wall seconds on a GPU; the LR schedule spans them)")
-    parser.add_argument("--max-steps", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
+    parser.add_argument("--max-steps", type=whole_number, default=0,
                         help="also stop each model after this many steps (0: no cap)")
-    parser.add_argument("--epochs", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
+    parser.add_argument("--epochs", type=whole_number, default=0,
                         help="train each model for this many passes over the training windows instead of "
                              "--train-seconds (0: use the seconds)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per step")
@@ -1282,12 +1309,12 @@ def build_parser():
     parser.add_argument("--n-layer", type=positive_int, default=3, help="Transformer blocks")
     parser.add_argument("--n-head", type=positive_int, default=4, help="attention heads per block")
     parser.add_argument("--n-embd", type=positive_int, default=128, help="width of the residual stream")
-    parser.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.1,
+    parser.add_argument("--dropout", type=probability, default=0.1,
                         help="dropout on embeddings, attention outputs and MLPs")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
     parser.add_argument("--generate-steps", type=positive_int, default=64,
                         help="sixteenth-note steps to generate after the prime (64 = 4 bars of 4/4)")
-    parser.add_argument("--head", type=checked(int, lambda v: v >= 0, "0 or more"), default=0,
+    parser.add_argument("--head", type=whole_number, default=0,
                         help="which head of the last layer the attention map shows")
     parser.add_argument("--prime", type=Path, default=None,
                         help="your own music (MIDI, MusicXML or ABC; up to four parts) to continue")
@@ -1507,9 +1534,7 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
                    "max_steps": args.max_steps},
         "history": histories,
     }
-    temporary = out_dir / "metrics.json.tmp"
-    temporary.write_text(json.dumps(metrics, indent=2))
-    os.replace(temporary, out_dir / "metrics.json")
+    write_json_atomically(metrics, out_dir / "metrics.json")
     print(f"\nSummary: two {args.n_layer}-layer Transformers on {len(split['train'])} training chorales, "
           f"{args.train_seconds:g} s each: held-out NLL absolute {results['absolute']['value']:.4f}, relative "
           f"{results['relative']['value']:.4f} nats/token (difference {difference['value']:+.4f}, 95% interval "
@@ -1520,6 +1545,8 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
           f"--prime my_chorale.musicxml; TensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}")
 
 
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
