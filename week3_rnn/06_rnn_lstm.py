@@ -938,33 +938,6 @@ def build_parser():
 
 
 # %%
-# Notes: how the measured figures of the docstring came about.
-#   Smoke run (--smoke): 5.4-5.6 s wall on an idle machine, measured before the GPU changes of this
-#   version (mixed precision, fewer reads from the device); on a busy shared machine the two versions
-#   took the same CPU time (10.5-11.0 s of one thread each).
-
-
-# %%
-# Predict, then run. Write your prediction down before each command; the lab prints the answer.
-# 1. Run: python week3_rnn/06_rnn_lstm.py --sample-from runs/06_rnn_lstm/char_lstm.pt --temperature 0.3
-#    Predict: next to the default run's sample at 0.8, will the text repeat the same words and names
-#    more often or invent more new words?
-#    Answer: the sample it prints; the default run's "--- temperature 0.8 ---" one is in samples.txt.
-# 2. Run: python week3_rnn/06_rnn_lstm.py --bptt 8
-#    Predict: gradients now flow back 8 characters instead of 64 (the state is still carried over):
-#    will the validation loss end above or below the default run's, and will it take more steps?
-#    Answer: the "final validation loss ... after N steps" line; val_loss and steps in metrics.json.
-# 3. Run: python week3_rnn/06_rnn_lstm.py --hidden-size 64
-#    Predict: how many times fewer parameters than the 256-unit model, and how much higher the loss?
-#    Answer: the "model N parameters" line and the "final validation loss" line; val_loss in metrics.json.
-# 4. Run: python week3_rnn/06_rnn_lstm.py --bug no-zero-grad --epochs 1
-#    Predict: on what share of the steps will the gradient norm be over --clip 1 (--epochs 1 without
-#    the bug: 1 step of 490), and will the loss still come down?
-#    Answer: the "gradient norm before clipping ... over --clip 1 on N% of the steps" line and the
-#    validation lines; clipped_share and val_loss in metrics.json.
-
-
-# %%
 # Putting it together: the seven parts in order, metrics.json and a summary.
 def run_basics(args, out_dir):
     """Parts 1-5 on the CPU: a few seconds in all."""
@@ -1122,6 +1095,35 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start):
           f"  Train longer: --time-budget 600 (or --epochs 5), bigger: --hidden-size 512 --layers 2 --dropout 0.2")
 
 
+# %%
+# Notes: how the measured figures of the docstring came about.
+#   Smoke run (--smoke): 5.4-5.6 s wall on an idle machine, measured before the GPU changes of this
+#   version (mixed precision, fewer reads from the device); on a busy shared machine the two versions
+#   took the same CPU time (10.5-11.0 s of one thread each).
+
+
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week3_rnn/06_rnn_lstm.py --sample-from runs/06_rnn_lstm/char_lstm.pt --temperature 0.3
+#    Predict: next to the default run's sample at 0.8, will the text repeat the same words and names
+#    more often or invent more new words?
+#    Answer: the sample it prints; the default run's "--- temperature 0.8 ---" one is in samples.txt.
+# 2. Run: python week3_rnn/06_rnn_lstm.py --bptt 8
+#    Predict: gradients now flow back 8 characters instead of 64 (the state is still carried over):
+#    will the validation loss end above or below the default run's, and will it take more steps?
+#    Answer: the "final validation loss ... after N steps" line; val_loss and steps in metrics.json.
+# 3. Run: python week3_rnn/06_rnn_lstm.py --hidden-size 64
+#    Predict: how many times fewer parameters than the 256-unit model, and how much higher the loss?
+#    Answer: the "model N parameters" line and the "final validation loss" line; val_loss in metrics.json.
+# 4. Run: python week3_rnn/06_rnn_lstm.py --bug no-zero-grad --epochs 1
+#    Predict: on what share of the steps will the gradient norm be over --clip 1 (--epochs 1 without
+#    the bug: 1 step of 490), and will the loss still come down?
+#    Answer: the "gradient norm before clipping ... over --clip 1 on N% of the steps" line and the
+#    validation lines; clipped_share and val_loss in metrics.json.
+
+
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
