@@ -860,42 +860,6 @@ def build_parser():
 
 
 # %%
-# Notes: how the measured figures of the docstring came about.
-#   The default run's 100.00% greedy and beam in 84 s of training (89 s in the lab, 92 s for the
-#   process) and the smoke run's 5.1-5.5 s wall were timed on an idle 2-core CPU before the GPU
-#   changes of this version (batches sorted by length, teacher-forcing coins drawn per batch,
-#   greedy's answer kept in beam search). An earlier run of 4 epochs gave 99.95% in 83 s. This
-#   version's default run again gave 100.00% greedy and 100.00% beam, on a busy shared machine where
-#   its time means nothing, and its smoke run took the same CPU time as the previous version's
-#   there (9.3-10.4 s of one thread each).
-
-
-# %%
-# Predict, then run. Write your prediction down before each command; the lab prints the answer.
-# 1. Run: python week3_rnn/07_seq2seq.py --attention dot
-#    Predict: against additive attention (100.00% in 84 s), will dot-product attention reach the
-#    same exact match, and in more or less training time?
-#    Answer: the summary line "held-out exact match: greedy ..., beam ..."; test_exact_match and
-#    train_time_s in metrics.json.
-# 2. Run: python week3_rnn/07_seq2seq.py --teacher-forcing 0 --tf-schedule constant
-#    Predict: the decoder now always reads its own previous guess: will the validation exact match
-#    after epoch 1 be higher or lower than with teacher forcing, and does it catch up by epoch 5?
-#    Answer: the per-epoch lines "val exact match (greedy)"; history in metrics.json.
-# 3. Run: python week3_rnn/07_seq2seq.py --epochs 1 --beam-width 8
-#    Predict: on a model trained only one epoch, less sure of itself, will beam search beat greedy,
-#    and by how many points?
-#    Answer: the "greedy exact match" and "beam k=8 exact match" lines; test_exact_match_greedy and
-#    test_exact_match_beam in metrics.json.
-# 4. Run: python week3_rnn/07_seq2seq.py --hidden-size 16
-#    Predict: how many times fewer parameters than the default 64, and what exact match?
-#    Answer: the "N parameters" line after Parts 2-4 and the summary line; test_exact_match.
-# 5. Run: python week3_rnn/07_seq2seq.py --bug no-padding-mask
-#    Predict: will the run crash, will the exact match drop, and how much attention goes to padding?
-#    Answer: the "attention weight on padding" line and the summary; attention_on_padding and
-#    test_exact_match in metrics.json.
-
-
-# %%
 # Putting it together: data, training, greedy vs beam on the test set, heatmaps, summary.
 def run(args):
     # Check every input before anything is read, trained or written.
@@ -1044,6 +1008,44 @@ def lesson(args, device, dtype, out_dir, wall_start):
           f"--translate 'the 1st of April 2001'")
 
 
+# %%
+# Notes: how the measured figures of the docstring came about.
+#   The default run's 100.00% greedy and beam in 84 s of training (89 s in the lab, 92 s for the
+#   process) and the smoke run's 5.1-5.5 s wall were timed on an idle 2-core CPU before the GPU
+#   changes of this version (batches sorted by length, teacher-forcing coins drawn per batch,
+#   greedy's answer kept in beam search). An earlier run of 4 epochs gave 99.95% in 83 s. This
+#   version's default run again gave 100.00% greedy and 100.00% beam, on a busy shared machine where
+#   its time means nothing, and its smoke run took the same CPU time as the previous version's
+#   there (9.3-10.4 s of one thread each).
+
+
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week3_rnn/07_seq2seq.py --attention dot
+#    Predict: against additive attention (100.00% in 84 s), will dot-product attention reach the
+#    same exact match, and in more or less training time?
+#    Answer: the summary line "held-out exact match: greedy ..., beam ..."; test_exact_match and
+#    train_time_s in metrics.json.
+# 2. Run: python week3_rnn/07_seq2seq.py --teacher-forcing 0 --tf-schedule constant
+#    Predict: the decoder now always reads its own previous guess: will the validation exact match
+#    after epoch 1 be higher or lower than with teacher forcing, and does it catch up by epoch 5?
+#    Answer: the per-epoch lines "val exact match (greedy)"; history in metrics.json.
+# 3. Run: python week3_rnn/07_seq2seq.py --epochs 1 --beam-width 8
+#    Predict: on a model trained only one epoch, less sure of itself, will beam search beat greedy,
+#    and by how many points?
+#    Answer: the "greedy exact match" and "beam k=8 exact match" lines; test_exact_match_greedy and
+#    test_exact_match_beam in metrics.json.
+# 4. Run: python week3_rnn/07_seq2seq.py --hidden-size 16
+#    Predict: how many times fewer parameters than the default 64, and what exact match?
+#    Answer: the "N parameters" line after Parts 2-4 and the summary line; test_exact_match.
+# 5. Run: python week3_rnn/07_seq2seq.py --bug no-padding-mask
+#    Predict: will the run crash, will the exact match drop, and how much attention goes to padding?
+#    Answer: the "attention weight on padding" line and the summary; attention_on_padding and
+#    test_exact_match in metrics.json.
+
+
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
