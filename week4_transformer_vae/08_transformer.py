@@ -874,33 +874,6 @@ def fill_defaults(args) -> None:
 
 
 # %%
-# Notes: how the measured figures of the docstring came about.
-#   The time budget makes the step count depend on the machine's load: tuning runs on a busy
-#   machine ended as high as 1.84 nats/char, against 1.760-1.783 on an idle one.
-
-
-# %%
-# Predict, then run. Write your prediction down before each command; the lab prints the answer.
-# 1. Run: python week4_transformer_vae/08_transformer.py --checkpoint runs/08_transformer/model.pt --temperature 1.5 --top-k 0
-#    Predict: next to the default run's samples (0.8, top-k 10), will the text keep to real words?
-#    Answer: the sample it prints; the default run's are in runs/08_transformer/samples.txt.
-# 2. Run: python week4_transformer_vae/08_transformer.py --pos-encoding sinusoidal
-#    Predict: will the fixed sinusoids end above or below the learned positions' 1.765 nats/char?
-#    Answer: the "validation loss ... nats/char" line; val_loss in metrics.json.
-# 3. Run: python week4_transformer_vae/08_transformer.py --norm post
-#    Predict: will the gradient reaching the first blocks shrink, and will the loss end higher?
-#    Answer: the "post-norm:" line of gradient norms and the "validation loss" line; val_loss and
-#    init_grad_norm_per_block in metrics.json.
-# 4. Run: python week4_transformer_vae/08_transformer.py --lr 0.04
-#    Predict: ten times the peak learning rate: a lower loss in the same 135 s, a higher one, or NaN?
-#    Answer: the "step ... train ... val~" lines and the "validation loss" line (or the NaN message).
-# 5. Run: python week4_transformer_vae/08_transformer.py --bug no-causal-mask
-#    Predict: will the validation loss go up or down, and will the samples read better or worse?
-#    Answer: the "validation loss" and "future leak" lines and the samples; val_loss and future_leak
-#    in metrics.json.
-
-
-# %%
 # 14. Putting it together: the proofs, training, sampling, figures and the files written.
 def run(args) -> None:
     backends = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision)  # set on CUDA
@@ -1054,6 +1027,35 @@ def train_and_report(args) -> None:
           f"       --checkpoint {out_dir}/model.pt --prompt 'ROMEO:' --temperature 0.8")
 
 
+# %%
+# Notes: how the measured figures of the docstring came about.
+#   The time budget makes the step count depend on the machine's load: tuning runs on a busy
+#   machine ended as high as 1.84 nats/char, against 1.760-1.783 on an idle one.
+
+
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week4_transformer_vae/08_transformer.py --checkpoint runs/08_transformer/model.pt --temperature 1.5 --top-k 0
+#    Predict: next to the default run's samples (0.8, top-k 10), will the text keep to real words?
+#    Answer: the sample it prints; the default run's are in runs/08_transformer/samples.txt.
+# 2. Run: python week4_transformer_vae/08_transformer.py --pos-encoding sinusoidal
+#    Predict: will the fixed sinusoids end above or below the learned positions' 1.765 nats/char?
+#    Answer: the "validation loss ... nats/char" line; val_loss in metrics.json.
+# 3. Run: python week4_transformer_vae/08_transformer.py --norm post
+#    Predict: will the gradient reaching the first blocks shrink, and will the loss end higher?
+#    Answer: the "post-norm:" line of gradient norms and the "validation loss" line; val_loss and
+#    init_grad_norm_per_block in metrics.json.
+# 4. Run: python week4_transformer_vae/08_transformer.py --lr 0.04
+#    Predict: ten times the peak learning rate: a lower loss in the same 135 s, a higher one, or NaN?
+#    Answer: the "step ... train ... val~" lines and the "validation loss" line (or the NaN message).
+# 5. Run: python week4_transformer_vae/08_transformer.py --bug no-causal-mask
+#    Predict: will the validation loss go up or down, and will the samples read better or worse?
+#    Answer: the "validation loss" and "future leak" lines and the samples; val_loss and future_leak
+#    in metrics.json.
+
+
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
