@@ -624,34 +624,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # %%
-# Notes: how the measured figures of the docstring came about.
-#   Smoke run (--smoke, on one CPU thread): 5.7-6.0 s wall on 2 idle cores before the GPU changes of
-#   issue 12; after them 31 s wall (10.4 s of CPU time) on 2 cores shared with other jobs.
-
-
-# %%
-# Predict, then run. Write your prediction down before each command; the lab prints the answer.
-# 1. Run: python week4_transformer_vae/09_vae.py --latent-dim 2
-#    Predict: with a 2-D code instead of 20-D, how much higher will the test negative ELBO be than
-#    the default run's 98.57, and will the reconstruction or the KL part take the loss?
-#    Answer: the "test negative ELBO ... = reconstruction ... + KL ..." line; test_neg_elbo,
-#    test_reconstruction and test_kl in metrics.json.
-# 2. Run: python week4_transformer_vae/09_vae.py --hidden 64
-#    Predict: a first hidden layer of 64 units instead of 512: how many nats per image worse?
-#    Answer: the per-epoch "VAE epoch ... test" lines; test_neg_elbo in metrics.json.
-# 3. Run: python week4_transformer_vae/09_vae.py --lr 0.02
-#    Predict: ten times the peak learning rate: a better ELBO in the same 20 epochs, a worse one, or NaN?
-#    Answer: the per-epoch "VAE epoch ... train ... test" lines (or the one-line NaN message).
-# 4. Run: python week4_transformer_vae/09_vae.py --smoke --bug wrong-kl-sign
-#    Predict: will the training loss end above or below the test negative ELBO, and how many times
-#    larger than a clean smoke run's (--smoke alone) will the test KL be?
-#    Answer: the "the test codes' KL from N(0, I)" line; test_kl in metrics.json.
-# 5. Run: python week4_transformer_vae/09_vae.py --bug wrong-kl-sign
-#    Predict: on MNIST, for 20 epochs: will the run finish, and if not, when and with what message?
-#    Answer: the line the run ends with (the NaN guard names the epoch and the step).
-
-
-# %%
 # 10. Putting it together: data, the three VAEs, the judge, figures and the files written.
 def draw_from_checkpoint(args, device) -> None:
     cvae = load_cvae(args.checkpoint, device)
@@ -859,6 +831,36 @@ def make_figures(vae, vae_2d, cvae, vae_history, cvae_history, test_images, test
           f"cvae_all_digits, cvae_style and digit_{args.digit} (.png) to {out_dir}/")
 
 
+# %%
+# Notes: how the measured figures of the docstring came about.
+#   Smoke run (--smoke, on one CPU thread): 5.7-6.0 s wall on 2 idle cores before the GPU changes of
+#   issue 12; after them 31 s wall (10.4 s of CPU time) on 2 cores shared with other jobs.
+
+
+# %%
+# Predict, then run. Write your prediction down before each command; the lab prints the answer.
+# 1. Run: python week4_transformer_vae/09_vae.py --latent-dim 2
+#    Predict: with a 2-D code instead of 20-D, how much higher will the test negative ELBO be than
+#    the default run's 98.57, and will the reconstruction or the KL part take the loss?
+#    Answer: the "test negative ELBO ... = reconstruction ... + KL ..." line; test_neg_elbo,
+#    test_reconstruction and test_kl in metrics.json.
+# 2. Run: python week4_transformer_vae/09_vae.py --hidden 64
+#    Predict: a first hidden layer of 64 units instead of 512: how many nats per image worse?
+#    Answer: the per-epoch "VAE epoch ... test" lines; test_neg_elbo in metrics.json.
+# 3. Run: python week4_transformer_vae/09_vae.py --lr 0.02
+#    Predict: ten times the peak learning rate: a better ELBO in the same 20 epochs, a worse one, or NaN?
+#    Answer: the per-epoch "VAE epoch ... train ... test" lines (or the one-line NaN message).
+# 4. Run: python week4_transformer_vae/09_vae.py --smoke --bug wrong-kl-sign
+#    Predict: will the training loss end above or below the test negative ELBO, and how many times
+#    larger than a clean smoke run's (--smoke alone) will the test KL be?
+#    Answer: the "the test codes' KL from N(0, I)" line; test_kl in metrics.json.
+# 5. Run: python week4_transformer_vae/09_vae.py --bug wrong-kl-sign
+#    Predict: on MNIST, for 20 epochs: will the run finish, and if not, when and with what message?
+#    Answer: the line the run ends with (the NaN guard names the epoch and the step).
+
+
+# %%
+# The entry point: a terminal run, a notebook cell and the tests all call main().
 def main(argv=None) -> None:
     try:
         args, _unknown = build_parser().parse_known_args(argv)   # Colab adds -f kernel.json
