@@ -49,7 +49,7 @@ Run it
 
 What the default run reaches (measured)
   2-core CPU (AMD EPYC, torch 2.14.1, music21 10.5.1, one PyTorch thread), shared with other jobs
-  (load average 7-13 during the run), the corpus cache present:
+  (load average 4.1 at the start, 2.2 at the end), the corpus cache present:
   `nice -n 19 python week3_rnn/music_melody_lstm.py` (its --data-dir holding the cache)
     note events (841 melodies: 341 chorale sopranos after 30 duplicates were removed, 500 O'Neill
     tunes; split 694/74/73 tunes; 599,688 training events after transposition; every melody opens
@@ -64,21 +64,19 @@ What the default run reaches (measured)
       whole tunes, peak learning rate 0.01: validation 1.560 nats/token. Valid music: 62 % of 50
       generated tunes at temperature 1.0 from the whole softmax, against 93 % of 100 held-out real
       tunes, a ratio of 0.67 (target >= 0.8: NOT reached; 16 of the 19 failures have a bar of the
-      wrong length). With `--seed 1`: 50 % (validation 1.550). These two were measured running
-      Part 4 alone with the lab's own functions (Part 4 seeds itself, so it gives what the whole
-      run gives: with the earlier --abc-lr 0.006 the whole run and Part 4 alone both gave 48 %
-      and 1.617); the other figures here are from the whole run, which 0.01 does not change.
+      wrong length). With `--seed 1` (Part 4 alone, through the lab's own functions, which give
+      what the whole run gives): 50 % (validation 1.550).
     chords (81 labels): next-chord accuracy LSTM 36.0 % vs bigram 32.2 % (target: above; reached).
     tonic-relative pitch-class histogram intersection with the held-out melodies, 50 melodies of 64
       events primed with 8 events and the key, temperature 1.0, top-k 10: LSTM 0.939 (95.1 % of its
       notes in the key, real melodies 98.5 %; target >= 0.9: reached), random notes 0.694 (0.245
       lower; target >= 0.1 lower: reached). With top-k off: 0.880 (91.1 % in the key), and the
       duration histogram closer to the real one (0.947 against 0.846 with top-k 10).
-    time (the whole run, with --abc-lr 0.006, which costs the same): 320 s user CPU (+ 7 s system)
-      for the whole process, one thread: on an idle 2-core machine that is about the wall time
-      (target <= 8 min: expected to hold, not timed on an idle machine). On this loaded machine the
-      process got 22 % of a core: 1,471 s wall. The ABC model trained in 95 s wall, its 50 tunes
-      were drawn in 2 s and 150 tunes checked with music21 in 35 s.
+    time: 304 s for the process (297 s in the lab; target <= 8 min: reached), 291 s user CPU
+      (+ 7 s system, 97 % of a core); training took 256 s (LSTM 169 s, GRU 46 s, ABC 37 s); the 50
+      ABC tunes were drawn in 0.4 s and 150 tunes checked with music21 in 14 s. (On a busier
+      machine, load 7-13, the run with --abc-lr 0.006, which costs the same, took 1,471 s wall for
+      320 s user CPU.)
   First run (parsing included): parsing is unchanged from the previous version of this lab, and the
     cache's content too (the same version; it is now written through write_json_atomically);
     measured then (empty --data-dir and music21 scratch folder, `TMPDIR=<new folder>`): 423 s for
