@@ -279,6 +279,31 @@ def test_generation_feeds_the_model_the_position_of_what_it_drew(lab):
         assert header_positions[0].tolist() == [0] + lab.bar_positions(lab.abc_tokens(header))
 
 
+def test_training_logs_what_it_reads_to_tensorboard(lab, tmp_path):
+    """Each network's training loss, as read at the log lines (the last, shorter interval too), and
+    its learning rate go to TensorBoard under the network's name."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    model = lab.SequenceModel(lab.SeqConfig(vocab_size=20, embed_dim=8, hidden_size=16))
+    stream = torch.randint(2, 20, (400,))
+    tunes = [([0] + torch.randint(2, 20, (12,)).tolist(), [0] * 13) for _ in range(6)]
+    writer = SummaryWriter(tmp_path / "tensorboard")
+    with lab.cpu_threads(1):
+        melody, *_ = lab.train_tbptt(model, stream, lab.TrainPlan("melody LSTM", 5, 0, 4, 8, 1e-2, 2), cpu, None,
+                                     writer)
+        lab.train_whole_tunes(model, tunes, lab.TrainPlan("ABC LSTM", 4, 0, 3, 0, 1e-2, 2), cpu, None,
+                              torch.Generator().manual_seed(0), writer)
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps == {"melody_lstm/loss_train": [2, 4, 5], "melody_lstm/lr": [2, 4, 5],
+                     "abc_lstm/loss_train": [2, 4], "abc_lstm/lr": [2, 4]}
+    assert [e.value for e in events.Scalars("melody_lstm/loss_train")] == pytest.approx(melody["train_loss"])
+
+
 # %%
 # Part 1d: the corpus cache and skipped entries.
 def fake_entries(calls, broken=()):

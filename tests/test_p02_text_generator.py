@@ -262,6 +262,26 @@ def test_text_file_trains_on_any_utf8_text_and_prompts_with_its_first_line(lab, 
     assert (out / "generated.txt").read_text(encoding="utf-8").startswith("M:6/8\n"), "generate-only reuses it"
 
 
+def test_training_logs_to_tensorboard_what_it_reads(lab, tmp_path):
+    """The losses read at the log lines and evaluations and the learning rate go to TensorBoard
+    against the step, and the samples table as text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = tmp_path / "tunes.txt"
+    path.write_text("GAB cBA|B2G G2D|GAB cBA|B2G G3|]\n" * 100, encoding="utf-8")
+    out = tmp_path / "out"
+    lab.main(["--text-file", str(path), "--out-dir", str(out), "--device", "cpu", "--epochs", "1", "--batch-size", "4",
+              "--bptt", "16", "--hidden-size", "16", "--layers", "1", "--embed-dim", "8", "--sample-chars", "20",
+              "--log-every", "5"])
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/learning_rate", "val/loss"}
+    assert events.Tags()["tensors"] == ["samples/text_summary"]
+    evals = json.loads((out / "metrics.json").read_text())["evals"]
+    assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [
+        (e["step"], pytest.approx(e["val_loss"])) for e in evals]
+    assert [e.step for e in events.Scalars("train/loss")][:2] == [5, 10]
+
+
 def test_generate_only_without_checkpoint_fails_cleanly(lab, tmp_path):
     result = failure_of(lab.main, ["--generate-only", "--out-dir", tmp_path / "out"])
     assert_clean_failure(result, "--generate-only needs --checkpoint")

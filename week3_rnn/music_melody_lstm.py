@@ -34,8 +34,8 @@ music stays the same), 1,655 tunes kept (metres 6/8, 2/2, 4/4, 3/4, 2/4, 9/8 wit
 metre or key half-way);
 the note-event model reads the chorale sopranos and the first `--folk-tunes` O'Neill tunes parsed
 by music21 (default 500: parsing is slow, about 0.25 s a tune). Parsing happens once, with a
-progress bar, and is cached under `--data-dir/music_melody_lstm/` (versioned JSON; rebuilt when
-stale or corrupt).
+progress bar (every long loop of the lab has one: steps, rate, time left; none under --smoke), and is
+cached under `--data-dir/music_melody_lstm/` (versioned JSON; rebuilt when stale or corrupt).
 
 Run it
   terminal:  python week3_rnn/music_melody_lstm.py                 (parses and caches the corpus first)
@@ -44,6 +44,8 @@ Run it
                  --prime my_tune.abc --temperature 0.9 --top-k 8
              python week3_rnn/music_melody_lstm.py --export-abc abc_tunes.txt   (the ABC training tunes)
              python week3_rnn/music_melody_lstm.py --score-abc generated.txt    (validity share of any ABC)
+             tensorboard --logdir runs/music_melody_lstm/tensorboard   (losses, learning rates, a generated
+                 tune, the NLL table, the piano roll)
   Colab:     paste the file into a cell (or cell by cell at the `# %%` markers) and call `main()`;
              `pip install music21` first if it is missing. The WAV files play inline.
 
@@ -81,7 +83,8 @@ What the default run reaches (measured)
     measured then (empty --data-dir and music21 scratch folder, `TMPDIR=<new folder>`): 423 s for
     871 entries (371 chorales, 500 folk tunes; 0 skipped) with the progress bar, so parsing adds
     about 7 minutes to a run (target <= 10 min more: reached). Not re-measured with this version.
-  Smoke run (`--smoke`): 26.0 s wall, 11.6 s user CPU (load average 4.5).
+  Smoke run (`--smoke`): 10.6 s wall, 9.4 s user CPU (load average 2.7; before the TensorBoard logs
+    and progress bars were added: 10.4 s, 9.0 s).
   GPU: not measured.
   Training runs for a number of steps, not a time budget: on a shared machine a time budget gives
   a different model every run; `--steps`, `--gru-steps`, `--abc-steps`, `--chord-steps` or `--epochs`
@@ -750,7 +753,8 @@ def build_corpus(entries, cache_path: Path, fingerprint: str, progress=True):
     print(f"parsing {len(entries)} corpus entries with music21 ({why}); once, then cached in {cache_path}")
     start = time.perf_counter()
     records, skipped = [], []
-    for kind, name, loader in tqdm(entries, desc="parsing", unit="tune", disable=not progress, mininterval=2):
+    for kind, name, loader in tqdm(entries, desc="parsing", unit="tune", disable=None if progress else True,
+                                   mininterval=2):
         try:
             record = loader()
         except Exception as err:  # music21 raises many kinds on a malformed entry: skip it, count it
@@ -1002,11 +1006,32 @@ class TrainPlan:
     clip: float = 1.0
     weight_decay: float = 0.01
 
+    @property
+    def tag(self) -> str:
+        """The network's section in TensorBoard, named like its checkpoint: "melody LSTM" -> "melody_lstm"."""
+        return self.label.lower().replace(" ", "_")
 
-def train_tbptt(model, stream: torch.Tensor, plan: TrainPlan, device, dtype):
+
+def log_interval(bar, writer, plan: TrainPlan, step: int, train_loss: float, lr: float) -> None:
+    """What a log line has just read, on the progress bar and in TensorBoard: no read from the GPU."""
+    bar.set_postfix(train_loss=f"{train_loss:.3f}")
+    if writer is not None:
+        writer.add_scalar(f"{plan.tag}/loss_train", train_loss, step)
+        writer.add_scalar(f"{plan.tag}/lr", lr, step)
+
+
+def print_above(bar, line: str) -> None:
+    """A log line above the progress bar, flushed at once: a pipe or a log file shows it now."""
+    bar.write(line)
+    sys.stdout.flush()
+
+
+def train_tbptt(model, stream: torch.Tensor, plan: TrainPlan, device, dtype, writer=None, show_progress=False):
     """Train on one long token stream for plan.steps steps (or plan.epochs passes). No step waits for
-    the GPU: the loss is summed on the device and read every plan.log_every steps.
-    Returns (history, steps, seconds)."""
+    the GPU: the loss is summed on the device and read every plan.log_every steps; with a `writer`,
+    the values read go to TensorBoard. Returns (history, steps, seconds)."""
+    from tqdm.auto import tqdm
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.99))
     scaler = grad_scaler(device, dtype)
     batch_size = max(1, min(plan.batch_size, (stream.numel() - 1) // (plan.bptt + 1)))  # tiny data: fewer rows
@@ -1020,6 +1045,8 @@ def train_tbptt(model, stream: torch.Tensor, plan: TrainPlan, device, dtype):
     first_bad = torch.full((), -1, device=device)
     step, read_at, state = 0, 0, None
     print_every = max(plan.log_every, total_steps // 8 // plan.log_every * plan.log_every)
+    # A bar (steps, rate, time left) that goes when training ends; the log lines print above it.
+    bar = tqdm(total=total_steps, desc=plan.label, unit="step", leave=False, disable=None if show_progress else True)
     model.train()
     start = time.perf_counter()
     while step < total_steps:
@@ -1043,22 +1070,23 @@ def train_tbptt(model, stream: torch.Tensor, plan: TrainPlan, device, dtype):
         scaler.step(optimizer)
         scaler.update()
         step += 1
+        bar.update()
         loss_sum += loss.detach()
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0), first_bad, step)
-        if step % plan.log_every:
+        if step % plan.log_every and step < total_steps:
             continue  # nothing read from the GPU on this step
         history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at, plan.label))
         now = time.perf_counter() - start
         history["time_s"].append(now)
         loss_sum.zero_()
         read_at = step
+        log_interval(bar, writer, plan, step, history["train_loss"][-1], optimizer.param_groups[0]["lr"])
         if step % print_every == 0:
             left = (total_steps - step) * now / step
-            print(f"  [{plan.label}] step {step:5d}  epoch {step / chunks:5.2f}  train {history['train_loss'][-1]:.3f} "
-                  f"nats/token  {step * inputs.numel() / now:,.0f} tokens/s  {max(left, 0):4.0f} s left", flush=True)
-    if step > read_at:
-        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at, plan.label))
-        history["time_s"].append(time.perf_counter() - start)
+            print_above(bar, f"  [{plan.label}] step {step:5d}  epoch {step / chunks:5.2f}  train "
+                             f"{history['train_loss'][-1]:.3f} nats/token  {step * inputs.numel() / now:,.0f} tokens/s  "
+                             f"{max(left, 0):4.0f} s left")
+    bar.close()
     return history, step, time.perf_counter() - start
 
 
@@ -1178,9 +1206,12 @@ def tune_batches(tunes, batch_size: int, generator):
             yield tune_batch([tunes[i] for i in groups[g]])
 
 
-def train_whole_tunes(model, tunes, plan: TrainPlan, device, dtype, generator):
+def train_whole_tunes(model, tunes, plan: TrainPlan, device, dtype, generator, writer=None, show_progress=False):
     """Train on batches of whole tunes for plan.steps steps. As in train_tbptt, the loss is summed
-    on the device and read every plan.log_every steps. Returns (history, steps, seconds)."""
+    on the device and read every plan.log_every steps (and goes to TensorBoard with a `writer`).
+    Returns (history, steps, seconds)."""
+    from tqdm.auto import tqdm
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.99))
     scaler = grad_scaler(device, dtype)
     tunes = [(ids[:ABC_MAX_TOKENS + 1], where[:ABC_MAX_TOKENS + 1]) for ids, where in tunes]
@@ -1192,6 +1223,7 @@ def train_whole_tunes(model, tunes, plan: TrainPlan, device, dtype, generator):
     step, read_at, seen = 0, 0, 0
     print_every = max(plan.log_every, total_steps // 8 // plan.log_every * plan.log_every)
     batches = tune_batches(tunes, plan.batch_size, generator)
+    bar = tqdm(total=total_steps, desc=plan.label, unit="step", leave=False, disable=None if show_progress else True)
     model.train()
     start = time.perf_counter()
     while step < total_steps:
@@ -1208,23 +1240,23 @@ def train_whole_tunes(model, tunes, plan: TrainPlan, device, dtype, generator):
         scaler.step(optimizer)
         scaler.update()
         step += 1
+        bar.update()
         seen += inputs.shape[0]
         loss_sum += loss.detach()
         first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0), first_bad, step)
-        if step % plan.log_every:
+        if step % plan.log_every and step < total_steps:
             continue
         history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at, plan.label))
         now = time.perf_counter() - start
         history["time_s"].append(now)
         loss_sum.zero_()
         read_at = step
+        log_interval(bar, writer, plan, step, history["train_loss"][-1], optimizer.param_groups[0]["lr"])
         if step % print_every == 0:
-            print(f"  [{plan.label}] step {step:5d}  epoch {seen / len(tunes):5.2f}  train {history['train_loss'][-1]:.3f} "
-                  f"nats/token  {seen / now:,.1f} tunes/s  {max((total_steps - step) * now / step, 0):4.0f} s left",
-                  flush=True)
-    if step > read_at:
-        history["train_loss"].append(read_train_loss(loss_sum, first_bad, step - read_at, plan.label))
-        history["time_s"].append(time.perf_counter() - start)
+            print_above(bar, f"  [{plan.label}] step {step:5d}  epoch {seen / len(tunes):5.2f}  train "
+                             f"{history['train_loss'][-1]:.3f} nats/token  {seen / now:,.1f} tunes/s  "
+                             f"{max((total_steps - step) * now / step, 0):4.0f} s left")
+    bar.close()
     return history, step, time.perf_counter() - start
 
 
@@ -1382,7 +1414,7 @@ def validity_share(tunes, music21, desc: str, progress=True):
 
     reasons = Counter()
     valid = 0
-    for tune in tqdm(tunes, desc=desc, unit="tune", disable=not progress, mininterval=2):
+    for tune in tqdm(tunes, desc=desc, unit="tune", disable=None if progress else True, mininterval=2):
         ok, why = abc_validity(tune, music21)
         valid += ok
         if not ok:
@@ -1611,6 +1643,13 @@ def plot_statistics(histograms: dict, nll_table: dict, path: Path):
     save_figure(fig, path)
 
 
+def log_picture(writer, tag: str, path: Path, step: int) -> None:
+    """A figure the lab has saved, also in TensorBoard's Images tab."""
+    import matplotlib.pyplot as plt
+
+    writer.add_image(tag, plt.imread(path), step, dataformats="HWC")
+
+
 def write_listening(pieces, out_dir: Path, music21):
     """MIDI + WAV for every generated melody (prime included, as you would play it)."""
     written = []
@@ -1818,12 +1857,16 @@ def generate_only(args, device, out_dir, music21, prime):
 
 def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
     """Parts 1-7 on the corpus (or on generated tunes with --smoke)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
     torch.manual_seed(args.seed)
     if args.smoke:
         args.steps, args.gru_steps, args.abc_steps, args.chord_steps, args.log_every = 6, 6, 6, 6, 3
         args.abc_batch_size = 4
         args.hidden_size, args.abc_hidden_size, args.batch_size, args.bptt = 32, 32, 8, 16
         args.melodies, args.abc_samples = 6, 4
+    show_progress = not args.smoke  # the smoke run (and the tests) print no progress bars
     print(f"lab {LAB_NAME} on {device}" + ("  [SMOKE: generated tunes, a few steps, numbers are not results]"
                                            if args.smoke else ""))
 
@@ -1854,177 +1897,201 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
 
     print("\n== Part 2: n-gram baselines (Witten-Bell smoothing), NLL per event on held-out tunes")
     ngram_val, ngram_test, ngrams = {}, {}, {}
-    for order in range(1, 5):
+    bar = tqdm(range(1, 5), desc="n-grams", unit="order", leave=False, disable=None if show_progress else True)
+    for order in bar:  # counting 600,000 events takes seconds per order
         ngrams[order] = NGramModel(order, MELODY_VOCAB).fit(sequences["train"])
         ngram_val[order] = ngrams[order].nll(sequences["val"])
         ngram_test[order] = ngrams[order].nll(sequences["test"])
-        print(f"  {order}-gram: validation {ngram_val[order]:.3f}, test {ngram_test[order]:.3f} nats/event")
+        bar.write(f"  {order}-gram: validation {ngram_val[order]:.3f}, test {ngram_test[order]:.3f} nats/event")
     best_order = min(ngram_val, key=ngram_val.get)  # chosen on validation, reported on test
     print(f"  the best n-gram on validation is the {best_order}-gram")
 
-    print("\n== Part 3: LSTM and GRU on note events (TBPTT)")
-    stream = torch.tensor([t for s in sequences["train"] for t in s], dtype=torch.long)
-    results, histories, models, train_time, steps_total = {}, {}, {}, 0.0, 0
-    for kind in ("lstm", "gru"):
+    # TensorBoard (`tensorboard --logdir runs/music_melody_lstm/tensorboard`): each network's training loss
+    # and learning rate against its optimizer step, as read at the log lines, its validation loss after
+    # training, and what the lab makes: the NLL table, generated tunes, the piano roll.
+    writer = SummaryWriter(out_dir / "tensorboard")  # closed in the finally, even after an error
+    try:
+        print("\n== Part 3: LSTM and GRU on note events (TBPTT)")
+        stream = torch.tensor([t for s in sequences["train"] for t in s], dtype=torch.long)
+        results, histories, models, train_time, steps_total = {}, {}, {}, 0.0, 0
+        for kind in ("lstm", "gru"):
+            torch.manual_seed(args.seed)
+            config = SeqConfig(kind=kind, vocab_size=MELODY_VOCAB, hidden_size=args.hidden_size, dropout=args.dropout)
+            model = SequenceModel(config).to(device)
+            steps = args.steps if kind == "lstm" else args.gru_steps
+            plan = TrainPlan(f"melody {kind.upper()}", steps, args.epochs, args.batch_size, args.bptt, args.lr, args.log_every)
+            histories[kind], steps, seconds = train_tbptt(model, stream, plan, device, dtype, writer,
+                                                          show_progress=show_progress)
+            train_time += seconds
+            steps_total += steps
+            val_nll, _ = evaluate_sequences(model, sequences["val"], device, dtype)
+            writer.add_scalar(f"{plan.tag}/loss_val", val_nll, steps)
+            test_nll, test_acc = evaluate_sequences(model, sequences["test"], device, dtype)
+            results[kind] = {"val_nll": val_nll, "test_nll": test_nll, "test_next_event_accuracy": test_acc,
+                             "steps": steps, "train_seconds": seconds}
+            models[kind] = model
+            checkpoint = out_dir / f"melody_{kind}.pt"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(model, config, {"task": "melody"}, torch.tensor([sequences["val"][0][:16]]), checkpoint)
+        nll_table = {f"{k}-gram": ngram_test[k] for k in ngram_test}
+        nll_table.update({"LSTM": results["lstm"]["test_nll"], "GRU": results["gru"]["test_nll"]})
+        print("  held-out test NLL per event (the same tokens, the same tunes):")
+        for name, value in nll_table.items():
+            print(f"    {name:7s} {value:.3f}")
+        writer.add_text("note_events/test_nll", "| model | test NLL (nats/event) |\n|---|---|\n"
+                        + "\n".join(f"| {name} | {value:.3f} |" for name, value in nll_table.items()))
+        margin = ngram_test[best_order] - results["lstm"]["test_nll"]
+        print(f"  LSTM {results['lstm']['test_nll']:.3f} vs best n-gram ({best_order}-gram) {ngram_test[best_order]:.3f}: "
+              f"margin {margin:+.3f} nats/event " + ("(the LSTM is better)" if margin > 0 else "(the n-gram is better)"))
+
+        print("\n== Part 4: an LSTM on ABC tokens (folk-rnn's representation), and which generated tunes are valid music")
+        abc = music["abc"]
+        abc_split = {name: [text for n, text in abc if split_of(n) == name] for name in ("train", "val", "test")}
+        if args.smoke:
+            texts = [text for _, text in abc]
+            abc_split = {"train": texts[:-6], "val": texts[-6:-3], "test": texts[-3:]}
+        counts = Counter(token for text in abc_split["train"] for token in abc_tokens(text))
+        abc_vocabulary = ["<s>", "<unk>"] + sorted(counts)
+        abc_index = {token: i for i, token in enumerate(abc_vocabulary)}
+        abc_train = [encode_abc(text, abc_index) for text in abc_split["train"]]
+        abc_val = [encode_abc(text, abc_index) for text in abc_split["val"]]
+        example = abc_tokens(abc_split["train"][0])[:18]
+        shown = " ".join(token.replace("\n", "\\n") for token in example)
+        print(f"  {len(abc_split['train'])} training tunes, {sum(len(ids) - 1 for ids, _ in abc_train):,} tokens "
+              f"({sum(map(len, abc_split['train'])):,} characters), {len(abc_vocabulary)} distinct tokens; "
+              f"a tune starts: {shown} ...")
+        print("  what is left of the bar after each of them (BarClock's bucket: 1 = the bar is full, 1 + 4 per eighth left): "
+              f"{' '.join(map(str, bar_positions(example)))} ...")
+        abc_config = SeqConfig(kind="lstm", vocab_size=len(abc_vocabulary), hidden_size=args.abc_hidden_size,
+                               dropout=args.abc_dropout,
+                               position_buckets=POSITION_BUCKETS if args.abc_bar_clock == "on" else 0)
         torch.manual_seed(args.seed)
-        config = SeqConfig(kind=kind, vocab_size=MELODY_VOCAB, hidden_size=args.hidden_size, dropout=args.dropout)
-        model = SequenceModel(config).to(device)
-        steps = args.steps if kind == "lstm" else args.gru_steps
-        plan = TrainPlan(f"melody {kind.upper()}", steps, args.epochs, args.batch_size, args.bptt, args.lr, args.log_every)
-        histories[kind], steps, seconds = train_tbptt(model, stream, plan, device, dtype)
-        train_time += seconds
-        steps_total += steps
-        val_nll, _ = evaluate_sequences(model, sequences["val"], device, dtype)
-        test_nll, test_acc = evaluate_sequences(model, sequences["test"], device, dtype)
-        results[kind] = {"val_nll": val_nll, "test_nll": test_nll, "test_next_event_accuracy": test_acc,
-                         "steps": steps, "train_seconds": seconds}
-        models[kind] = model
-        checkpoint = out_dir / f"melody_{kind}.pt"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(model, config, {"task": "melody"}, torch.tensor([sequences["val"][0][:16]]), checkpoint)
-    nll_table = {f"{k}-gram": ngram_test[k] for k in ngram_test}
-    nll_table.update({"LSTM": results["lstm"]["test_nll"], "GRU": results["gru"]["test_nll"]})
-    print("  held-out test NLL per event (the same tokens, the same tunes):")
-    for name, value in nll_table.items():
-        print(f"    {name:7s} {value:.3f}")
-    margin = ngram_test[best_order] - results["lstm"]["test_nll"]
-    print(f"  LSTM {results['lstm']['test_nll']:.3f} vs best n-gram ({best_order}-gram) {ngram_test[best_order]:.3f}: "
-          f"margin {margin:+.3f} nats/event " + ("(the LSTM is better)" if margin > 0 else "(the n-gram is better)"))
+        abc_model = SequenceModel(abc_config).to(device)
+        plan = TrainPlan("ABC LSTM", args.abc_steps, args.epochs, args.abc_batch_size, 0, args.abc_lr, args.log_every)
+        histories["abc"], abc_steps, abc_seconds = train_whole_tunes(abc_model, abc_train, plan, device, dtype,
+                                                                     torch.Generator().manual_seed(args.seed),
+                                                                     writer, show_progress=show_progress)
+        train_time += abc_seconds
+        steps_total += abc_steps
+        abc_val_nll = evaluate_tunes(abc_model, abc_val, device, dtype)
+        writer.add_scalar(f"{plan.tag}/loss_val", abc_val_nll, abc_steps)
+        ids, where = abc_val[0]
+        save_checkpoint(abc_model, abc_config, {"task": "abc", "tokens": abc_vocabulary},
+                        {"tokens": torch.tensor([ids[:32]]), "positions": torch.tensor([where[:32]])}, out_dir / "abc_lstm.pt")
+        # Each tune starts from the header (metre, unit, key) of a held-out tune, as folk-rnn conditions
+        # on metre and key; the notes, the bar lines and the end of the tune are all the model's, drawn
+        # from the whole softmax at temperature 1.0.
+        headers = ["\n".join(tune.splitlines()[:3]) + "\n" for tune in abc_split["test"]]
+        headers = [headers[i % len(headers)] for i in range(args.abc_samples)]
+        sampling_start = time.perf_counter()
+        generated_abc = sample_tunes(abc_model, abc_vocabulary, headers, 120 if args.smoke else ABC_MAX_TOKENS, device,
+                                     torch.Generator().manual_seed(args.seed))
+        sampling_seconds = time.perf_counter() - sampling_start
+        held_out_real = abc_split["test"][:100]
+        checking_start = time.perf_counter()
+        real_share, real_reasons = validity_share(held_out_real, music21, "checking real tunes", show_progress)
+        generated_share, generated_reasons = validity_share(generated_abc, music21, "checking generated tunes",
+                                                            show_progress)
+        checking_seconds = time.perf_counter() - checking_start
+        (out_dir / "generated_abc.txt").write_text("\n".join(f"X:{i + 1}\n{t}" for i, t in enumerate(generated_abc)),
+                                                   encoding="utf-8")
+        ratio = generated_share / real_share if real_share else 0.0
+        writer.add_scalar(f"{plan.tag}/valid_share_generated", generated_share, abc_steps)
+        first_tunes = "\n".join(f"X:{i + 1}\n{tune.strip()}" for i, tune in enumerate(generated_abc[:3]))
+        # indented 4 spaces, markdown shows the tunes as written, line by line
+        writer.add_text(f"{plan.tag}/generated_tunes", "    " + first_tunes.replace("\n", "\n    "), abc_steps)
+        print(f"  ABC LSTM: {abc_steps} steps ({abc_seconds:.0f} s), validation {abc_val_nll:.3f} nats/token; "
+              f"{len(generated_abc)} tunes drawn in {sampling_seconds:.0f} s, checked with music21 in {checking_seconds:.0f} s")
+        print(f"  valid music: {generated_share:.0%} of {len(generated_abc)} generated tunes (temperature 1.0) vs "
+              f"{real_share:.0%} of {len(held_out_real)} held-out real tunes: ratio {ratio:.2f} (target >= 0.8)")
+        print(f"  why generated tunes failed: {dict(generated_reasons.most_common(4))}; real: {dict(real_reasons.most_common(3))}")
+        print("  a generated tune:\n    " + generated_abc[0].strip().replace("\n", "\n    "))
 
-    print("\n== Part 4: an LSTM on ABC tokens (folk-rnn's representation), and which generated tunes are valid music")
-    abc = music["abc"]
-    abc_split = {name: [text for n, text in abc if split_of(n) == name] for name in ("train", "val", "test")}
-    if args.smoke:
-        texts = [text for _, text in abc]
-        abc_split = {"train": texts[:-6], "val": texts[-6:-3], "test": texts[-3:]}
-    counts = Counter(token for text in abc_split["train"] for token in abc_tokens(text))
-    abc_vocabulary = ["<s>", "<unk>"] + sorted(counts)
-    abc_index = {token: i for i, token in enumerate(abc_vocabulary)}
-    abc_train = [encode_abc(text, abc_index) for text in abc_split["train"]]
-    abc_val = [encode_abc(text, abc_index) for text in abc_split["val"]]
-    example = abc_tokens(abc_split["train"][0])[:18]
-    shown = " ".join(token.replace("\n", "\\n") for token in example)
-    print(f"  {len(abc_split['train'])} training tunes, {sum(len(ids) - 1 for ids, _ in abc_train):,} tokens "
-          f"({sum(map(len, abc_split['train'])):,} characters), {len(abc_vocabulary)} distinct tokens; "
-          f"a tune starts: {shown} ...")
-    print("  what is left of the bar after each of them (BarClock's bucket: 1 = the bar is full, 1 + 4 per eighth left): "
-          f"{' '.join(map(str, bar_positions(example)))} ...")
-    abc_config = SeqConfig(kind="lstm", vocab_size=len(abc_vocabulary), hidden_size=args.abc_hidden_size,
-                           dropout=args.abc_dropout,
-                           position_buckets=POSITION_BUCKETS if args.abc_bar_clock == "on" else 0)
-    torch.manual_seed(args.seed)
-    abc_model = SequenceModel(abc_config).to(device)
-    plan = TrainPlan("ABC LSTM", args.abc_steps, args.epochs, args.abc_batch_size, 0, args.abc_lr, args.log_every)
-    histories["abc"], abc_steps, abc_seconds = train_whole_tunes(abc_model, abc_train, plan, device, dtype,
-                                                                 torch.Generator().manual_seed(args.seed))
-    train_time += abc_seconds
-    steps_total += abc_steps
-    abc_val_nll = evaluate_tunes(abc_model, abc_val, device, dtype)
-    ids, where = abc_val[0]
-    save_checkpoint(abc_model, abc_config, {"task": "abc", "tokens": abc_vocabulary},
-                    {"tokens": torch.tensor([ids[:32]]), "positions": torch.tensor([where[:32]])}, out_dir / "abc_lstm.pt")
-    # Each tune starts from the header (metre, unit, key) of a held-out tune, as folk-rnn conditions
-    # on metre and key; the notes, the bar lines and the end of the tune are all the model's, drawn
-    # from the whole softmax at temperature 1.0.
-    headers = ["\n".join(tune.splitlines()[:3]) + "\n" for tune in abc_split["test"]]
-    headers = [headers[i % len(headers)] for i in range(args.abc_samples)]
-    sampling_start = time.perf_counter()
-    generated_abc = sample_tunes(abc_model, abc_vocabulary, headers, 120 if args.smoke else ABC_MAX_TOKENS, device,
-                                 torch.Generator().manual_seed(args.seed))
-    sampling_seconds = time.perf_counter() - sampling_start
-    held_out_real = abc_split["test"][:100]
-    checking_start = time.perf_counter()
-    real_share, real_reasons = validity_share(held_out_real, music21, "checking real tunes", not args.smoke)
-    generated_share, generated_reasons = validity_share(generated_abc, music21, "checking generated tunes",
-                                                        not args.smoke)
-    checking_seconds = time.perf_counter() - checking_start
-    (out_dir / "generated_abc.txt").write_text("\n".join(f"X:{i + 1}\n{t}" for i, t in enumerate(generated_abc)),
-                                               encoding="utf-8")
-    ratio = generated_share / real_share if real_share else 0.0
-    print(f"  ABC LSTM: {abc_steps} steps ({abc_seconds:.0f} s), validation {abc_val_nll:.3f} nats/token; "
-          f"{len(generated_abc)} tunes drawn in {sampling_seconds:.0f} s, checked with music21 in {checking_seconds:.0f} s")
-    print(f"  valid music: {generated_share:.0%} of {len(generated_abc)} generated tunes (temperature 1.0) vs "
-          f"{real_share:.0%} of {len(held_out_real)} held-out real tunes: ratio {ratio:.2f} (target >= 0.8)")
-    print(f"  why generated tunes failed: {dict(generated_reasons.most_common(4))}; real: {dict(real_reasons.most_common(3))}")
-    print("  a generated tune:\n    " + generated_abc[0].strip().replace("\n", "\n    "))
+        print("\n== Part 5: chord progressions from the chorales, one Roman numeral per beat")
+        chorales = {name: [r["chords"] for r in rs if r["source"] == "chorale" and r.get("chords")]
+                    for name, rs in split.items()}
+        vocabulary = chord_vocabulary(chorales["train"])
+        index = {label: i for i, label in enumerate(vocabulary)}
+        chord_sequences = {name: [encode_chords(c, index) for c in cs] for name, cs in chorales.items()}
+        bigram = NGramModel(2, len(vocabulary)).fit(chord_sequences["train"])
+        bigram_acc = bigram_accuracy(bigram, chord_sequences["test"])
+        chord_config = SeqConfig(kind="lstm", vocab_size=len(vocabulary), embed_dim=32, hidden_size=min(args.hidden_size, 128),
+                                 dropout=args.dropout)
+        torch.manual_seed(args.seed)
+        chord_model = SequenceModel(chord_config).to(device)
+        chord_stream = torch.tensor([t for s in chord_sequences["train"] for t in s], dtype=torch.long)
+        plan = TrainPlan("chord LSTM", args.chord_steps, args.epochs, min(args.batch_size, 16), min(args.bptt, 32),
+                         args.lr, args.log_every)
+        histories["chords"], chord_steps, chord_seconds = train_tbptt(chord_model, chord_stream, plan, device, dtype,
+                                                                      writer, show_progress=show_progress)
+        train_time += chord_seconds
+        steps_total += chord_steps
+        chord_val_nll, _ = evaluate_sequences(chord_model, chord_sequences["val"], device, dtype)
+        writer.add_scalar(f"{plan.tag}/loss_val", chord_val_nll, chord_steps)
+        _, chord_acc = evaluate_sequences(chord_model, chord_sequences["test"], device, dtype)
+        writer.add_scalar(f"{plan.tag}/accuracy_test", chord_acc, chord_steps)
+        save_checkpoint(chord_model, chord_config, {"task": "chords", "chords": " ".join(vocabulary)},
+                        torch.tensor([chord_sequences["test"][0][:16]]), out_dir / "chord_lstm.pt")
+        print(f"  {sum(map(len, chorales['train'])):,} training beats, {len(vocabulary)} chord labels; "
+              f"e.g. {' '.join(chorales['train'][0][:12])}")
+        print(f"  next-chord accuracy on held-out chorales: LSTM {chord_acc:.1%} vs bigram {bigram_acc:.1%}")
 
-    print("\n== Part 5: chord progressions from the chorales, one Roman numeral per beat")
-    chorales = {name: [r["chords"] for r in rs if r["source"] == "chorale" and r.get("chords")]
-                for name, rs in split.items()}
-    vocabulary = chord_vocabulary(chorales["train"])
-    index = {label: i for i, label in enumerate(vocabulary)}
-    chord_sequences = {name: [encode_chords(c, index) for c in cs] for name, cs in chorales.items()}
-    bigram = NGramModel(2, len(vocabulary)).fit(chord_sequences["train"])
-    bigram_acc = bigram_accuracy(bigram, chord_sequences["test"])
-    chord_config = SeqConfig(kind="lstm", vocab_size=len(vocabulary), embed_dim=32, hidden_size=min(args.hidden_size, 128),
-                             dropout=args.dropout)
-    torch.manual_seed(args.seed)
-    chord_model = SequenceModel(chord_config).to(device)
-    chord_stream = torch.tensor([t for s in chord_sequences["train"] for t in s], dtype=torch.long)
-    plan = TrainPlan("chord LSTM", args.chord_steps, args.epochs, min(args.batch_size, 16), min(args.bptt, 32),
-                     args.lr, args.log_every)
-    histories["chords"], chord_steps, chord_seconds = train_tbptt(chord_model, chord_stream, plan, device, dtype)
-    train_time += chord_seconds
-    steps_total += chord_steps
-    _, chord_acc = evaluate_sequences(chord_model, chord_sequences["test"], device, dtype)
-    save_checkpoint(chord_model, chord_config, {"task": "chords", "chords": " ".join(vocabulary)},
-                    torch.tensor([chord_sequences["test"][0][:16]]), out_dir / "chord_lstm.pt")
-    print(f"  {sum(map(len, chorales['train'])):,} training beats, {len(vocabulary)} chord labels; "
-          f"e.g. {' '.join(chorales['train'][0][:12])}")
-    print(f"  next-chord accuracy on held-out chorales: LSTM {chord_acc:.1%} vs bigram {bigram_acc:.1%}")
+        print("\n== Part 6: generation, and musical statistics against held-out melodies")
+        held_out = split["test"]
+        reference = {"pitch_classes": tonic_relative_histogram([(r["events"], r["tonic"]) for r in held_out]),
+                     "durations": duration_histogram([(r["events"], r["tonic"]) for r in held_out])}
+        generator = torch.Generator().manual_seed(args.seed)
+        prime_records = [held_out[i % len(held_out)] for i in range(args.melodies)]
+        prime_events = [r["events"][:8] for r in prime_records]
+        primes = [encode_melody(p, r["tonic"], r["mode"])[:-1] for p, r in zip(prime_events, prime_records)]
+        drawn = sample_batch(models["lstm"], primes, 16 if args.smoke else 64,
+                             args.temperature,
+                             args.top_k, device, generator, stop_token=EOS, banned=(BOS, *KEY_TOKENS))
+        generated = [[token_event(t) for t in tokens if t >= 2] for tokens in drawn]
+        modes = [r["mode"] for r in prime_records]
+        tonics = [r["tonic"] for r in prime_records]
+        all_pitches = [p for r in held_out for p, _ in r["events"] if p]
+        durations = torch.tensor(duration_histogram([(m, 0) for m in melodies["train"]])) + 1e-9
+        random_melodies = [random_melody(max(len(g), 8), min(all_pitches), max(all_pitches), durations, generator)
+                           for g in generated]
+        stats = {"held_out": music_statistics([(r["events"], r["tonic"]) for r in held_out], reference,
+                                              [r["mode"] for r in held_out]),
+                 "lstm": music_statistics(list(zip(generated, tonics)), reference, modes),
+                 "random": music_statistics(list(zip(random_melodies, tonics)), reference, modes)}
+        # The same primes drawn from the whole softmax: hundreds of unlikely events share a few percent of
+        # the probability, and one melody of 64 events draws several of them (out-of-key notes, mostly).
+        # Top-k cuts that tail; the cost shows in the duration histogram, which gets less varied.
+        untruncated = sample_batch(models["lstm"], primes, 16 if args.smoke else 64, args.temperature, 0, device,
+                                   torch.Generator().manual_seed(args.seed), stop_token=EOS, banned=(BOS, *KEY_TOKENS))
+        stats["lstm_top_k_off"] = music_statistics([([token_event(t) for t in tokens if t >= 2], tonic)
+                                                    for tokens, tonic in zip(untruncated, tonics)], reference, modes)
+        for name, s in stats.items():
+            print(f"  {name:14s} pitch-class intersection {s['pitch_class_intersection']:.3f}  durations "
+                  f"{s['duration_intersection']:.3f}  range {s['mean_range_semitones']:.1f} semitones  in key "
+                  f"{s['in_key_ratio']:.1%}")
+        gap = stats["lstm"]["pitch_class_intersection"] - stats["random"]["pitch_class_intersection"]
+        print(f"  generated (temperature {args.temperature}, top-k {args.top_k or 'off'}) vs held-out "
+              f"{stats['lstm']['pitch_class_intersection']:.3f} (target >= 0.9), random notes "
+              f"{stats['random']['pitch_class_intersection']:.3f} ({gap:.3f} lower; target >= 0.1)")
 
-    print("\n== Part 6: generation, and musical statistics against held-out melodies")
-    held_out = split["test"]
-    reference = {"pitch_classes": tonic_relative_histogram([(r["events"], r["tonic"]) for r in held_out]),
-                 "durations": duration_histogram([(r["events"], r["tonic"]) for r in held_out])}
-    generator = torch.Generator().manual_seed(args.seed)
-    prime_records = [held_out[i % len(held_out)] for i in range(args.melodies)]
-    prime_events = [r["events"][:8] for r in prime_records]
-    primes = [encode_melody(p, r["tonic"], r["mode"])[:-1] for p, r in zip(prime_events, prime_records)]
-    drawn = sample_batch(models["lstm"], primes, 16 if args.smoke else 64,
-                         args.temperature,
-                         args.top_k, device, generator, stop_token=EOS, banned=(BOS, *KEY_TOKENS))
-    generated = [[token_event(t) for t in tokens if t >= 2] for tokens in drawn]
-    modes = [r["mode"] for r in prime_records]
-    tonics = [r["tonic"] for r in prime_records]
-    all_pitches = [p for r in held_out for p, _ in r["events"] if p]
-    durations = torch.tensor(duration_histogram([(m, 0) for m in melodies["train"]])) + 1e-9
-    random_melodies = [random_melody(max(len(g), 8), min(all_pitches), max(all_pitches), durations, generator)
-                       for g in generated]
-    stats = {"held_out": music_statistics([(r["events"], r["tonic"]) for r in held_out], reference,
-                                          [r["mode"] for r in held_out]),
-             "lstm": music_statistics(list(zip(generated, tonics)), reference, modes),
-             "random": music_statistics(list(zip(random_melodies, tonics)), reference, modes)}
-    # The same primes drawn from the whole softmax: hundreds of unlikely events share a few percent of
-    # the probability, and one melody of 64 events draws several of them (out-of-key notes, mostly).
-    # Top-k cuts that tail; the cost shows in the duration histogram, which gets less varied.
-    untruncated = sample_batch(models["lstm"], primes, 16 if args.smoke else 64, args.temperature, 0, device,
-                               torch.Generator().manual_seed(args.seed), stop_token=EOS, banned=(BOS, *KEY_TOKENS))
-    stats["lstm_top_k_off"] = music_statistics([([token_event(t) for t in tokens if t >= 2], tonic)
-                                                for tokens, tonic in zip(untruncated, tonics)], reference, modes)
-    for name, s in stats.items():
-        print(f"  {name:14s} pitch-class intersection {s['pitch_class_intersection']:.3f}  durations "
-              f"{s['duration_intersection']:.3f}  range {s['mean_range_semitones']:.1f} semitones  in key "
-              f"{s['in_key_ratio']:.1%}")
-    gap = stats["lstm"]["pitch_class_intersection"] - stats["random"]["pitch_class_intersection"]
-    print(f"  generated (temperature {args.temperature}, top-k {args.top_k or 'off'}) vs held-out "
-          f"{stats['lstm']['pitch_class_intersection']:.3f} (target >= 0.9), random notes "
-          f"{stats['random']['pitch_class_intersection']:.3f} ({gap:.3f} lower; target >= 0.1)")
-
-    print("\n== Part 7: listening: MIDI, WAV and a piano roll")
-    pieces = [(f"{prime_records[i]['name']}: 8 events of the held-out tune, then the LSTM (T={args.temperature})",
-               prime_events[i], generated[i]) for i in range(min(3, len(generated)))]
-    if prime is not None:
-        own = sample_batch(models["lstm"], [encode_melody(*prime)[:-1]], 64, args.temperature, args.top_k, device,
-                           generator, stop_token=EOS, banned=(BOS, *KEY_TOKENS))[0]
-        pieces.append(("your --prime, continued by the LSTM", prime[0], [token_event(t) for t in own if t >= 2]))
-    else:
-        pieces.append(("random-note baseline (no prime)", [], random_melodies[0]))
-    plot_piano_roll(pieces, out_dir / "piano_roll.png")
-    plot_statistics({"held-out": reference["pitch_classes"], "LSTM": stats["lstm"]["pitch_class_histogram"],
-                     "random notes": stats["random"]["pitch_class_histogram"]}, nll_table,
-                    out_dir / "statistics.png")
-    written = write_listening(pieces, out_dir, music21)
+        print("\n== Part 7: listening: MIDI, WAV and a piano roll")
+        pieces = [(f"{prime_records[i]['name']}: 8 events of the held-out tune, then the LSTM (T={args.temperature})",
+                   prime_events[i], generated[i]) for i in range(min(3, len(generated)))]
+        if prime is not None:
+            own = sample_batch(models["lstm"], [encode_melody(*prime)[:-1]], 64, args.temperature, args.top_k, device,
+                               generator, stop_token=EOS, banned=(BOS, *KEY_TOKENS))[0]
+            pieces.append(("your --prime, continued by the LSTM", prime[0], [token_event(t) for t in own if t >= 2]))
+        else:
+            pieces.append(("random-note baseline (no prime)", [], random_melodies[0]))
+        plot_piano_roll(pieces, out_dir / "piano_roll.png")
+        plot_statistics({"held-out": reference["pitch_classes"], "LSTM": stats["lstm"]["pitch_class_histogram"],
+                         "random notes": stats["random"]["pitch_class_histogram"]}, nll_table,
+                        out_dir / "statistics.png")
+        for name in ("piano_roll", "statistics"):
+            log_picture(writer, f"melody_lstm/{name}", out_dir / f"{name}.png", results["lstm"]["steps"])
+        written = write_listening(pieces, out_dir, music21)
+    finally:
+        writer.close()
 
     metrics = {
         "lab": LAB_NAME, "smoke": args.smoke, "bug": args.bug, "test_tunes_also_in_training": shared_tunes,
@@ -2056,7 +2123,7 @@ def lesson(args, device, dtype, data_dir, out_dir, wall_start, music21, prime):
           f"{bigram_acc:.1%} (bigram); pitch classes {stats['lstm']['pitch_class_intersection']:.3f} vs random "
           f"{stats['random']['pitch_class_intersection']:.3f}. Whole run {metrics['wall_time_s']:.0f} s.\n"
           f"  Outputs in {out_dir}: metrics.json, melody_lstm.pt, melody_gru.pt, abc_lstm.pt, chord_lstm.pt, "
-          f"generated_abc.txt, piano_roll.png, statistics.png, {', '.join(written)}.\n"
+          f"generated_abc.txt, piano_roll.png, statistics.png, {', '.join(written)}, tensorboard/.\n"
           f"  Listen: open the .wav files; continue your own tune: --generate-only {out_dir / 'melody_lstm.pt'} "
           f"--prime my_tune.abc --temperature 0.9 --top-k 8")
 
