@@ -175,6 +175,120 @@ def test_cifar_net_shapes(lab):
     assert net(torch.rand(3, 3, 32, 32)).shape == (3, 10)
 
 
+def test_plain_cnn_is_conv_pool_batch_norm_relu_with_default_init(lab):
+    torch.manual_seed(0)
+    plain = lab.PlainCNN(widths=(8, 16, 32))
+    assert plain(torch.rand(3, 3, 32, 32)).shape == (3, 10)
+    kinds = [type(m).__name__ for m in plain.block1]
+    assert kinds == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU"]
+    torch.manual_seed(0)
+    reference = nn.Conv2d(3, 8, 3, padding=1, bias=False)      # PyTorch's default init, same draws
+    torch.testing.assert_close(plain.block1[0].weight, reference.weight)
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_each_architecture_trick_switches_off_to_the_plain_piece(lab):
+    images = lab.synthetic_cifar(64, 8, torch.Generator().manual_seed(0))[0]
+    cpu = torch.device("cpu")
+    fast = lab.build_network(lab.CifarConfig(widths=(8, 8, 8)), images, cpu)
+    conv = fast.block1[4].weight                                   # the block's second 3x3 conv, 8 -> 8 channels
+    torch.testing.assert_close(conv[:, :, 1, 1], torch.eye(8))      # dirac-init: an identity map
+    assert not fast.whiten.weight.requires_grad and not fast.block1[2].weight.requires_grad
+    assert fast.block1[2].momentum == 0.4
+
+    config = lab.CifarConfig(widths=(8, 8, 8), tricks=())
+    bare = lab.build_network(config, images, cpu)
+    assert not torch.allclose(bare.block1[4].weight[:, :, 1, 1], torch.eye(8))
+    assert bare.whiten.weight.requires_grad                        # a learned first layer
+    with torch.no_grad():
+        whitened = lab.build_network(lab.CifarConfig(widths=(8, 8, 8)), images, cpu).whiten.weight
+    assert not torch.allclose(bare.whiten.weight, whitened)
+    norm = bare.block1[2]
+    assert norm.weight.requires_grad and norm.momentum == 0.1 and norm.eps == 1e-5   # PyTorch's defaults
+
+    optimizer, peaks = lab.make_cifar_optimizer(bare, config)
+    assert len(optimizer.param_groups) == 1 and peaks == [config.lr]
+    assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(config.decay_per_step / config.lr)
+    optimizer, peaks = lab.make_cifar_optimizer(fast, lab.CifarConfig())
+    assert peaks == [0.375 * 64, 0.375]
+
+
+def test_one_cycle_warms_up_and_without_it_the_cosine_starts_at_the_peak(lab):
+    model = nn.Linear(2, 2)
+    for tricks, first, middle in (((lab.TRICKS), 0.375 / 5, 0.375), ((), 0.375, 0.375 / 2)):
+        config = lab.CifarConfig(tricks=tuple(tricks))
+        optimizer, peaks = lab.make_cifar_optimizer(model, replace_fast_bn(lab, config))
+        schedule = lab.make_schedule(optimizer, peaks, 100, config)
+        lrs = []
+        for _ in range(100):
+            lrs.append(schedule.get_last_lr()[-1])
+            optimizer.step()
+            schedule.step()
+        assert lrs[0] == pytest.approx(first)
+        assert (max(lrs) if tricks else lrs[50]) == pytest.approx(middle, rel=1e-3)
+
+
+def replace_fast_bn(lab, config):
+    """The optimizer test uses a bare Linear: no batch-norm shifts to put in a group of their own."""
+    import dataclasses
+    return dataclasses.replace(config, tricks=tuple(t for t in config.tricks if t != "fast-batch-norm"))
+
+
+def test_training_tricks_change_the_loss_flips_and_weights_they_name(lab, monkeypatch):
+    """Label smoothing reaches the loss, lookahead averages the weights, alternating flips alternate:
+    each switched off, the same run takes the plain path."""
+    cpu = torch.device("cpu")
+    data = lab.synthetic_cifar(64, 16, torch.Generator().manual_seed(0))
+    seen = {"smoothing": [], "flips": []}
+    real_cross_entropy, real_flip = lab.F.cross_entropy, lab.flip_where
+    monkeypatch.setattr(lab.F, "cross_entropy", lambda *a, **k: seen["smoothing"].append(k["label_smoothing"])
+                        or real_cross_entropy(*a, **k))
+    monkeypatch.setattr(lab, "flip_where", lambda images, mask: seen["flips"].append(mask.clone())
+                        or real_flip(images, mask))
+    updates = []
+    real_update = lab.Lookahead.update
+    monkeypatch.setattr(lab.Lookahead, "update", lambda self, m, decay: updates.append(decay)
+                        or real_update(self, m, decay))
+    averaged = {}
+    for tricks in (tuple(lab.TRICKS), ("whitening",)):
+        seen["smoothing"].clear(), seen["flips"].clear(), updates.clear()
+        config = lab.CifarConfig(epochs=2, batch_size=8, widths=(8, 8, 8), tricks=tricks)   # 8 steps an epoch
+        torch.manual_seed(0)
+        model = lab.build_network(config, data[0], cpu)
+        lab.train_cifar(model, data, config, cpu, torch.Generator().manual_seed(0))
+        averaged[tricks] = len(updates)
+        assert set(seen["smoothing"]) == ({0.2} if "label-smoothing" in tricks else {0.0})
+        if "alternating-flip" in tricks:   # every image is flipped in exactly one of the two epochs
+            first_epoch, second_epoch = torch.cat(seen["flips"][:8]), torch.cat(seen["flips"][8:])
+            assert first_epoch.float().mean() + second_epoch.float().mean() == 1.0
+    assert averaged[tuple(lab.TRICKS)] > 0 and averaged[("whitening",)] == 0
+
+
+def test_ablation_trains_the_fast_recipe_each_trick_off_and_the_plain_cnn(lab):
+    cpu = torch.device("cpu")
+    data = lab.synthetic_cifar(64, 16, torch.Generator().manual_seed(0))
+    base = lab.CifarConfig(epochs=1, batch_size=32, widths=(8, 8, 8))
+    rows = lab.run_ablation(base, data, cpu, None, seed=0)
+    recipes = [row["recipe"] for row in rows]
+    assert recipes == ["fast recipe (every trick)", "without test-time-flip",
+                       *[f"without {t}" for t in lab.TRICKS if t != "test-time-flip"], "plain CNN (--plain)"]
+    for row in rows[1:-1]:
+        missing = set(lab.TRICKS) - set(row["tricks"])
+        assert missing == {row["recipe"].removeprefix("without ")}
+    assert rows[-1]["tricks"] == []
+    assert all(0 <= row["test_accuracy"] <= 1 for row in rows)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--without", "dropout"], "wants trick names from whitening"),
+    (["--plain", "--without", "lookahead"], "not allowed with"),
+    (["--plain", "--ablation"], "not allowed with"),
+])
+def test_unknown_tricks_and_clashing_recipes_are_refused_in_one_line(lab, flags, fragment, tmp_path):
+    assert_clean_failure(failure_of(lab.main, [*flags, "--smoke", "--out-dir", tmp_path / "out"]), fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_synthesised_notes_have_the_asked_pitch_and_label(lab):
     waves, labels = lab.synthesize_notes(60, torch.Generator().manual_seed(0))
     assert waves.shape == (60, int(lab.SAMPLE_RATE * lab.NOTE_SECONDS))
@@ -233,7 +347,7 @@ def test_drill_no_eval_mode_makes_predictions_depend_on_the_batch(lab):
     cpu = torch.device("cpu")
     train_x, _train_y, test_x, _test_y = lab.synthetic_cifar(64, 100, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    model = lab.build_cifar_net((8, 8, 8), train_x, cpu)
+    model = lab.build_network(lab.CifarConfig(widths=(8, 8, 8)), train_x, cpu)
     difference = {}
     for bug in (None, "no-eval-mode"):
         model.train()                                           # as training leaves it
@@ -329,9 +443,12 @@ import torch
 lab = load_lab({LAB!r})
 cuda = torch.device("cuda")
 images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).to(cuda)
-model = lab.build_cifar_net((8, 8, 8), images, cuda)
+model = lab.build_network(lab.CifarConfig(widths=(8, 8, 8)), images, cuda)
 assert model.whiten.weight.is_cuda and model.normalize.mean.is_cuda
 assert model(images[:4].float() / 255).shape == (4, 10)
+plain = lab.build_network(lab.CifarConfig(widths=(8, 8, 8), **lab.PLAIN_RECIPE), images, cuda)
+assert all(p.is_cuda for p in plain.parameters()) and plain.normalize.mean.is_cuda
+assert plain(images[:4].float() / 255).shape == (4, 10)
 """)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -343,16 +460,21 @@ lab = load_lab({LAB!r})
 cuda = torch.device("cuda")
 generator = torch.Generator().manual_seed(0)
 train_x, train_y, test_x, test_y = (t.to(cuda) for t in lab.synthetic_cifar(16, 8, generator))
-model = lab.build_cifar_net((8, 8, 8), train_x, cuda)
 config = lab.CifarConfig(epochs=2, batch_size=4, widths=(8, 8, 8))
+model = lab.build_network(config, train_x, cuda)
 history, _ = lab.train_cifar(model, (train_x, train_y, test_x, test_y), config, cuda, generator, torch.float16)
 assert len(history) == 2
+# The plain recipe: its own network, one parameter group, a cosine schedule and random flips, on the GPU too.
+plain = lab.CifarConfig(epochs=1, batch_size=4, widths=(8, 8, 8), **lab.PLAIN_RECIPE)
+lab.train_cifar(lab.build_network(plain, train_x, cuda), (train_x, train_y, test_x, test_y), plain, cuda,
+                generator, torch.float16)
 # The timbre loop in fp32: the same autocast and scaler calls, and fp16 convolutions are slow on a CPU.
 lab.train_timbre_cnn(150, 8, 2, cuda, generator, pathlib.Path({str(tmp_path)!r}), None)
 reads, steps = simulated_cuda.REPORT.intervals_with_read, simulated_cuda.REPORT.steps
-assert steps == 2 * 4 + 2 * 3, steps        # CIFAR: 2 epochs of 4 steps; timbre: 2 epochs of 3
-# A read once per epoch shows in at most 2 intervals between steps; a read every step in 6 or more.
-per_step = {{line: n for line, n in reads.items() if "GradScaler" not in line and n > 2}}
+assert steps == 2 * 4 + 4 + 2 * 3, steps    # CIFAR: 2 epochs of 4 steps, plain 1 of 4; timbre: 2 epochs of 3
+# A read once per epoch shows in at most 3 intervals between steps (3 CIFAR epochs); a read every
+# step in 9 or more.
+per_step = {{line: n for line, n in reads.items() if "GradScaler" not in line and n > 3}}
 assert not per_step, ("lines that read from the GPU on most steps", per_step, steps)
 """)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -383,3 +505,15 @@ def test_default_run_reaches_85_percent_on_cifar10(lab_data_dir, tmp_path):
     for figure in ("cifar_confusion.png", "cifar_first_layer_filters.png", "cifar_feature_maps.png",
                    "timbre_spectrograms.png"):
         assert (tmp_path / figure).is_file()
+
+
+@pytest.mark.full
+def test_plain_cnn_reaches_80_percent_on_cifar10(lab_data_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-c", RELAXED_CHECKSUM, str(REPO / LAB), "--plain",
+                             "--data-dir", lab_data_dir, "--out-dir", tmp_path],
+                            capture_output=True, text=True, timeout=3600, cwd=REPO,
+                            env=dict(os.environ, MPLBACKEND="Agg"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["network"] == "plain" and metrics["tricks"] == []
+    assert metrics["test_accuracy"] >= 0.80, metrics["test_accuracy"]

@@ -10,9 +10,13 @@ What this lab teaches
      projection shortcut and an EfficientNet-style inverted residual (MBConv) with
      squeeze-and-excitation, each traced shape by shape, counted parameter by parameter, and
      loaded with torchvision's own weights to show they compute the same thing.
-  3. A compact CNN trained on CIFAR-10 with augmentation (random crop with padding, horizontal
-     flip), batch norm, a one-cycle learning-rate schedule and label smoothing; per-class
-     accuracy, a confusion matrix, first-layer filters and feature maps as PNGs.
+  3. A plain CNN first (conv, batch norm, ReLU, max-pooling, PyTorch's default initialisation,
+     one SGD optimiser) trained on CIFAR-10 with random crops and flips: `--plain`. Then the fast
+     recipe that the default run trains: the same kind of network plus eight named tricks
+     (whitening, identity init, faster batch norm, one-cycle schedule, label smoothing, lookahead,
+     alternating and test-time flips), each switchable with `--without`, and `--ablation` to
+     measure what each is worth. Per-class accuracy, a confusion matrix, first-layer filters and
+     feature maps as PNGs.
   4. Music-AI connection: notes of five timbres synthesised with torch, turned into log-mel
      spectrograms with torchaudio, and a small CNN that tells the timbres apart. A spectrogram
      is an image, so everything above carries over.
@@ -21,6 +25,9 @@ Run it
   terminal:  python week2_cnn/04_cnn_basics.py                 # downloads CIFAR-10 to ./data
              python week2_cnn/04_cnn_basics.py --smoke         # 10-second check, synthetic data
              python week2_cnn/04_cnn_basics.py --epochs 4      # half the training time, lower accuracy
+             python week2_cnn/04_cnn_basics.py --plain         # the plain CNN and recipe, no tricks
+             python week2_cnn/04_cnn_basics.py --without lookahead,label-smoothing   # tricks off
+             python week2_cnn/04_cnn_basics.py --ablation      # each trick off in turn: over an hour on a CPU
              python week2_cnn/04_cnn_basics.py --precision fp32   # on a GPU: no mixed precision
              tensorboard --logdir runs/04_cnn_basics/tensorboard  # loss, accuracy, LR, filters, images
   Colab:     paste the file into a cell (or cell by cell at the `# %%` marks) and run it;
@@ -50,7 +57,7 @@ import os
 import pickle
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -546,14 +553,15 @@ def flip_where(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), images.flip(3), images)
 
 
-# %% 5. A compact, fast CIFAR-10 network
-# The family of the fastest known CIFAR-10 trainers (David Page's ResNet-9 for DAWNBench, Keller
-# Jordan's airbench, whose recipe this follows at a quarter of its width): three blocks of
-# conv -> max-pool -> batch norm -> ReLU -> conv -> batch norm -> ReLU, halving the resolution each
-# time (31 -> 15 -> 7 -> 3), a global max-pool and a linear head. Two tricks make the first epochs
-# count: the first layer is not learned but set to *whiten* 2x2 patches (decorrelate them, unit
-# variance, computed from the data once), and every 3x3 conv starts as an identity ("Dirac") map,
-# so the untrained network already passes its input through.
+# %% 5. A plain CNN first
+# The network to write yourself before any trick: three blocks that each double the channels and
+# halve the resolution (32 -> 16 -> 8 -> 4), a global average pool and one linear layer. A block is
+# conv -> 2x2 max-pool -> batch norm -> ReLU -> conv -> batch norm -> ReLU. Pooling straight after
+# the first conv, not at the end of the block, is the same idea at a quarter of the cost: batch norm
+# (with a positive scale) and ReLU never change which of four pixels is the largest, and the second
+# conv then runs on a quarter of the pixels. PyTorch's default initialisation, one optimiser (SGD
+# with momentum and weight decay, the learning rate decaying along a cosine), random crops and
+# flips: `--plain` trains exactly this.
 
 class Normalize(nn.Module):
     """Per-channel standardisation inside the model, so a checkpoint takes plain [0, 1] images."""
@@ -567,40 +575,79 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def batch_norm(channels):
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class PlainCNN(nn.Module):
+    def __init__(self, widths=(32, 64, 128), num_classes=10):
+        super().__init__()
+        self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        blocks, channels = [], 3
+        for width in widths:
+            blocks.append(nn.Sequential(
+                nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                nn.BatchNorm2d(width), nn.ReLU(inplace=True),      # no conv bias: batch norm's shift replaces it
+                nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)))
+            channels = width
+        self.block1, self.block2, self.block3 = blocks          # (N, w1, 16, 16), (N, w2, 8, 8), (N, w3, 4, 4)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x):                                       # x: (N, 3, 32, 32) in [0, 1]
+        x = self.block3(self.block2(self.block1(self.normalize(x))))
+        return self.head(x.mean(dim=(2, 3)))                    # (N, classes)
+
+
+# %% 6. The fast recipe's network: the plain CNN plus three tricks
+# The family of the fastest known CIFAR-10 trainers (David Page's ResNet-9 for DAWNBench, Keller
+# Jordan's airbench, whose recipe this follows at a quarter of its width): the same three blocks
+# (31 -> 15 -> 7 -> 3 here), a global max-pool and a linear head. Three tricks, each switchable with
+# --without (section 7 lists them all, and --ablation measures what each is worth):
+#   whitening        the first layer is not learned but set to *whiten* 2x2 patches (decorrelate
+#                    them, unit variance, computed from the data once);
+#   dirac-init       every 3x3 conv starts as an identity ("Dirac") map, so the untrained network
+#                    already passes its input through;
+#   fast-batch-norm  batch norm keeps a fixed scale, fast-moving statistics, and (section 7) its
+#                    shifts learn 64x faster than the weights.
+
+def batch_norm(channels, fast: bool):
+    if not fast:
+        return nn.BatchNorm2d(channels)
     norm = nn.BatchNorm2d(channels, momentum=0.4, eps=1e-12)   # fast-moving statistics suit a short run
     norm.weight.requires_grad_(False)   # the scale is redundant before ReLU + the next BN; only the shift learns
     return norm
 
 
-def dirac_conv(in_channels, out_channels):
+def block_conv(in_channels, out_channels, dirac_init: bool):
     conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-    nn.init.dirac_(conv.weight.data[:in_channels])       # first in_channels filters copy their input channel
+    if dirac_init:
+        nn.init.dirac_(conv.weight.data[:in_channels])   # first in_channels filters copy their input channel
     return conv
 
 
 class ConvBlock(nn.Sequential):
-    def __init__(self, in_channels, out_channels):
-        super().__init__(dirac_conv(in_channels, out_channels),
-                         nn.MaxPool2d(2),           # pool before BN and ReLU: they then touch 4x fewer pixels
-                         batch_norm(out_channels), nn.ReLU(inplace=True),
-                         dirac_conv(out_channels, out_channels),
-                         batch_norm(out_channels), nn.ReLU(inplace=True))
+    def __init__(self, in_channels, out_channels, dirac_init=True, fast_batch_norm=True):
+        super().__init__(block_conv(in_channels, out_channels, dirac_init),
+                         nn.MaxPool2d(2),
+                         batch_norm(out_channels, fast_batch_norm), nn.ReLU(inplace=True),
+                         block_conv(out_channels, out_channels, dirac_init),
+                         batch_norm(out_channels, fast_batch_norm), nn.ReLU(inplace=True))
 
 
 class CifarNet(nn.Module):
     WHITEN_KERNEL = 2                               # 2x2 patches: 12 numbers, so 12 whitening filters (+ negatives)
 
     def __init__(self, widths=(32, 64, 128), num_classes=10, logit_scale=1 / 9,
-                 mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)):
+                 whitening=True, dirac_init=True, fast_batch_norm=True):
         super().__init__()
         patch = 3 * self.WHITEN_KERNEL ** 2
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        self.whitening = whitening
         self.whiten = nn.Conv2d(3, 2 * patch, self.WHITEN_KERNEL, bias=True)    # (N, 24, 31, 31)
-        self.whiten.weight.requires_grad_(False)    # set from the data by init_whitening, never trained
-        self.block1 = ConvBlock(2 * patch, widths[0])                            # (N, w1, 15, 15)
-        self.block2 = ConvBlock(widths[0], widths[1])                            # (N, w2, 7, 7)
-        self.block3 = ConvBlock(widths[1], widths[2])                            # (N, w3, 3, 3)
+        # With whitening: set from the data by init_whitening, never trained. Without: learned.
+        self.whiten.weight.requires_grad_(not whitening)
+        self.block1 = ConvBlock(2 * patch, widths[0], dirac_init, fast_batch_norm)     # (N, w1, 15, 15)
+        self.block2 = ConvBlock(widths[0], widths[1], dirac_init, fast_batch_norm)     # (N, w2, 7, 7)
+        self.block3 = ConvBlock(widths[1], widths[2], dirac_init, fast_batch_norm)     # (N, w3, 3, 3)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         self.logit_scale = logit_scale      # max-pooled BN features are large: scaled logits start calm
 
@@ -621,13 +668,6 @@ class CifarNet(nn.Module):
         return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale          # (N, classes)
 
 
-def build_cifar_net(widths, train_images: torch.Tensor, device) -> CifarNet:
-    """A CifarNet on `device` in channels-last layout, its whitening filters set from the training images."""
-    model = CifarNet(widths=widths).to(device)     # on the device first: whitening reads the images there
-    model.init_whitening(train_images[:5000].float() / 255)   # 5,000 images pin down a 12x12 covariance well
-    return model.to(memory_format=torch.channels_last)
-
-
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates per image of the conv and linear layers (the bulk of the compute)."""
     total = []
@@ -646,29 +686,59 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     return sum(total)
 
 
-# %% 6. Training: one-cycle schedule, label smoothing, lookahead, test-time flips
-# SGD with Nesterov momentum under a one-cycle schedule: the learning rate climbs for the first 23%
-# of the steps, then falls linearly, so the network explores early and settles late. Batch-norm
-# shifts learn 64x faster than the weights (they are few and their gradients small). Weight decay
-# is set as the fraction a weight shrinks per step at the peak, the same for every group. Label
-# smoothing keeps the network from chasing 100% confidence. A "lookahead" average of the weights,
-# growing stronger towards the end, smooths the noise of the last steps.
+# %% 7. Training: the plain recipe, then the fast recipe's tricks one by one
+# The plain recipe (--plain): the plain CNN, SGD with Nesterov momentum 0.9 and weight decay, one
+# learning rate for every weight, decaying along a cosine to zero; cross-entropy on random crops and
+# random flips. The fast recipe (the default) is the CifarNet of section 6 plus the training tricks
+# below; `--without NAME[,NAME]` switches any of them off, and `--ablation` trains once without each
+# to measure what it is worth. Weight decay is set as the fraction a weight shrinks per step at the
+# peak learning rate (lr * weight_decay), the same for every parameter group.
+TRICKS = {
+    "whitening": "a first layer set to whiten 2x2 patches, never trained (section 6)",
+    "dirac-init": "3x3 convs start as identity maps (section 6)",
+    "fast-batch-norm": "batch norm with a fixed scale and fast statistics, its shifts learning 64x faster",
+    "one-cycle": "the learning rate climbs for the first 23% of the steps, then falls linearly",
+    "label-smoothing": "20% of each target's probability spread over all classes",
+    "lookahead": "every 5 steps the weights are pulled towards their running average",
+    "alternating-flip": "each image is flipped in every other epoch, not by a fresh coin flip",
+    "test-time-flip": "each test image's logits averaged with its mirror image's",
+}
+
 
 @dataclass
 class CifarConfig:
+    network: str = "fast"           # "fast": CifarNet (section 6); "plain": PlainCNN (section 5)
+    tricks: tuple = tuple(TRICKS)   # the tricks switched on (the plain recipe has none)
     epochs: int = 8
     batch_size: int = 256
     lr: float = 0.375               # peak learning rate of the conv and linear weights (mean loss, batch 256)
-    bn_bias_lr_scale: float = 64.0  # batch-norm shifts learn this many times faster
+    bn_bias_lr_scale: float = 64.0  # with fast-batch-norm: batch-norm shifts learn this many times faster
     decay_per_step: float = 5e-4    # lr * weight_decay at the peak: each weight shrinks by this fraction per step
     momentum: float = 0.85
-    label_smoothing: float = 0.2    # 20% of the target mass spread over all classes
+    label_smoothing: float = 0.2    # with label-smoothing: the share of the target spread over all classes
     crop_padding: int = 2           # pixels of mirrored border before the random 32x32 crop
-    warmup_fraction: float = 0.23   # share of steps spent raising the learning rate
-    lookahead_start: float = 0.3    # start averaging weights after this share of the steps
-    whiten_bias_epochs: int = 3     # then freeze the whitening layer's bias: backward stops before the 31x31 conv
+    warmup_fraction: float = 0.23   # with one-cycle: share of steps spent raising the learning rate
+    lookahead_start: float = 0.3    # with lookahead: start averaging weights after this share of the steps
+    whiten_bias_epochs: int = 3     # with whitening: then freeze its bias, so backward stops before the 31x31 conv
     widths: tuple = (32, 64, 128)
-    test_time_flip: bool = True     # average the logits of each test image and its mirror image
+
+    def uses(self, trick: str) -> bool:
+        return trick in self.tricks
+
+
+# The plain recipe's own numbers: SGD(lr=0.1, momentum=0.9, weight_decay=5e-4), no tricks.
+PLAIN_RECIPE = dict(network="plain", tricks=(), lr=0.1, momentum=0.9, decay_per_step=0.1 * 5e-4)
+
+
+def build_network(config: CifarConfig, train_images: torch.Tensor, device) -> nn.Module:
+    """The config's network on `device` in channels-last layout (whitening filters set from the data)."""
+    if config.network == "plain":
+        return PlainCNN(config.widths).to(device).to(memory_format=torch.channels_last)
+    model = CifarNet(config.widths, whitening=config.uses("whitening"), dirac_init=config.uses("dirac-init"),
+                     fast_batch_norm=config.uses("fast-batch-norm")).to(device)   # on the device first:
+    if model.whitening:                                                             # whitening reads the images there
+        model.init_whitening(train_images[:5000].float() / 255)   # 5,000 images pin down a 12x12 covariance well
+    return model.to(memory_format=torch.channels_last)
 
 
 class Lookahead:
@@ -686,6 +756,11 @@ class Lookahead:
 
 
 def make_cifar_optimizer(model, config: CifarConfig):
+    """SGD with Nesterov momentum; with fast-batch-norm, a second group for the batch-norm shifts."""
+    if not config.uses("fast-batch-norm"):
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
+                                    weight_decay=config.decay_per_step / config.lr)
+        return optimizer, [config.lr]
     bn_biases = [p for name, p in model.named_parameters() if p.requires_grad and name.endswith("bias")
                  and not name.startswith("whiten")]
     others = [p for p in model.parameters() if p.requires_grad and all(p is not b for b in bn_biases)]
@@ -695,6 +770,15 @@ def make_cifar_optimizer(model, config: CifarConfig):
          {"params": others, "lr": config.lr, "weight_decay": config.decay_per_step / config.lr}],
         momentum=config.momentum, nesterov=True)
     return optimizer, [bias_lr, config.lr]
+
+
+def make_schedule(optimizer, peak_lrs, total_steps, config: CifarConfig):
+    if not config.uses("one-cycle"):      # the plain schedule: from the peak down a cosine to zero
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=peak_lrs, total_steps=total_steps, pct_start=config.warmup_fraction,
+        anneal_strategy="linear", div_factor=5.0, final_div_factor=0.2 / 0.07,   # lr/5 -> lr -> 0.07 lr
+        cycle_momentum=False)
 
 
 def predict(model, images, batch_size=250, flip=False, bug=None):
@@ -731,10 +815,8 @@ def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None,
     steps_per_epoch = len(train_x) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     optimizer, peak_lrs = make_cifar_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=peak_lrs, total_steps=total_steps, pct_start=config.warmup_fraction,
-        anneal_strategy="linear", div_factor=5.0, final_div_factor=0.2 / 0.07,   # lr/5 -> lr -> 0.07 lr
-        cycle_momentum=False)
+    scheduler = make_schedule(optimizer, peak_lrs, total_steps, config)
+    label_smoothing = config.label_smoothing if config.uses("label-smoothing") else 0.0
     scaler = grad_scaler(device, dtype)
     lookahead = None
     # Random crops are drawn on the device (a CPU draw copied over every step would wait for the GPU);
@@ -742,17 +824,19 @@ def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None,
     crop_generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(
         int(torch.randint(2**62, (), generator=generator)))
     first_bad = torch.full((), -1, device=device)          # the first step whose loss is not finite
-    # Alternating flips: each image gets a random side in epoch 1, then switches every epoch, so
+    # alternating-flip: each image gets a random side in epoch 1, then switches every epoch, so
     # consecutive epochs always show both views (more variety than a fresh coin flip each time).
     first_flip = (torch.rand(len(train_x), generator=generator) < 0.5).to(device)
     preview_x, preview_y = test_x[:1000], test_y[:1000]     # a quick look at held-out accuracy each epoch
     history, step, start = [], 0, time.perf_counter()
+    shifts = f" (batch-norm shifts {peak_lrs[0]:g})" if len(peak_lrs) > 1 else ""
     print(f"  {config.epochs} epochs x {steps_per_epoch} steps of {config.batch_size} images, "
-          f"peak learning rate {config.lr} (batch-norm shifts {peak_lrs[0]:g})")
+          f"peak learning rate {config.lr}{shifts}")
     for epoch in range(1, config.epochs + 1):
         model.train()
-        # With nothing to learn before it, block1's first conv needs no input gradient: ~8% of a step saved.
-        model.whiten.bias.requires_grad_(epoch <= config.whiten_bias_epochs)
+        if config.uses("whitening"):
+            # With nothing to learn before it, block1's first conv needs no input gradient: ~8% of a step saved.
+            model.whiten.bias.requires_grad_(epoch <= config.whiten_bias_epochs)
         order = torch.randperm(len(train_x), generator=generator).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -763,21 +847,25 @@ def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None,
                       disable=None if show_progress else True):
             index = order[i * config.batch_size:(i + 1) * config.batch_size]
             images = random_crop(train_x[index], config.crop_padding, crop_generator)
-            images = flip_where(images, first_flip[index] ^ (epoch % 2 == 0))
+            if config.uses("alternating-flip"):
+                flip = first_flip[index] ^ (epoch % 2 == 0)
+            else:
+                flip = torch.rand(len(index), generator=crop_generator, device=device) < 0.5
+            images = flip_where(images, flip)
             x = images.float().div_(255).contiguous(memory_format=torch.channels_last)
             y = train_y[index]
             with autocast(device, dtype):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            epoch_lrs.append(scheduler.get_last_lr()[1])      # the LR this step used (the weights' group)
+            epoch_lrs.append(scheduler.get_last_lr()[-1])     # the LR this step used (the weights' group)
             scheduler.step()
             step += 1
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), step, first_bad)
-            if step >= config.lookahead_start * total_steps and step % 5 == 0:
+            if config.uses("lookahead") and step >= config.lookahead_start * total_steps and step % 5 == 0:
                 if lookahead is None:
                     lookahead = Lookahead(model)
                 else:       # weak averaging at first, strong at the end
@@ -793,7 +881,7 @@ def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None,
         seen = steps_per_epoch * config.batch_size
         preview = (predict(model, preview_x, bug=bug).argmax(1) == preview_y).float().mean().item()
         history.append({"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
-                        "preview_test_accuracy": preview, "lr_end": scheduler.get_last_lr()[1], "elapsed_s": elapsed})
+                        "preview_test_accuracy": preview, "lr_end": scheduler.get_last_lr()[-1], "elapsed_s": elapsed})
         left = elapsed / epoch * (config.epochs - epoch)
         print(f"  epoch {epoch:2d}/{config.epochs}  loss {history[-1]['train_loss']:.3f}  "
               f"train acc {history[-1]['train_accuracy']:.3f}  test acc (first 1,000) {preview:.3f}  "
@@ -815,18 +903,69 @@ def log_epoch(writer: SummaryWriter, record: dict, lrs: list, steps_done: int) -
     writer.flush()
 
 
-def log_pictures(writer: SummaryWriter, model: CifarNet, images, predictions, steps_done: int) -> None:
-    weights = model.whiten.weight.detach().float().cpu()[:12]            # (12, 3, 2, 2), as in the PNG
+def first_layer_filters(model: nn.Module):
+    """12 first-layer filters (12, 3, k, k), each scaled to [0, 1] to be seen, and what they are."""
+    if isinstance(model, PlainCNN):
+        weights, what = model.block1[0].weight, "the first 12 learned 3x3 filters"
+    elif model.whitening:
+        weights, what = model.whiten.weight, ("the 12 whitening filters (2x2; the other 12 are their negatives),\n"
+                                              "ordered from the least to the most common patch pattern")
+    else:
+        weights, what = model.whiten.weight, "the first 12 learned 2x2 filters"
+    weights = weights.detach().float().cpu()[:12]
     weights = weights - weights.amin(dim=(1, 2, 3), keepdim=True)
-    weights = weights / weights.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8)
-    big = weights.repeat_interleave(16, dim=2).repeat_interleave(16, dim=3)   # 2x2 pixels -> 32x32 to be seen
+    return weights / weights.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8), what
+
+
+def log_pictures(writer: SummaryWriter, model: nn.Module, images, predictions, steps_done: int) -> None:
+    weights, _ = first_layer_filters(model)                              # (12, 3, k, k), as in the PNG
+    zoom = 32 // weights.shape[-1]                                       # k x k pixels -> about 32x32 to be seen
+    big = weights.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
     writer.add_images("first_layer_filters", big, steps_done)
     writer.add_images("test_images", images.float().cpu() / 255, steps_done)
     names = [CIFAR10_CLASSES[k] for k in predictions.tolist()]
     writer.add_text("test_images_predicted_as", ", ".join(names), steps_done)
 
 
-# %% 7. What the network learned: per-class accuracy, confusion matrix, filters, feature maps
+# %% 8. What each trick is worth: the ablation
+# --ablation trains the fast recipe, then the same recipe once without each training trick, then the
+# plain recipe, every run from the same seed and for the same epochs, and prints one table. The
+# test-time flip needs no training of its own: the fast recipe's network is evaluated without it.
+# Nine trainings: on a 2-core CPU over an hour, on a GPU a few minutes.
+
+def run_ablation(base: CifarConfig, data, device, dtype, seed: int) -> list:
+    """[{recipe, tricks, test_accuracy, train_time_s}] for the fast recipe, each trick off, and --plain."""
+    recipes = [("fast recipe (every trick)", base)]
+    recipes += [(f"without {trick}", replace(base, tricks=tuple(t for t in base.tricks if t != trick)))
+                for trick in base.tricks if trick != "test-time-flip"]
+    recipes.append(("plain CNN (--plain)", replace(base, **PLAIN_RECIPE)))
+    train_x, train_y, test_x, test_y = data
+    rows = []
+    for name, config in recipes:
+        print(f"\n  -- {name}")
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        model = build_network(config, train_x, device)
+        _history, train_time = train_cifar(model, data, config, device, generator, dtype)
+        accuracy = (predict(model, test_x, flip=config.uses("test-time-flip")).argmax(1) == test_y).float().mean()
+        rows.append({"recipe": name, "tricks": list(config.tricks), "test_accuracy": accuracy.item(),
+                     "train_time_s": train_time})
+        if config is base and base.uses("test-time-flip"):
+            unflipped = (predict(model, test_x).argmax(1) == test_y).float().mean()
+            rows.append({"recipe": "without test-time-flip", "tricks": [t for t in base.tricks if t != "test-time-flip"],
+                         "test_accuracy": unflipped.item(), "train_time_s": train_time})
+    return rows
+
+
+def print_ablation(rows: list) -> None:
+    reference = rows[0]["test_accuracy"]
+    print(f"\n  | recipe | test accuracy | change | training time |\n  |---|---|---|---|")
+    for row in rows:
+        change = 100 * (row["test_accuracy"] - reference)
+        print(f"  | {row['recipe']} | {row['test_accuracy']:.2%} | {change:+.2f} points | {row['train_time_s']:.0f} s |")
+
+
+# %% 9. What the network learned: per-class accuracy, confusion matrix, filters, feature maps
 
 def confusion_matrix(predictions, labels, num_classes):
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -862,11 +1001,9 @@ def save_confusion_figures(matrix, class_names, out_dir: Path, prefix: str, titl
     return per_class
 
 
-def save_filters_and_feature_maps(model: CifarNet, images, labels, out_dir: Path):
+def save_filters_and_feature_maps(model: nn.Module, images, labels, out_dir: Path):
     import matplotlib.pyplot as plt
-    weights = model.whiten.weight.detach().float().cpu()[:12]                    # (12, 3, 2, 2): the other 12 are negatives
-    weights = (weights - weights.amin(dim=(1, 2, 3), keepdim=True))
-    weights = weights / weights.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8)
+    weights, what = first_layer_filters(model)
     columns = 6
     rows = math.ceil(len(weights) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5))
@@ -874,8 +1011,7 @@ def save_filters_and_feature_maps(model: CifarNet, images, labels, out_dir: Path
         ax.imshow(kernel.permute(1, 2, 0).numpy(), interpolation="nearest")
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle("First layer: the 12 whitening filters (2x2 RGB, each scaled to its own range),\n"
-                 "ordered from the least to the most common patch pattern", fontsize=9)
+    fig.suptitle(f"First layer: {what}\n(RGB, each scaled to its own range)", fontsize=9)
     save_figure(fig, out_dir / "cifar_first_layer_filters.png", dpi=110)
 
     captured = {}
@@ -897,8 +1033,9 @@ def save_filters_and_feature_maps(model: CifarNet, images, labels, out_dir: Path
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 1].set_title("early layer (block1, 15x15): edges, colours", fontsize=8, loc="left")
-    axes[0, 1 + shown].set_title("late layer (block3, 3x3): parts, objects", fontsize=8, loc="left")
+    early, late = captured["early"].shape[-1], captured["late"].shape[-1]
+    axes[0, 1].set_title(f"early layer (block1, {early}x{early}): edges, colours", fontsize=8, loc="left")
+    axes[0, 1 + shown].set_title(f"late layer (block3, {late}x{late}): parts, objects", fontsize=8, loc="left")
     fig.tight_layout()
     save_figure(fig, out_dir / "cifar_feature_maps.png", dpi=100)
 
@@ -909,18 +1046,18 @@ def save_training_curves(history, out_dir: Path):
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o")
     loss_ax.set_xlabel("epoch")
-    loss_ax.set_ylabel("training loss (label-smoothed)")
+    loss_ax.set_ylabel("training loss")
     acc_ax.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train (augmented)")
     acc_ax.plot(epochs, [h["preview_test_accuracy"] for h in history], marker="o", label="test, first 1,000")
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("accuracy")
     acc_ax.legend()
-    fig.suptitle("CIFAR-10 training (one-cycle learning rate)")
+    fig.suptitle("CIFAR-10 training")
     fig.tight_layout()
     save_figure(fig, out_dir / "cifar_training_curves.png", dpi=110)
 
 
-# %% 8. Music-AI connection: a spectrogram is an image
+# %% 10. Music-AI connection: a spectrogram is an image
 # Timbre is the mix of harmonics: a sine has one, a square wave the odd ones at 1/k, a sawtooth all
 # of them at 1/k, a triangle the odd ones at 1/k^2, and a plucked string loses its high harmonics
 # first. Notes are built by adding harmonics (below the Nyquist frequency, so nothing aliases),
@@ -1046,12 +1183,15 @@ def train_timbre_cnn(n_train, n_test, epochs, device, generator, out_dir: Path, 
     return model, test_x[:4].cpu(), accuracy, time.perf_counter() - start
 
 
-# %% 9. Checkpoints that rebuild themselves
+# %% 11. Checkpoints that rebuild themselves
 
 def build_model(config: dict) -> nn.Module:
     """Rebuild a network from the plain `config` dict stored in its checkpoint."""
     if config["kind"] == "cifar":
-        return CifarNet(widths=tuple(config["widths"]), logit_scale=config["logit_scale"])
+        return CifarNet(widths=tuple(config["widths"]), logit_scale=config["logit_scale"],
+                        whitening=config["whitening"], fast_batch_norm=config["fast_batch_norm"])
+    if config["kind"] == "plain":
+        return PlainCNN(widths=tuple(config["widths"]))
     if config["kind"] == "timbre":
         return TimbreNet(num_classes=config["num_classes"], width=config["width"])
     raise LabError(f"unknown model kind {config['kind']!r} in checkpoint config")
@@ -1069,7 +1209,7 @@ def save_checkpoint(path: Path, model: nn.Module, config: dict, sample_inputs: t
     torch_save_atomically(payload, path)           # an interrupted save never leaves a half-written file
 
 
-MODEL_KINDS = ("cifar", "timbre")
+MODEL_KINDS = ("cifar", "plain", "timbre")
 
 
 def load_checkpoint(path: Path) -> nn.Module:
@@ -1098,7 +1238,7 @@ def load_checkpoint(path: Path) -> nn.Module:
     return model
 
 
-# %% 10. Putting it together
+# %% 12. Putting it together
 # The command line. Every flag has a default and a help string; a value out of range is refused by
 # its type= function before anything runs, as a one-line LabError (the plumbing cell's number()
 # and ArgumentParser). --widths is a list of three, so it has its own type= function here.
@@ -1111,6 +1251,15 @@ def channel_widths(text: str) -> tuple:
     if len(widths) != 3 or min(widths) < 1:
         raise argparse.ArgumentTypeError(f"wants three positive channel counts like 32,64,128, got {text!r}")
     return widths
+
+
+def trick_names(text: str) -> tuple:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in TRICKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"wants trick names from {', '.join(TRICKS)}, comma-separated; "
+                                         f"got {text!r}")
+    return names
 
 
 def build_parser() -> ArgumentParser:
@@ -1132,15 +1281,22 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="CIFAR-10 training epochs")
     parser.add_argument("--batch-size", type=number(int, at_least=2), default=defaults.batch_size,
                         help="images per SGD step, at least 2 (batch norm needs more than one image)")
-    parser.add_argument("--lr", type=number(float, above=0, at_most=10), default=defaults.lr,
-                        help="peak learning rate of the one-cycle schedule, in (0, 10]")
+    parser.add_argument("--lr", type=number(float, above=0, at_most=10), default=None,
+                        help=f"peak learning rate, in (0, 10]; default {defaults.lr}, or {PLAIN_RECIPE['lr']} "
+                             "with --plain")
     parser.add_argument("--label-smoothing", type=probability,
-                        default=defaults.label_smoothing, help="share of the target probability spread over all "
-                                                               "classes, in [0, 1)")
+                        default=defaults.label_smoothing, help="with the label-smoothing trick: share of the target "
+                                                               "probability spread over all classes, in [0, 1)")
     parser.add_argument("--widths", type=channel_widths, default=defaults.widths,
                         help="channels of the three blocks, comma-separated")
-    parser.add_argument("--no-test-time-flip", action="store_true",
-                        help="evaluate on the images alone, without averaging in their mirror images")
+    recipe = parser.add_mutually_exclusive_group()
+    recipe.add_argument("--plain", action="store_true",
+                        help="train the plain CNN of section 5 with the plain recipe (no tricks)")
+    recipe.add_argument("--without", type=trick_names, default=(),
+                        help=f"switch tricks of the fast recipe off, comma-separated: {', '.join(TRICKS)}")
+    recipe.add_argument("--ablation", action="store_true",
+                        help="train the fast recipe, once without each trick, and the plain recipe; print the "
+                             "table (nine trainings: over an hour on a 2-core CPU)")
     parser.add_argument("--timbre-epochs", type=positive_int, default=4, help="epochs for the spectrogram CNN")
     parser.add_argument("--compile", action="store_true", help="torch.compile the CIFAR network (worth it on a GPU)")
     parser.add_argument("--bug", default=None, choices=["no-eval-mode"],
@@ -1168,10 +1324,14 @@ def run(args):
     trace = demo_receptive_field()
     block_errors = demo_blocks()
 
-    print("\n== 4-6. CIFAR-10: a compact CNN, trained fast ==")
-    config = CifarConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         label_smoothing=args.label_smoothing, widths=args.widths,
-                         test_time_flip=not args.no_test_time_flip)
+    config = CifarConfig(epochs=args.epochs, batch_size=args.batch_size, label_smoothing=args.label_smoothing,
+                         widths=args.widths, tricks=tuple(t for t in TRICKS if t not in args.without))
+    if args.plain:
+        config = replace(config, **PLAIN_RECIPE)
+    if args.lr is not None:
+        config.lr = args.lr
+    switched_off = ", ".join(t for t in TRICKS if not config.uses(t)) or "none"
+    print(f"\n== 4-8. CIFAR-10: the {config.network} network; tricks switched off: {switched_off} ==")
     if args.smoke:
         data = synthetic_cifar(512, 256, generator)
         config.epochs, config.batch_size = 2, min(config.batch_size, 64)   # 16 steps: lookahead runs too
@@ -1181,10 +1341,20 @@ def run(args):
         print(f"  CIFAR-10 loaded: {len(data[0]):,} training and {len(data[2]):,} test images as uint8 tensors "
               f"({time.perf_counter() - load_start:.1f}s)")
     train_x, train_y, test_x, test_y = (t.to(device) for t in data)   # once: the whole set lives there
-    model = build_cifar_net(config.widths, train_x, device)
+    if args.ablation:
+        rows = run_ablation(config, (train_x, train_y, test_x, test_y), device, dtype, args.seed)
+        print_ablation(rows)
+        metrics = {"lab": "04_cnn_basics", "smoke": args.smoke, "device": str(device), "precision": precision,
+                   "torch_version": torch.__version__, "epochs": config.epochs, "ablation": rows,
+                   "wall_time_s": time.perf_counter() - wall_start}
+        write_json_atomically(metrics, out_dir / "metrics.json")
+        print(f"\nAblation written to {out_dir / 'metrics.json'} (wall time {metrics['wall_time_s']:.0f}s)")
+        return metrics
+    model = build_network(config, train_x, device)
     macs = count_macs(model, test_x[:1].float() / 255)
-    print(f"  CifarNet{config.widths}: {count_parameters(model):,} parameters, {macs / 1e6:.1f} M multiply-adds "
-          "per image forward (training costs about 3x that: forward, and backward for inputs and weights)")
+    print(f"  {type(model).__name__}{config.widths}: {count_parameters(model):,} parameters, {macs / 1e6:.1f} M "
+          "multiply-adds per image forward (training costs about 3x that: forward, and backward for inputs and "
+          "weights)")
     trained = torch.compile(model) if args.compile else model
     writer = SummaryWriter(out_dir / "tensorboard")
     try:
@@ -1196,12 +1366,12 @@ def run(args):
         writer.close()
 
     eval_start = time.perf_counter()
-    logits = predict(trained, test_x, flip=config.test_time_flip, bug=args.bug)
+    logits = predict(trained, test_x, flip=config.uses("test-time-flip"), bug=args.bug)
     predictions = logits.argmax(1)
     test_accuracy = (predictions == test_y).float().mean().item()
-    plain_accuracy = (predict(trained, test_x, bug=args.bug).argmax(1) == test_y).float().mean().item()
+    unflipped_accuracy = (predict(trained, test_x, bug=args.bug).argmax(1) == test_y).float().mean().item()
     print(f"  test accuracy {test_accuracy:.4f} on {len(test_y):,} images "
-          f"({plain_accuracy:.4f} without the test-time flip), evaluated in {time.perf_counter() - eval_start:.1f}s")
+          f"({unflipped_accuracy:.4f} without the test-time flip), evaluated in {time.perf_counter() - eval_start:.1f}s")
     # The drill's symptom: in eval mode an image's logits do not depend on the other images of its batch.
     in_250, in_25 = (predict(trained, test_x[:1000], batch_size=size, bug=args.bug) for size in (250, 25))
     batch_dependence = (in_250 - in_25).abs().max().item()
@@ -1218,7 +1388,11 @@ def run(args):
           f"({matrix.flatten()[confused].item()} times)")
     save_filters_and_feature_maps(model, test_x[:4], test_y[:4].tolist(), out_dir)
     save_training_curves(history, out_dir)
-    cifar_config = {"kind": "cifar", "widths": list(config.widths), "logit_scale": model.logit_scale}
+    if config.network == "plain":
+        cifar_config = {"kind": "plain", "widths": list(config.widths)}
+    else:
+        cifar_config = {"kind": "cifar", "widths": list(config.widths), "logit_scale": model.logit_scale,
+                        "whitening": model.whitening, "fast_batch_norm": config.uses("fast-batch-norm")}
     cifar_path = out_dir / "cifar_cnn.pt"
     save_checkpoint(cifar_path, model, cifar_config, test_x[:4].float().cpu() / 255,
                     {"train_config": {k: v if not isinstance(v, tuple) else list(v) for k, v in asdict(config).items()},
@@ -1226,7 +1400,7 @@ def run(args):
     load_checkpoint(cifar_path)
     print(f"  saved and reloaded {cifar_path}")
 
-    print("\n== 8. Music-AI: telling timbres apart from log-mel spectrograms ==")
+    print("\n== 10. Music-AI: telling timbres apart from log-mel spectrograms ==")
     n_train, n_test = (200, 100) if args.smoke else (2000, 500)
     timbre_model, timbre_samples, timbre_accuracy, timbre_time = train_timbre_cnn(
         n_train, n_test, 1 if args.smoke else args.timbre_epochs, device, generator, out_dir, dtype)
@@ -1241,7 +1415,8 @@ def run(args):
         "lab": "04_cnn_basics", "smoke": args.smoke, "device": str(device), "precision": precision,
         "torch_version": torch.__version__,
         "wall_time_s": wall_time, "train_time_s": train_time, "epochs": config.epochs,
-        "test_accuracy": test_accuracy, "test_accuracy_without_flip": plain_accuracy,
+        "network": config.network, "tricks": list(config.tricks),
+        "test_accuracy": test_accuracy, "test_accuracy_without_flip": unflipped_accuracy,
         "per_class_accuracy": dict(zip(CIFAR10_CLASSES, per_class.tolist())),
         "train_images_per_s": config.epochs * (len(train_x) // config.batch_size) * config.batch_size / train_time,
         "parameters": count_parameters(model), "forward_macs_per_image": macs, "history": history,
@@ -1251,7 +1426,7 @@ def run(args):
         "bug": args.bug, "eval_batch_dependence": batch_dependence, "eval_classes_changed": classes_changed,
     }
     write_json_atomically(metrics, out_dir / "metrics.json")
-    print(f"\nSummary: CifarNet{config.widths} trained {config.epochs} epochs in {train_time:.0f}s "
+    print(f"\nSummary: {type(model).__name__}{config.widths} trained {config.epochs} epochs in {train_time:.0f}s "
           f"-> CIFAR-10 test accuracy {test_accuracy:.2%}; timbre CNN {timbre_accuracy:.1%} on held-out notes. "
           f"Wall time {wall_time:.0f}s.\n  Outputs in {out_dir}/ (metrics.json, *.png, *.pt, tensorboard/). "
           "Try --epochs 5 or --widths 64,128,256 to trade time for accuracy.")
