@@ -62,7 +62,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.datasets import MNIST
 from tqdm.auto import tqdm
 
 LAB_NAME = "02_neural_network"
@@ -354,6 +353,7 @@ def check_losses_against_pytorch(seed: int, smoothing: float) -> dict:
 # and DataLoader way you need when data does not fit in memory.
 def load_mnist(data_dir: Path) -> dict:
     """MNIST as uint8 image tensors (N, 28, 28) and int64 labels (N,), downloaded on first use."""
+    from torchvision.datasets import MNIST     # here, not at the top: --smoke runs never pay for the import
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:

@@ -84,7 +84,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset, random_split
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.datasets import MNIST
 from tqdm.auto import tqdm
 
 LAB_NAME = "03_training_loop"
@@ -267,6 +266,7 @@ def save_figure(fig, path: Path) -> None:
 # Raw data: MNIST through torchvision (download + md5 check on first use), or generated digits
 # for --smoke. Both give uint8 images (N, 28, 28) and int64 labels (N,).
 def load_mnist(data_dir: Path) -> dict:
+    from torchvision.datasets import MNIST     # here, not at the top: --smoke runs never pay for the import
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
