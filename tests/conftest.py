@@ -92,6 +92,18 @@ def failure_of(main, argv):
 
 
 @pytest.fixture
+def no_network(monkeypatch):
+    """In this process every connection attempt fails at once, as on a machine with no network:
+    a lab's download error is then tested in-process, without a process of its own to start."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture
 def lab_data_dir():
     """Real datasets for `-m full` runs: LAB_DATA_DIR (see README, 'Measuring on real data')."""
     value = os.environ.get("LAB_DATA_DIR")

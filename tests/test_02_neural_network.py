@@ -14,10 +14,6 @@ from conftest import assert_clean_failure, failure_of, load_lab, run_lab, run_on
 LAB = "week1_pytorch/02_neural_network.py"
 lab = load_lab(LAB)
 
-# Offline on any machine: every download goes to a proxy port where nothing listens.
-NO_NETWORK = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
-NO_NETWORK |= {"no_proxy": "", "NO_PROXY": ""}
-
 
 def layer_at_relus_kink():
     """A float64 layer, an input, dL/dy, and autograd's answers; row 0 meets zero bias, so some
@@ -229,9 +225,9 @@ def test_a_missing_device_is_a_clean_error(tmp_path, device):
     assert [p.name for p in out_dir.iterdir()] == ["metrics.json"]
 
 
-def test_missing_mnist_offline_names_url_layout_and_smoke(tmp_path):
+def test_missing_mnist_offline_names_url_layout_and_smoke(tmp_path, no_network):
     started = time.perf_counter()
-    result = run_lab(LAB, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", env_extra=NO_NETWORK)
+    result = failure_of(lab.main, ["--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out"])
     assert time.perf_counter() - started < 60, "the download attempt should fail fast offline"
     assert_clean_failure(result, "https://ossci-datasets.s3.amazonaws.com/mnist/", "MNIST/raw",
                          "train-images-idx3-ubyte", "--smoke")

@@ -305,20 +305,8 @@ def test_synthesised_notes_have_the_asked_pitch_and_label(lab):
 
 # --- bad input ---------------------------------------------------------------------------------
 
-NO_NETWORK = ("import socket, runpy, sys\n"
-              "def refuse(*args, **kwargs):\n"
-              "    raise OSError('network disabled by the test')\n"
-              "socket.socket.connect = refuse\n"
-              "socket.getaddrinfo = refuse\n"
-              "sys.argv = sys.argv[1:]\n"
-              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-
-
-def test_cifar10_absent_with_no_network_names_url_layout_and_smoke(tmp_path):
-    result = subprocess.run([sys.executable, "-c", NO_NETWORK, str(REPO / LAB), "--data-dir", tmp_path / "empty",
-                             "--out-dir", tmp_path / "out", "--epochs", "1"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO,
-                            env=dict(os.environ, MPLBACKEND="Agg"))
+def test_cifar10_absent_with_no_network_names_url_layout_and_smoke(lab, tmp_path, no_network):
+    result = failure_of(lab.main, ["--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out", "--epochs", "1"])
     assert_clean_failure(result, "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                          "cifar-10-batches-py/data_batch_1", "--smoke")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, assert_clean_failure, failure_of, load_lab, run_on_simulated_cuda
+from conftest import assert_clean_failure, failure_of, load_lab, run_on_simulated_cuda
 
 LAB = "week2_cnn/05_transfer_learning.py"
 
@@ -227,35 +227,24 @@ def test_bad_imagefolder_stops_main_with_a_message(lab, tmp_path):
     assert message.startswith("error:") and "holds no images" in message and "ants" in message
 
 
-# No network: sockets refuse to connect, and an empty TORCH_HOME holds no cached weights.
-NO_NETWORK = ("import socket, runpy, sys\n"
-              "def refuse(*args, **kwargs):\n"
-              "    raise OSError('network disabled by the test')\n"
-              "socket.socket.connect = refuse\n"
-              "socket.getaddrinfo = refuse\n"
-              "sys.argv = sys.argv[1:]\n"
-              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+# No network (the no_network fixture: sockets refuse to connect), and an empty TORCH_HOME holds no
+# cached weights.
+def run_offline(lab, tmp_path, monkeypatch, *args):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return failure_of(lab.main, list(args))
 
 
-def run_offline(tmp_path, *args):
-    import os
-    import subprocess
-    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch_home"), PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, "-c", NO_NETWORK, str(REPO / LAB), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
-
-
-def test_default_dataset_absent_with_no_network_names_url_and_layout(tmp_path):
-    result = run_offline(tmp_path, "--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out",
+def test_default_dataset_absent_with_no_network_names_url_and_layout(lab, tmp_path, monkeypatch, no_network):
+    result = run_offline(lab, tmp_path, monkeypatch, "--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out",
                          "--weights", "none", "--arch", "resnet18")
     assert_clean_failure(result, "https://download.pytorch.org/tutorial/hymenoptera_data.zip",
                          "train/<class>/<images>", "--smoke")
 
 
-def test_imagenet_weights_with_no_network_suggest_weights_none(lab, tmp_path):
+def test_imagenet_weights_with_no_network_suggest_weights_none(lab, tmp_path, monkeypatch, no_network):
     root = lab.make_synthetic_imagefolder(tmp_path / "data", torch.Generator().manual_seed(0), per_class=(2, 1))
-    result = run_offline(tmp_path, "--data-dir", root, "--out-dir", tmp_path / "out", "--arch", "resnet18",
-                         "--image-size", "32")
+    result = run_offline(lab, tmp_path, monkeypatch, "--data-dir", root, "--out-dir", tmp_path / "out",
+                         "--arch", "resnet18", "--image-size", "32")
     assert_clean_failure(result, "https://download.pytorch.org/models/resnet18", "--weights none")
 
 

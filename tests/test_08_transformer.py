@@ -125,10 +125,8 @@ def test_learning_rate_warms_up_then_anneals():
     assert lab.learning_rate(1.0, peak) == pytest.approx(0.1 * peak)
 
 
-def test_missing_data_with_no_network_names_url_layout_and_smoke(tmp_path):
-    offline = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    result = run_lab(LAB, "--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out", "--time-budget", "1",
-                     env_extra=offline, timeout=120)
+def test_missing_data_with_no_network_names_url_layout_and_smoke(tmp_path, no_network):
+    result = failure_of(lab.main, ["--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out", "--time-budget", "1"])
     assert_clean_failure(result, lab.SHAKESPEARE_URL, "tinyshakespeare/input.txt", "--smoke")
 
 

@@ -953,6 +953,7 @@ def run_ablation(base: CifarConfig, data, device, dtype, seed: int) -> list:
         accuracy = (predict(model, test_x, flip=config.uses("test-time-flip")).argmax(1) == test_y).float().mean()
         rows.append({"recipe": name, "tricks": list(config.tricks), "test_accuracy": accuracy.item(),
                      "train_time_s": train_time})
+        print(f"  {name}: test accuracy {accuracy.item():.2%}, trained in {train_time:.0f}s", flush=True)
         if config is base and base.uses("test-time-flip"):
             unflipped = (predict(model, test_x).argmax(1) == test_y).float().mean()
             rows.append({"recipe": "without test-time-flip", "tricks": [t for t in base.tricks if t != "test-time-flip"],
