@@ -424,24 +424,7 @@ def test_cpu_trains_in_fp32_and_refuses_half_precision(lab):
             lab.pick_precision(name, cpu)
 
 
-def test_whitened_cifar_net_is_built_on_a_simulated_t4(tmp_path):
-    # The crash this catches: init_whitening read CUDA images while the net was still on the CPU.
-    result = run_on_simulated_cuda(f"""
-import torch
-lab = load_lab({LAB!r})
-cuda = torch.device("cuda")
-images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).to(cuda)
-model = lab.build_network(lab.CifarConfig(widths=(8, 8, 8)), images, cuda)
-assert model.whiten.weight.is_cuda and model.normalize.mean.is_cuda
-assert model(images[:4].float() / 255).shape == (4, 10)
-plain = lab.build_network(lab.CifarConfig(widths=(8, 8, 8), **lab.PLAIN_RECIPE), images, cuda)
-assert all(p.is_cuda for p in plain.parameters()) and plain.normalize.mean.is_cuda
-assert plain(images[:4].float() / 255).shape == (4, 10)
-""")
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def test_training_loops_on_a_simulated_t4_read_the_gpu_once_per_epoch(tmp_path):
+def test_networks_build_and_train_on_a_simulated_t4_reading_the_gpu_once_per_epoch(tmp_path):
     result = run_on_simulated_cuda(f"""
 import pathlib, torch, simulated_cuda
 lab = load_lab({LAB!r})
@@ -449,13 +432,16 @@ cuda = torch.device("cuda")
 generator = torch.Generator().manual_seed(0)
 train_x, train_y, test_x, test_y = (t.to(cuda) for t in lab.synthetic_cifar(16, 8, generator))
 config = lab.CifarConfig(epochs=2, batch_size=4, widths=(8, 8, 8))
+# The crash this catches: init_whitening read CUDA images while the net was still on the CPU.
 model = lab.build_network(config, train_x, cuda)
+assert model.whiten.weight.is_cuda and model.normalize.mean.is_cuda
 history, _ = lab.train_cifar(model, (train_x, train_y, test_x, test_y), config, cuda, generator, torch.float16)
 assert len(history) == 2
 # The plain recipe: its own network, one parameter group, a cosine schedule and random flips, on the GPU too.
 plain = lab.CifarConfig(epochs=1, batch_size=4, widths=(8, 8, 8), **lab.PLAIN_RECIPE)
-lab.train_cifar(lab.build_network(plain, train_x, cuda), (train_x, train_y, test_x, test_y), plain, cuda,
-                generator, torch.float16)
+plain_model = lab.build_network(plain, train_x, cuda)
+assert all(p.is_cuda for p in plain_model.parameters()) and plain_model.normalize.mean.is_cuda
+lab.train_cifar(plain_model, (train_x, train_y, test_x, test_y), plain, cuda, generator, torch.float16)
 # The timbre loop in fp32: the same autocast and scaler calls, and fp16 convolutions are slow on a CPU.
 lab.train_timbre_cnn(150, 8, 2, cuda, generator, pathlib.Path({str(tmp_path)!r}), None)
 reads, steps = simulated_cuda.REPORT.intervals_with_read, simulated_cuda.REPORT.steps
