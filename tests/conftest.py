@@ -4,6 +4,7 @@ Labs have file names that start with a digit, so they cannot be imported with a 
 `load_lab` imports one by path, which runs nothing because every lab guards its work with
 `if __name__ == "__main__"`.
 """
+import functools
 import importlib.util
 import json
 import os
@@ -89,6 +90,33 @@ def failure_of(main, argv):
             else:
                 code = exit.code or 0
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+@functools.lru_cache(maxsize=None)
+def terminal_smoke_run(lab: Path, out_dir: Path):
+    """A lab's smoke run on the CPU in a terminal, once per test process: the smoke, notebook and
+    lab tests that read its outputs share it (they share a pytest-xdist worker: xdist_group)."""
+    return run_lab(str(lab.relative_to(REPO)), "--smoke", "--device", "cpu", "--out-dir", out_dir, "--data-dir",
+                   out_dir.parent / "data")
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke")
+
+
+@pytest.fixture
+def smoke_output(smoke_root):
+    """smoke_output("week2_cnn/05_transfer_learning.py") -> the out-dir of that lab's terminal smoke
+    run, to read and never to write (a test that adds a file would change what the others see)."""
+    def out_dir_of(relative: str) -> Path:
+        lab = lab_path(relative)
+        out_dir = smoke_root / lab.stem / "out"
+        out_dir.parent.mkdir(exist_ok=True)
+        result = terminal_smoke_run(lab, out_dir)
+        assert result.returncode == 0, f"smoke run failed\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return out_dir
+    return out_dir_of
 
 
 @pytest.fixture

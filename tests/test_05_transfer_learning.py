@@ -362,19 +362,21 @@ assert not per_step, ("lines that read from the GPU on most steps", per_step, st
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_smoke_run_saves_the_best_model_of_each_strategy(lab, tmp_path):
-    lab.main(["--smoke", "--out-dir", str(tmp_path), "--data-dir", str(tmp_path / "data")])
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+# Reads the terminal smoke run of tests/test_smoke_all_labs.py (same worker: the lab's xdist group).
+@pytest.mark.xdist_group("05_transfer_learning")
+def test_smoke_run_saves_the_best_model_of_each_strategy(lab, smoke_output):
+    out_dir = smoke_output(LAB)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
     assert set(metrics["strategies"]) == {"feature_extraction", "fine_tuning", "gradual_unfreezing"}
     assert metrics["precision"] == "fp32" and metrics["device"] == "cpu"
     for strategy, outcome in metrics["strategies"].items():
-        assert (tmp_path / f"best_{strategy}.pt").is_file()
+        assert (out_dir / f"best_{strategy}.pt").is_file()
         assert [h["open_stages"] for h in outcome["history"]][0] == (
             ["head"] if strategy != "fine_tuning" else ["stem", "layer1", "layer2", "layer3", "layer4", "head"])
     gradual = metrics["strategies"]["gradual_unfreezing"]["history"]
     assert gradual[1]["open_stages"] == ["layer4", "head"]
     assert gradual[2]["open_stages"] == ["layer2", "layer3", "layer4", "head"]
-    assert (tmp_path / "strategy_comparison.png").is_file() and (tmp_path / "comparison.md").is_file()
+    assert (out_dir / "strategy_comparison.png").is_file() and (out_dir / "comparison.md").is_file()
     assert metrics["best_strategy"] in metrics["strategies"]
     # The drill's symptom in a clean run: the stages opened later (layer4, layer3, layer2) moved.
     assert metrics["bug"] is None and metrics["late_stages_weight_change"] > 0

@@ -10,7 +10,6 @@ The checkpoint convention (CONTRIBUTING.md): every `.pt` file a lab writes holds
   "sample_outputs" what the trained model returned for them in eval mode,
 so this test can rebuild the model from the file alone and confirm it predicts the same.
 """
-import functools
 import json
 import math
 import sys
@@ -18,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, all_labs, load_lab, run_lab
+from conftest import REPO, all_labs, load_lab, terminal_smoke_run
 
 STANDARD_KEYS = {"lab", "smoke", "device", "torch_version", "wall_time_s", "train_time_s"}
 
@@ -121,21 +120,11 @@ def test_every_lab_says_what_it_promises():
     assert {lab.stem for lab in LABS} == set(PROMISED), "add the new lab's outputs to PROMISED"
 
 
-@functools.lru_cache(maxsize=None)
-def terminal_smoke_run(lab, out_dir):
-    """The smoke run on the CPU in a terminal; cached: the notebook test compares against it."""
-    relative = str(lab.relative_to(REPO))
-    return run_lab(relative, "--smoke", "--device", "cpu", "--out-dir", out_dir, "--data-dir",
-                   out_dir.parent / "data")
-
-
-@pytest.fixture(scope="module")
-def smoke_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("smoke")
-
-
 @pytest.mark.parametrize("lab", LAB_PARAMS)
-def test_lab_smoke_run(lab, smoke_root):
+def test_lab_smoke_run(lab, smoke_root, request):
+    if getattr(request.config.option, "loadgroup", False):     # a pytest-xdist worker under --dist loadgroup
+        # The lab's tests share one smoke run only if xdist keeps its group on one worker.
+        assert request.node.nodeid.endswith(f"@{lab.stem}"), "--dist loadgroup did not group (requirements.txt)"
     out_dir = smoke_root / lab.stem / "out"
     out_dir.parent.mkdir(exist_ok=True)
     result = terminal_smoke_run(lab, out_dir)
