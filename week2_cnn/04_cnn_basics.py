@@ -1337,8 +1337,8 @@ def run(args):
     switched_off = ", ".join(t for t in TRICKS if not config.uses(t)) or "none"
     print(f"\n== 4-8. CIFAR-10: the {config.network} network; tricks switched off: {switched_off} ==")
     if args.smoke:
-        data = synthetic_cifar(512, 256, generator)
-        config.epochs, config.batch_size = 2, min(config.batch_size, 64)   # 16 steps: lookahead runs too
+        data = synthetic_cifar(256, 128, generator)
+        config.epochs, config.batch_size = 2, min(config.batch_size, 32)   # 16 steps: lookahead runs too
     else:
         load_start = time.perf_counter()
         data = load_cifar10(data_dir)
