@@ -833,6 +833,7 @@ def train_cifar(model, data, config: CifarConfig, device, generator, dtype=None,
     first_bad = torch.full((), -1, device=device)          # the first step whose loss is not finite
     # alternating-flip: each image gets a random side in epoch 1, then switches every epoch, so
     # consecutive epochs always show both views (more variety than a fresh coin flip each time).
+    # Drawn in every recipe, so that switching a trick off leaves the other random draws as they were.
     first_flip = (torch.rand(len(train_x), generator=generator) < 0.5).to(device)
     preview_x, preview_y = test_x[:1000], test_y[:1000]     # a quick look at held-out accuracy each epoch
     history, step, start = [], 0, time.perf_counter()
@@ -967,7 +968,7 @@ def run_ablation(base: CifarConfig, data, device, dtype, seed: int) -> list:
 
 def print_ablation(rows: list) -> None:
     reference = rows[0]["test_accuracy"]
-    print(f"\n  | recipe | test accuracy | change | training time |\n  |---|---|---|---|")
+    print("\n  | recipe | test accuracy | change | training time |\n  |---|---|---|---|")
     for row in rows:
         change = 100 * (row["test_accuracy"] - reference)
         print(f"  | {row['recipe']} | {row['test_accuracy']:.2%} | {change:+.2f} points | {row['train_time_s']:.0f} s |")
