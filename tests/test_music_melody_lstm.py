@@ -123,6 +123,12 @@ def test_normalise_abc_keeps_the_music_and_drops_the_rest(lab):
     assert lab.normalise_abc(raw.replace("L: 1/8", "L:1/16")) is None
     assert lab.normalise_abc(raw.replace("P:B", "K:D")) is None  # the key changes half-way
     assert lab.normalise_abc(raw.replace("d3 B3", "[M:3/4]d3 B3")) is None
+    assert lab.normalise_abc(raw.replace("d3 B3", "[dB]3 B3")) is None  # a chord: these tunes are one melody
+    assert lab.normalise_abc(raw.replace("d3 B3", "+dB+3 B3")) is None  # a chord in old ABC
+    # Layout in other books: backquotes between beamed notes, y spacers, ! as a line break (old ABC),
+    # letters H-W and h-w as ornaments. A ! that ends a line is not the start of a !decoration!.
+    layout = raw.replace("d3 B3", "d`B`y B3").replace("!trill!c3|", "!trill!c3|!").replace("|]", "kB3 R|]")
+    assert lab.normalise_abc(layout) == "M:6/8\nL:1/8\nK:G\n(3ABcd2dB|GABc3|dBB3B3|]\n"
 
 
 def test_normalised_real_tunes_sound_the_same(lab):
@@ -197,6 +203,18 @@ def test_validity_refuses_broken_tunes(lab, tune, reason):
     assert not valid and reason in why, why
 
 
+def test_bars_add_up_agrees_with_the_validity_checker(lab):
+    """The training-set filter asks what abc_validity asks about bars, by the bar clock alone."""
+    good = [VALID_WITH_PICKUP_AND_ENDINGS, "M:C|\nL:1/8\nK:D\nA|dfaf gfed|cABc dAFA|dfaf gfed|1 cABc d3A:|2 cABc d2||\n",
+            "M:3/4\nL:1/8\nK:G\nG>AB2(3cBA|G6|G>AB2(3cBA|G6|]\n"]  # a broken rhythm and a triplet fill their bars
+    bad = ["M:6/8\nL:1/8\nK:G\nGAB cBA|B2G G2DD|GAB cBA|B2G G3|]\n",  # a bar too long
+           "M:6/8\nL:1/8\nK:G\nGAB cBA|B2G G|GAB cBA|B2G G3|]\n",  # a short bar mid-tune
+           "M:6/8\nL:1/8\nK:G\nGAB cBA|B2G G2D|GAB cBA|B2G G3 A|]\n"]  # the last bar too long
+    for tune in good + bad:
+        text = lab.normalise_abc("X:1\n" + tune)
+        assert lab.bars_add_up(text) == (tune in good) == lab.abc_validity(text)[0], tune
+
+
 def test_score_abc_reports_the_share(lab, tmp_path, capsys):
     path = tmp_path / "tunes.txt"
     path.write_text(VALID_WITH_PICKUP_AND_ENDINGS + "\n" + "X:2\nM:6/8\nL:1/8\nK:G\nGAB cBA|B2G G|GAB cBA|B2G G3|]\n")
@@ -223,8 +241,9 @@ REAL_LOOKING_ABC = [
 def test_abc_tokens_round_trip_and_read_as_a_musician_reads(lab):
     generator = torch.Generator().manual_seed(0)  # the --smoke run's tunes (smoke_entries)
     smoke_tunes = [lab.generated_abc_tune(i, generator) for i in range(10)]
-    texts = [lab.normalise_abc(t) for t in smoke_tunes] + [lab.normalise_abc(t) for t in REAL_LOOKING_ABC[:2]]
+    texts = [lab.normalise_abc(t) for t in smoke_tunes] + [lab.normalise_abc(t) for t in REAL_LOOKING_ABC[::3]]
     assert all(texts)
+    assert lab.normalise_abc(REAL_LOOKING_ABC[1]) is None  # it plays a chord, [G3B3]
     for text in texts + REAL_LOOKING_ABC + ["", "weird ¬ text {with} @ anything\n\n"]:
         assert "".join(lab.abc_tokens(text)) == text  # nothing is lost
     tokens = lab.abc_tokens("M:6/8\nL:1/8\nK:ADor\n(3^cB,c'2A>B3/2z/|:G//A|1[GB]2:|2d::e|]\n")
