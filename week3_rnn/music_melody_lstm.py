@@ -417,8 +417,9 @@ def tunes_in_train_and_test(split) -> int:
 # Then folk-rnn's kind of normalisation, which leaves the music as it was: spaces and backquotes
 # (beaming) and line breaks (engraving) are layout, so a tune's notes become one line; `M:C` is
 # written 4/4 and `M:C|` 2/2; only the common metres with `L:1/8` are kept, and tunes that change
-# metre, unit or key half-way, or play two notes at once, are left out. Every token the model reads is then music (a space would be one more
-# token to read past in every bar), and a tune's end is simply the end of its line.
+# metre, unit or key half-way, or play two notes at once, are left out. Every token the model reads
+# is then music (a space would be one more token to read past in every bar), and a tune's end is
+# simply the end of its line.
 KEY_TONICS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 COMMON_METRES = {"6/8": "6/8", "C|": "2/2", "2/2": "2/2", "C": "4/4", "4/4": "4/4", "3/4": "3/4", "2/4": "2/4",
                  "9/8": "9/8"}  # as written -> as kept (jigs, reels, hornpipes, waltzes, polkas, slip jigs)
@@ -731,7 +732,7 @@ def folk_record(name: str, tune_text: str, music21):
     return {"name": name, "source": "folk", "tonic": key[0], "mode": key[1], "events": melody_events(score)}
 
 
-def collection_tunes(music21, collection: str = "oneills1850"):
+def collection_tunes(music21, collection: str):
     """(name, raw text) of every tune of one ABC collection of music21's corpus, in file order."""
     root = Path(music21.__file__).parent / "corpus" / collection
     files = sorted(root.glob("*.abc"))
