@@ -489,6 +489,35 @@ def test_generate_only_from_a_checkpoint(lab, tmp_path):
                                                "--out-dir", tmp_path / "out2"]), "not this lab's melody")
 
 
+def fake_music21_with_corpus(tmp_path, books: dict):
+    """A stand-in for the music21 package whose corpus folder holds the given ABC books."""
+    for name, text in books.items():
+        folder = tmp_path / "music21" / "corpus" / name.split("/")[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name.split("/")[1]).write_text(text, encoding="latin-1")
+    music21 = type(sys)("music21")
+    music21.__file__ = str(tmp_path / "music21" / "__init__.py")  # the lab finds the corpus next to it
+    return music21
+
+
+def test_abc_corpus_keeps_each_tune_once_and_counts_what_it_left_out(lab, tmp_path, monkeypatch):
+    jig = "M:6/8\nL:1/8\nK:G\nGAB cBA|B2G G2D|GAB cBA|B2G G3|]\n"
+    books = {"one/a.abc": f"X:1\nT:Jig\n{jig}\nX:2\nT:Hornpipe\nM:C\nL:1/16\nK:D\nABcd|]\n",
+             "two/b.abc": f"X:7\nT:The same jig, another title\n{jig}\nX:8\nT:Waltz\nM:3/4\nL:1/8\nK:D\nA2 B2 c2|d6|]\n"}
+    music21 = fake_music21_with_corpus(tmp_path, books)
+    monkeypatch.setattr(lab, "ABC_COLLECTIONS", ("one", "two"))
+    tunes, counts, duplicates = lab.abc_corpus(music21)
+    assert [name for name, _ in tunes] == ["one/a.abc#1", "two/b.abc#8"]
+    assert counts == {"one": (2, 1), "two": (2, 1)} and duplicates == 1  # L:1/16 left out, the jig kept once
+    assert all(text.startswith("M:") and text.endswith("|]\n") for _, text in tunes)
+
+
+def test_a_missing_abc_collection_gets_one_line(lab, tmp_path):
+    music21 = fake_music21_with_corpus(tmp_path, {"one/a.abc": "X:1\nM:2/4\nL:1/8\nK:G\nAB|cd|]\n"})
+    with pytest.raises(lab.LabError, match="ryansMammoth is missing from music21's corpus"):
+        lab.collection_tunes(music21, "ryansMammoth")
+
+
 def test_export_abc_writes_the_training_tunes(lab, tmp_path):
     path = tmp_path / "abc_train.txt"
     result = failure_of(lab.main, ["--export-abc", path, "--device", "cpu", "--out-dir", tmp_path / "out"])
