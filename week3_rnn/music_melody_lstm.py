@@ -79,11 +79,11 @@ What the default run reaches (measured)
       (+ 7 s system); ABC training 81 s, its 50 tunes drawn in 0.7 s and 150 tunes checked with
       music21 in 13 s. Reading the four ABC collections as text takes 0.4 s, bars_add_up on all of
       them 1.2 s: neither is cached.
-  First run (parsing included): the parse cache holds only the note-event corpus, unchanged from the
-    previous version of this lab (the same version; it is now written through write_json_atomically);
-    measured then (empty --data-dir and music21 scratch folder, `TMPDIR=<new folder>`): 423 s for
-    871 entries (371 chorales, 500 folk tunes; 0 skipped) with the progress bar, so parsing adds
-    about 7 minutes to a run (target <= 10 min more: reached). Not re-measured with this version.
+  First run (parsing included), idle machine, an empty --data-dir and music21 scratch folder
+    (`TMPDIR=<new folder> python week3_rnn/music_melody_lstm.py --data-dir <new folder>`): 871 entries
+    (371 chorales, 500 folk tunes; 0 skipped) parsed in 152 s with the progress bar, 533 s for the
+    process (target <= 10 min more than a run with the cache: reached), every figure above the same.
+    (An earlier session measured 423 s of parsing with the same parsing code, its load not recorded.)
   Smoke run (`--smoke`): 10.6 s wall, 9.4 s user CPU (load average 2.7; before the TensorBoard logs
     and progress bars were added: 10.4 s, 9.0 s).
   GPU: not measured.
@@ -1783,12 +1783,13 @@ def export_abc(args, data_dir):
 #   With Ryan's Mammoth: 66 %; with all four collections: 70 % (600 steps), 79 % (1,200 steps; 77 %
 #   with seed 1), 75 % (1,800 steps: validation 1.410, a better NLL and no more valid tunes);
 #   256 units and 600 steps: 78 % in 115 s against 97 s.
-#   Backquotes, spacers and chords out of the training text: 81 % and 73 % (seeds 0 and 1): tunes music21
-#   cannot parse went from 6 and 4 to 0 and 1, the bars of the wrong length stayed (16 and 23).
+#   Backquotes, spacers and chords out of the training text: 81 % and 73 % (seeds 0 and 1): tunes
+#   music21 cannot parse went from 6 and 4 to 0 and 1, the bars of the wrong length stayed (16, 23).
 #   Training only on tunes whose bars add up (the default): 85 % and 87 %.
 #   Telling the model by how much a bar is overfull (negative buckets, not one "overfull" bucket):
 #   58 % against 70 % (600 steps, before cleaning): no help.
-# - Earlier, on O'Neill's tunes alone, 50 tunes drawn: 256 units and 800 steps, 46 %; peak learning rate 0.015, 54 %.
+# - Earlier, on O'Neill's tunes alone, 50 tunes drawn: 256 units and 800 steps, 46 %; peak learning
+#   rate 0.015, 54 %.
 # - Without the bar clock (tokens alone, 256 units, step 400 of 800, 16 tunes a step) a prototype
 #   gave 12 %; counting the position up from the bar line instead of down to its end, 26 % (38 %
 #   at step 800). The characters of the previous version of this lab gave 2 % (18 % with twice the steps).
