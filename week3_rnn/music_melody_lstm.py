@@ -81,11 +81,11 @@ What the default run reaches (measured)
       them 1.2 s: neither is cached.
   First run (parsing included), idle machine, an empty --data-dir and music21 scratch folder
     (`TMPDIR=<new folder> python week3_rnn/music_melody_lstm.py --data-dir <new folder>`): 871 entries
-    (371 chorales, 500 folk tunes; 0 skipped) parsed in 152 s with the progress bar, 533 s for the
+    (371 chorales, 500 folk tunes; 0 skipped) parsed in 152 s, 533 s for the
     process (target <= 10 min more than a run with the cache: reached), every figure above the same.
     (An earlier session measured 423 s of parsing with the same parsing code, its load not recorded.)
-  Smoke run (`--smoke`): 10.6 s wall, 9.4 s user CPU (load average 2.7; before the TensorBoard logs
-    and progress bars were added: 10.4 s, 9.0 s).
+  Smoke run (`--smoke`): 11.7 s wall, 10.7 s user CPU (median of three, idle; on an earlier
+    session's host, at load average 2.7: 10.6 s and 9.4 s).
   GPU: not measured.
   Training runs for a number of steps, not a time budget: on a shared machine a time budget gives
   a different model every run; `--steps`, `--gru-steps`, `--abc-steps`, `--chord-steps` or `--epochs`
