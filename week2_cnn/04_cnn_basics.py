@@ -50,8 +50,9 @@ What the default run reaches (measured on a shared 2-core AMD EPYC CPU, torch 2.
   Re-measured after the plain CNN and the trick switches were added: the same 85.99%, but 728 s
   (688 s training at about 580 images/s) on a day this machine ran slower; one epoch of the code
   before and after the change, back to back that day: 548 and 545 images/s, the same 72.4% on the
-  first 1,000 test images. Again in a later session, idle (torch reports AVX2 on this host): 85.99%, 653 s
-  of training at about 610 images/s, 693 s for the run, 707 s for the process: over the 10 minutes.
+  first 1,000 test images. Again in a later session, idle (torch reports AVX2 on this host):
+  85.99%, 653 s of training at about 610 images/s, 693 s for the run, 707 s for the process: over
+  the 10 minutes.
   --plain (the plain CNN and recipe, 8 epochs): 82.34% (no test-time flip in this recipe); target
   80%: reached. Training took 1,512 s at 264 images/s on a busy machine (load 3-4); the plain
   network has fewer multiply-adds (17.4 M) but none of the fast recipe's savings.
