@@ -253,8 +253,8 @@ def test_abc_tokens_round_trip_and_read_as_a_musician_reads(lab):
 
 def test_bar_clock_counts_every_bar_of_a_tune(lab):
     """Before each bar line the clock says the bar is exactly full (6 eighths in 6/8): durations,
-    broken rhythms, tuplets and chords all count; a bar line starts a new bar of 6."""
-    tune = "M:6/8\nL:1/8\nK:G\nD|:GAB cBA|B2G G2D|A>B c/2d/2 (3efg a|[G3B3]z3|1 B<GA G2D:|2 B2G G2z||\n"
+    broken rhythms and tuplets all count; a bar line starts a new bar of 6."""
+    tune = "M:6/8\nL:1/8\nK:G\nD|:GAB cBA|B2G G2D|A>B c/2d/2 (3efg a|G3-G z2|1 B<GA G2D:|2 B2G G2z||\n"
     tokens = lab.abc_tokens(tune.replace(" ", ""))
     positions = lab.bar_positions(tokens)
     full, six_left, five_left = 1, 1 + 4 * 6, 1 + 4 * 5
@@ -268,8 +268,8 @@ def test_bar_clock_counts_every_bar_of_a_tune(lab):
     assert [clock.read(t) for t in ["M:6/8", "A", ">", "B", "(3", "c", "d", "e"]] == pytest.approx(
         [6, 5, 4.5, 4, 4, 4 - 2 / 3, 4 - 4 / 3, 2])
     clock = lab.BarClock()
-    assert [clock.read(t) for t in ["M:3/4", "L:1/16", "[", "A", "B", "]", "4", "/2"]] == pytest.approx(
-        [6, 12, 12, 11, 11, 11, 8, 10])  # a chord lasts as long as its first note
+    assert [clock.read(t) for t in ["M:3/4", "L:1/16", "A", "4", "/2", "|", "2"]] == pytest.approx(
+        [6, 12, 11, 8, 10, 12, 12])  # L:1/16: a bar of 3/4 is 12 units; a duration with no note takes none
 
 
 def test_generation_feeds_the_model_the_position_of_what_it_drew(lab):

@@ -537,10 +537,8 @@ class BarClock:
         self.metre, self.unit = 1.0, 1 / 8  # M: and L: as fractions of a whole note, until the header says
         self.elapsed = 0.0  # unit lengths since the last bar line
         self.last = 0.0  # length of the last note, which a duration token after it rescales
-        self.last_counted = False  # the last note counts (in a chord [ceg] only the first does)
         self.next_factor = 1.0  # a broken rhythm A>B shortens the next note
         self.tuplet, self.tuplet_left = 1.0, 0  # (3abc: three notes in the time of two
-        self.in_chord = self.chord_counted = False
 
     def read(self, token: str) -> float:
         fraction = ABC_FRACTION.fullmatch(token)
@@ -551,22 +549,18 @@ class BarClock:
             else:
                 self.unit = value or self.unit
         elif token in BAR_LINES:
-            self.elapsed, self.last, self.last_counted = 0.0, 0.0, False
+            self.elapsed, self.last = 0.0, 0.0
         elif ABC_NOTE.fullmatch(token):
-            if self.in_chord and self.chord_counted:
-                self.last_counted = False  # a chord lasts as long as its first note
-                return self.left()
             length = self.next_factor * (self.tuplet if self.tuplet_left else 1.0)
             self.tuplet_left = max(0, self.tuplet_left - 1)
             self.next_factor = 1.0
             self.elapsed += length
-            self.last, self.last_counted, self.chord_counted = length, True, self.in_chord
-        elif token[0].isdigit() or token[0] == "/":
-            if self.last_counted:  # A2 is twice A, A/2 and A/ half, A3/2 one and a half
-                whole, slashes, below = ABC_DURATION.fullmatch(token).groups()
-                factor = int(whole or 1) / max(int(below) if below else 2 ** len(slashes), 1)
-                self.elapsed += self.last * (factor - 1)
-                self.last *= factor
+            self.last = length
+        elif token[0].isdigit() or token[0] == "/":  # A2 is twice A, A/2 and A/ half, A3/2 one and a half
+            whole, slashes, below = ABC_DURATION.fullmatch(token).groups()
+            factor = int(whole or 1) / max(int(below) if below else 2 ** len(slashes), 1)
+            self.elapsed += self.last * (factor - 1)  # nothing after a bar line: no note to rescale
+            self.last *= factor
         elif token[0] in "><":  # A>B: A dotted, B halved (A>>B: 1.75 and 0.25); A<B the other way
             change = self.last * (1 - 0.5 ** len(token))
             self.elapsed += change if token[0] == ">" else -change
@@ -574,12 +568,7 @@ class BarClock:
         elif token[0] == "(" and len(token) == 2:  # (3: 3 notes in the time of 2; (2: 2 in 3; (4: 4 in 3
             notes = int(token[1])
             self.tuplet, self.tuplet_left = {2: 1.5, 4: 0.75}.get(notes, 2 / max(notes, 1)), notes
-        elif token == "[":
-            self.in_chord, self.chord_counted = True, False
-        elif token == "]":
-            self.in_chord = False
-            self.last_counted = self.last > 0
-        return self.left()
+        return self.left()  # anything else (a tie -, a stray character) takes no time
 
     def left(self) -> float:
         return self.metre / self.unit - self.elapsed
