@@ -148,6 +148,32 @@ def test_flip_where_mirrors_exactly_the_masked_images(lab):
     torch.testing.assert_close(out[~mask], images[~mask])
 
 
+def test_test_time_views_are_the_image_shifted_one_pixel_and_mirrored(lab):
+    x = torch.randn(2, 3, 6, 6)
+    assert len(lab.augmented_views(x, flip=False, shift=False)) == 1
+    same, down_right, up_left = lab.augmented_views(x, flip=False, shift=True)
+    torch.testing.assert_close(same, x)
+    torch.testing.assert_close(down_right[..., 1:, 1:], x[..., :-1, :-1])     # content moved one pixel
+    torch.testing.assert_close(up_left[..., :-1, :-1], x[..., 1:, 1:])
+    torch.testing.assert_close(down_right[..., 0, 1:], x[..., 1, :-1])        # the new border row is a mirror
+    views = lab.augmented_views(x, flip=True, shift=True)
+    assert len(views) == 6
+    for plain_view, mirrored in zip(views[:3], views[3:]):
+        torch.testing.assert_close(mirrored, plain_view.flip(3))
+
+
+def test_predict_adds_the_logits_of_every_view(lab):
+    torch.manual_seed(0)
+    model = lab.CifarNet(widths=(8, 8, 8)).eval()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    x = images.float() / 255
+    with torch.no_grad():
+        expected = sum(model(view) for view in lab.augmented_views(x, flip=True, shift=True))
+    torch.testing.assert_close(lab.predict(model, images, batch_size=4, flip=True, shift=True), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(lab.predict(model, images), model(x))
+
+
 def test_whitening_layer_decorrelates_patches(lab):
     torch.manual_seed(0)
     mixing = torch.randn(3, 3)                                    # correlated colour channels
@@ -193,7 +219,8 @@ def test_each_architecture_trick_switches_off_to_the_plain_piece(lab):
     fast = lab.build_network(lab.CifarConfig(widths=(8, 8, 8)), images, cpu)
     conv = fast.block1[4].weight                                   # the block's second 3x3 conv, 8 -> 8 channels
     torch.testing.assert_close(conv[:, :, 1, 1], torch.eye(8))      # dirac-init: an identity map
-    assert not fast.whiten.weight.requires_grad and not fast.block1[2].weight.requires_grad
+    assert not fast.whiten.weight.requires_grad and not fast.whiten.bias.requires_grad
+    assert not fast.block1[2].weight.requires_grad
     assert fast.block1[2].momentum == 0.4
 
     config = lab.CifarConfig(widths=(8, 8, 8), tricks=())
@@ -254,7 +281,10 @@ def test_training_tricks_change_the_loss_flips_and_weights_they_name(lab, monkey
         config = lab.CifarConfig(epochs=2, batch_size=8, widths=(8, 8, 8), tricks=tricks)   # 8 steps an epoch
         torch.manual_seed(0)
         model = lab.build_network(config, data[0], cpu)
+        whitening_before = [t.clone() for t in model.whiten.parameters()]
         lab.train_cifar(model, data, config, cpu, torch.Generator().manual_seed(0))
+        for before, after in zip(whitening_before, model.whiten.parameters()):   # set from the data, never trained
+            assert torch.equal(before, after)
         averaged[tricks] = len(updates)
         assert set(seen["smoothing"]) == ({0.2} if "label-smoothing" in tricks else {0.0})
         if "alternating-flip" in tricks:   # every image is flipped in exactly one of the two epochs
@@ -269,8 +299,8 @@ def test_ablation_trains_the_fast_recipe_each_trick_off_and_the_plain_cnn(lab):
     base = lab.CifarConfig(epochs=1, batch_size=32, widths=(8, 8, 8))
     rows = lab.run_ablation(base, data, cpu, None, seed=0)
     recipes = [row["recipe"] for row in rows]
-    assert recipes == ["fast recipe (every trick)", "without test-time-flip",
-                       *[f"without {t}" for t in lab.TRICKS if t != "test-time-flip"], "plain CNN (--plain)"]
+    assert recipes == ["fast recipe (every trick)", "without test-time-flip", "without test-time-shift",
+                       *[f"without {t}" for t in lab.TRICKS if t not in lab.TEST_TIME_TRICKS], "plain CNN (--plain)"]
     for row in rows[1:-1]:
         missing = set(lab.TRICKS) - set(row["tricks"])
         assert missing == {row["recipe"].removeprefix("without ")}
@@ -367,6 +397,26 @@ def test_the_bug_flag_reaches_predict_through_training(lab, tmp_path, monkeypatc
         assert received[-1] == expected
 
 
+def test_the_plain_recipe_has_its_own_widths_unless_widths_is_given(lab, tmp_path, monkeypatch):
+    built = []
+
+    class Stop(Exception):
+        pass
+
+    def record(config, train_images, device):
+        built.append((config.network, config.widths))
+        raise Stop
+
+    monkeypatch.setattr(lab, "demo_convolution", lambda generator: {"skipped": 0.0})
+    monkeypatch.setattr(lab, "demo_receptive_field", lambda: [(0, 0)])
+    monkeypatch.setattr(lab, "demo_blocks", lambda: {"skipped": 0.0})
+    monkeypatch.setattr(lab, "build_network", record)
+    for argv in ([], ["--plain"], ["--plain", "--widths", "8,8,8"]):
+        with pytest.raises(Stop):
+            lab.main([*argv, "--smoke", "--device", "cpu", "--out-dir", str(tmp_path / "out")])
+    assert built == [("fast", (24, 64, 128)), ("plain", (32, 64, 128)), ("plain", (8, 8, 8))]
+
+
 def test_a_bad_flag_in_a_notebook_prints_one_line_and_does_not_exit(lab, monkeypatch, capsys):
     import types
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
@@ -437,7 +487,7 @@ assert model.whiten.weight.is_cuda and model.normalize.mean.is_cuda
 history, _ = lab.train_cifar(model, (train_x, train_y, test_x, test_y), config, cuda, generator, torch.float16)
 assert len(history) == 2
 # The plain recipe: its own network, one parameter group, a cosine schedule and random flips, on the GPU too.
-plain = lab.CifarConfig(epochs=1, batch_size=4, widths=(8, 8, 8), **lab.PLAIN_RECIPE)
+plain = lab.CifarConfig(epochs=1, batch_size=4, **dict(lab.PLAIN_RECIPE, widths=(8, 8, 8)))
 plain_model = lab.build_network(plain, train_x, cuda)
 assert all(p.is_cuda for p in plain_model.parameters()) and plain_model.normalize.mean.is_cuda
 lab.train_cifar(plain_model, (train_x, train_y, test_x, test_y), plain, cuda, generator, torch.float16)
